@@ -1,0 +1,179 @@
+"""`cpuboost.optimize`: validate, copy unless inplace, run the plan of passes, verify, report."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from cpuboost import _env
+from cpuboost.checks import as_call, check_dtype, check_model, run_sample
+from cpuboost.config import OptimizeConfig
+from cpuboost.errors import ConfigError
+from cpuboost.hw import CpuFeatures, detect
+from cpuboost.passes import (PassContext, autocast_scope, fold_bn, fuse_pointwise, prepack,
+                             remove_dropout, transformer_layers, weight_bytes)
+from cpuboost.passes._dataflow import Dataflow, Recording, record
+from cpuboost.report import OptimizationReport, attach
+from cpuboost.verify import compare
+
+
+class Step(NamedTuple):
+    name: str
+    run: Callable[[nn.Module, PassContext], nn.Module]
+    wanted: Callable[[OptimizeConfig], bool]
+    needs_flow: bool  # must see the model execute (runs at optimize time with sample_input,
+    #                   else at the first call)
+
+
+PLAN = (
+    Step("remove_dropout", remove_dropout, lambda c: c.replace_dropout_with_identity, False),
+    Step("fold_bn", fold_bn, lambda c: c.conv_bn_folding or c.linear_bn_folding, True),
+    Step("transformer_layers", transformer_layers,
+         lambda c: c.weights_prepack or c.low_precision, True),
+    Step("prepack", prepack, lambda c: c.weights_prepack or c.low_precision, True),
+    Step("fuse_pointwise", fuse_pointwise, lambda c: c.fuse_pointwise and c.weights_prepack, True),
+    Step("autocast_scope", autocast_scope, lambda c: c.low_precision, True),
+)
+
+
+def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str = "O1",
+             inplace: bool = False, conv_bn_folding: Optional[bool] = None,
+             linear_bn_folding: Optional[bool] = None, weights_prepack: Optional[bool] = None,
+             replace_dropout_with_identity: Optional[bool] = None, sample_input=None,
+             config: Optional[OptimizeConfig] = None) -> nn.Module:
+    """Return a faster inference version of ``model`` (a copy unless ``inplace=True``).
+
+    Arguments mean what they mean in ``ipex.optimize``; see docs/ipex_mapping.md. With
+    ``sample_input`` the model is optimized now and its outputs are checked against the
+    original's; without it, passes that must see the model run wait for its first call.
+    ``cpuboost.report_of(result)`` says what was done, skipped and why.
+    """
+    flags = dict(conv_bn_folding=conv_bn_folding, linear_bn_folding=linear_bn_folding,
+                 weights_prepack=weights_prepack,
+                 replace_dropout_with_identity=replace_dropout_with_identity)
+    cfg = _resolve_config(config, dtype, level, inplace, flags)
+    check_model(model)
+    hw = detect()
+    check_dtype(cfg, hw)
+    call = as_call(sample_input) if sample_input is not None else None
+    reference = run_sample(model, call) if call is not None else None
+    source = model
+    if cfg.inplace and call is not None and cfg.verify:
+        source = copy.deepcopy(model)  # to redo the plan without a pass that breaks numerics
+    work = model if cfg.inplace else copy.deepcopy(model)
+    report = OptimizationReport(str(cfg.compute_dtype).replace("torch.", ""), cfg.level,
+                                hw.summary(), weight_bytes_before=weight_bytes(model))
+    steps = [s for s in PLAN if s.wanted(cfg)]
+    _run(work, [s for s in steps if not s.needs_flow], cfg, hw, report, None)
+    traced = [s for s in steps if s.needs_flow]
+    if call is None:
+        _defer(work, traced, cfg, hw, report)
+    else:
+        work = _run_traced_verified(work, source, traced, steps, cfg, hw, report, call, reference)
+    report.weight_bytes_after = weight_bytes(work)
+    attach(work, report)
+    if _env.verbose():
+        print(report)
+    return work
+
+
+def _resolve_config(config, dtype, level, inplace, flags) -> OptimizeConfig:
+    if config is None:
+        return OptimizeConfig.from_ipex(dtype=dtype, level=level, inplace=inplace, **flags)
+    if not isinstance(config, OptimizeConfig):
+        raise ConfigError(f"config must be a cpuboost.OptimizeConfig, got {type(config).__name__}.")
+    given = [k for k, v in flags.items() if v is not None] + (["dtype"] if dtype is not None else [])
+    if given or level != "O1":
+        raise ConfigError(f"pass either config= or keyword options, not both (also got {given or ['level']}); "
+                          "put them in the config: OptimizeConfig(..., dtype=...).")
+    return config.with_(inplace=True) if inplace else config
+
+
+def _run(model, steps, cfg, hw, report, flow: Optional[Dataflow]) -> nn.Module:
+    for step in steps:
+        rec = report.record(step.name)
+        t0 = time.perf_counter()
+        model = step.run(model, PassContext(cfg, hw, rec, flow))
+        rec.seconds = time.perf_counter() - t0
+    return model
+
+
+def _traced(model, steps, cfg, hw, report, call) -> nn.Module:
+    args, kwargs = call
+    flow, _ = record(model, lambda: model(*args, **kwargs))
+    return _run(model, steps, cfg, hw, report, flow)
+
+
+def _run_traced_verified(work, source, traced, steps, cfg, hw, report, call, reference):
+    rtol = cfg.rtol_low_precision if cfg.low_precision else cfg.rtol_fp32
+    work = _traced(work, traced, cfg, hw, report, call)
+    report.numerics = compare(reference, run_sample(work, call), rtol) if cfg.verify else None
+    if report.numerics is None or report.numerics.passed:
+        return work
+    # Something broke numerics: redo from the original, keeping only passes that check out.
+    failed = report.numerics
+    kept: list[Step] = []
+    for step in traced:
+        trial = copy.deepcopy(source)
+        scratch = OptimizationReport(report.dtype, report.level, report.hardware)
+        _run(trial, [s for s in steps if not s.needs_flow], cfg, hw, scratch, None)
+        trial = _traced(trial, kept + [step], cfg, hw, scratch, call)
+        if compare(reference, run_sample(trial, call), rtol).passed:
+            kept.append(step)
+        else:
+            report.pass_named(step.name).dropped = f"outputs off the original beyond rtol {rtol:g}"
+    final = copy.deepcopy(source)
+    scratch = OptimizationReport(report.dtype, report.level, report.hardware)
+    _run(final, [s for s in steps if not s.needs_flow], cfg, hw, scratch, None)
+    final = _traced(final, kept, cfg, hw, scratch, call)
+    report.numerics = compare(reference, run_sample(final, call), rtol)
+    report.warnings.append(f"the full plan failed the numerics check ({failed}); "
+                           "dropped passes are marked DROPPED")
+    if cfg.inplace:  # the caller holds `work`: make that object the verified model
+        work.__dict__.clear()
+        work.__dict__.update(final.__dict__)
+        return work
+    return final
+
+
+class _FirstCall:
+    """Without sample_input, the passes that must see the model run do so on its first call
+    of ``forward`` — through ``model(...)`` or a custom method calling ``self.forward(...)``.
+    It stands in as the instance's ``forward`` and removes itself once the passes ran; the
+    recorded call itself runs the unmodified modules, so its result is the original's."""
+
+    def __init__(self, model, steps, cfg, hw, report):
+        self.model, self.steps, self.cfg, self.hw, self.report = model, steps, cfg, hw, report
+        self.busy = False
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        original = type(model).forward.__get__(model)
+        if self.busy:  # re-entrant call (forward calling itself): just run it
+            return original(*args, **kwargs)
+        self.busy = True
+        rec = Recording(model)
+        rec.start()
+        output = None
+        try:
+            output = original(*args, **kwargs)
+        finally:
+            flow = rec.stop(output)
+            self.busy = False
+        model.__dict__.pop("forward", None)
+        _run(model, self.steps, self.cfg, self.hw, self.report, flow)
+        self.report.pending = None
+        self.report.weight_bytes_after = weight_bytes(model)
+        return output
+
+
+def _defer(work, steps, cfg, hw: CpuFeatures, report) -> None:
+    if not steps:
+        return
+    report.pending = (f"{', '.join(s.name for s in steps)} run at the first call of forward "
+                      "(pass sample_input= to optimize now and check numerics)")
+    # An instance attribute shadows the class's forward, for __call__ and self.forward alike.
+    work.__dict__["forward"] = _FirstCall(work, steps, cfg, hw, report)

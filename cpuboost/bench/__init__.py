@@ -1,0 +1,3 @@
+from cpuboost.bench.zoo import CASES, BenchCase
+
+__all__ = ["CASES", "BenchCase"]

@@ -1,0 +1,118 @@
+"""Time one benchmark case: every variant in this one process, round-robin, medians."""
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from typing import Callable
+
+import psutil
+import torch
+
+import cpuboost
+from cpuboost.verify import compare
+
+VARIANTS = ("eager_fp32", "cpuboost_fp32", "eager_bf16", "cpuboost_bf16", "compile_fp32")
+
+
+def call(model, inputs):
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _variant(name: str, model, inputs) -> Callable[[], object]:
+    if name == "eager_fp32":
+        return lambda: call(model, inputs)
+    if name == "eager_bf16":
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return call(model, inputs)
+        return run
+    if name in ("cpuboost_fp32", "cpuboost_bf16"):
+        dtype = torch.bfloat16 if name.endswith("bf16") else None
+        opt = cpuboost.optimize(model, dtype=dtype, sample_input=inputs)
+        return lambda: call(opt, inputs)
+    if name == "compile_fp32":
+        compiled = torch.compile(model)
+
+        def run():
+            with torch._inductor.config.patch(freezing=True):
+                return call(compiled, inputs)
+        return run
+    raise ValueError(f"unknown variant {name!r}; known: {VARIANTS}")
+
+
+def _progress(case: str, text: str) -> None:
+    print(f"\r[{case}] {text:<60}", end="", file=sys.stderr, flush=True)
+
+
+def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> dict:
+    model, inputs = case.build()
+    fns, setup_s, rss, outputs = {}, {}, {}, {}
+    with torch.no_grad():
+        for name in variants:
+            _progress(case.name, f"setting up {name}")
+            t0 = time.perf_counter()
+            fn = _variant(name, model, inputs)
+            outputs[name] = fn()  # first call: includes compilation / deferred work
+            fn()
+            setup_s[name] = time.perf_counter() - t0
+            fns[name], rss[name] = fn, rss_mb()
+        iters = {}
+        for name, fn in fns.items():  # iterations per round from one timed call
+            t0 = time.perf_counter()
+            fn()
+            iters[name] = max(1, int(round_s / max(time.perf_counter() - t0, 1e-6)))
+        times = {name: [] for name in fns}
+        for r in range(rounds):
+            for name, fn in fns.items():
+                _progress(case.name, f"round {r + 1}/{rounds} {name}")
+                t0 = time.perf_counter()
+                for _ in range(iters[name]):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / iters[name] * 1e3)
+    print(file=sys.stderr)
+    base = statistics.median(times["eager_fp32"]) if "eager_fp32" in times else None
+    rows = []
+    for name in fns:
+        med = statistics.median(times[name])
+        diff = compare(outputs["eager_fp32"], outputs[name], 1.0) if "eager_fp32" in outputs else None
+        rows.append({"case": case.name, "variant": name, "median_ms": med,
+                     "speedup": base / med if base else None, "setup_s": setup_s[name],
+                     "rss_mb": rss[name], "max_rel_diff": diff.max_rel if diff else None,
+                     "times_ms": times[name]})
+    return {"case": case.name, "rows": rows, "threads": torch.get_num_threads()}
+
+
+def memory_check(case) -> dict:
+    """RSS of the running eager model vs. after `model = cpuboost.optimize(model)`, fresh
+    process expected (the caller runs this in its own subprocess)."""
+    model, inputs = case.build()
+    with torch.no_grad():
+        call(model, inputs)
+    gc.collect()
+    _trim()
+    before = rss_mb()
+    model = cpuboost.optimize(model, sample_input=inputs)
+    gc.collect()
+    _trim()
+    with torch.no_grad():
+        call(model, inputs)
+    after = rss_mb()
+    return {"case": case.name, "rss_eager_mb": before, "rss_optimized_mb": after,
+            "ratio": after / before}
+
+
+def _trim() -> None:
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap to the OS, as a server would
+    except OSError:
+        pass
+
+
+__all__ = ["VARIANTS", "call", "memory_check", "run_case"]

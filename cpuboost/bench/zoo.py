@@ -1,0 +1,85 @@
+"""The benchmark suite: models built offline from configs with random weights (no downloads)."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BenchCase:
+    name: str
+    build: Callable[[], tuple[nn.Module, dict]]  # -> (eval model, keyword inputs)
+    quick: bool = True  # part of `cpuboost bench --quick`
+
+
+def _resnet50(batch: int):
+    from transformers import ResNetConfig, ResNetForImageClassification
+    torch.manual_seed(0)
+    model = ResNetForImageClassification(ResNetConfig()).eval()  # ResNetConfig() is ResNet-50
+    return model, {"pixel_values": torch.randn(batch, 3, 224, 224)}
+
+
+def _bert(batch: int, seq: int = 128):
+    from transformers import BertConfig, BertModel
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(), add_pooling_layer=True).eval()  # BertConfig() is bert-base
+    ids = torch.randint(1000, 30000, (batch, seq))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+class DLRM(nn.Module):
+    """DLRM-like: 8 EmbeddingBag tables 100k x 64, bottom MLP 13-512-256-64, top MLP over the
+    concatenation of the dense projection and the pooled embeddings (9 x 64)."""
+
+    def __init__(self, tables: int = 8, rows: int = 100_000, dim: int = 64):
+        super().__init__()
+        self.embs = nn.ModuleList(nn.EmbeddingBag(rows, dim, mode="sum") for _ in range(tables))
+        self.bottom = nn.Sequential(nn.Linear(13, 512), nn.ReLU(), nn.Linear(512, 256), nn.ReLU(),
+                                    nn.Linear(256, dim), nn.ReLU())
+        self.top = nn.Sequential(nn.Linear(dim * (tables + 1), 512), nn.ReLU(),
+                                 nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 1), nn.Sigmoid())
+
+    def forward(self, dense, indices, offsets):
+        # dense: (B, 13); indices: (T, B*L) int64; offsets: (T, B)
+        pooled = [emb(indices[t], offsets[t]) for t, emb in enumerate(self.embs)]  # T x (B, dim)
+        x = torch.cat([self.bottom(dense)] + pooled, dim=1)  # (B, (T+1)*dim)
+        return self.top(x)
+
+
+def _dlrm(batch: int, bag: int = 4):
+    torch.manual_seed(0)
+    model = DLRM().eval()
+    tables = len(model.embs)
+    indices = torch.randint(0, 100_000, (tables, batch * bag))
+    offsets = torch.arange(0, batch * bag, bag).repeat(tables, 1)
+    return model, {"dense": torch.randn(batch, 13), "indices": indices, "offsets": offsets}
+
+
+CASES = {c.name: c for c in [
+    BenchCase("resnet50_bs1", lambda: _resnet50(1)),
+    BenchCase("resnet50_bs16", lambda: _resnet50(16), quick=False),
+    BenchCase("bert_base_bs1_s128", lambda: _bert(1)),
+    BenchCase("bert_base_bs8_s128", lambda: _bert(8), quick=False),
+    BenchCase("dlrm_bs256", lambda: _dlrm(256)),
+]}
+
+
+def user_case(spec: str) -> BenchCase:
+    """``pkg.mod:factory`` where ``factory()`` returns (model, inputs); inputs may be a tensor,
+    a tuple of positional arguments, or a dict of keyword arguments."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"--model expects 'package.module:factory', got {spec!r}.")
+    factory = getattr(importlib.import_module(module_name), attr)
+
+    def build():
+        model, inputs = factory()
+        if isinstance(inputs, torch.Tensor):
+            inputs = (inputs,)
+        return model.eval(), inputs
+
+    return BenchCase(spec, build)

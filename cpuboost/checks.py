@@ -1,0 +1,69 @@
+"""Input validation for optimize(): every user mistake raises before anything is changed."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from cpuboost.config import OptimizeConfig
+from cpuboost.errors import (InvalidModelError, SampleInputError, TrainingModeError,
+                             UnsupportedDeviceError, UnsupportedDtypeError)
+from cpuboost.hw import CpuFeatures
+
+
+def check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(
+            f"cpuboost.optimize expects a torch.nn.Module, got {type(model).__name__}. "
+            "Pass the model object itself (for a state_dict, build the model and load it first).")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InvalidModelError("TorchScript modules are not supported (TorchScript is "
+                                "deprecated); pass the eager nn.Module instead.")
+    bad = [(n, t.device) for n, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.device.type != "cpu"]
+    if bad:
+        name, device = bad[0]
+        hint = ("materialize it first, e.g. model.to_empty(device='cpu') and load the weights"
+                if device.type == "meta" else "move it with model.to('cpu')")
+        raise UnsupportedDeviceError(
+            f"{len(bad)} parameter(s)/buffer(s) are not on the CPU (first: {name!r} on {device}); "
+            f"cpuboost optimizes CPU inference: {hint}.")
+    training = [n or "<root>" for n, m in model.named_modules() if m.training]
+    if training:
+        raise TrainingModeError(
+            f"{len(training)} module(s) are in training mode (first: {training[0]!r}); "
+            "cpuboost.optimize prepares inference: call model.eval() first. (Training "
+            "optimization with an optimizer is not supported yet.)")
+
+
+def check_dtype(cfg: OptimizeConfig, hw: CpuFeatures) -> None:
+    if cfg.dtype == torch.float16 and not (hw.native_fp16
+                                          and torch.ops.mkldnn._is_mkldnn_fp16_supported()):
+        raise UnsupportedDtypeError(
+            "dtype=torch.float16 needs a CPU with native fp16 (AVX512-FP16, AMX-FP16 or Arm "
+            f"FP16); this one has {sorted(hw.flags) or 'none of them'}. Use "
+            "dtype=torch.bfloat16" + (" (native here)" if hw.native_bf16 else "") + " instead.")
+
+
+def as_call(sample_input) -> tuple[tuple, dict]:
+    """sample_input may be a tensor, a tuple/list of positional args, or a dict of kwargs."""
+    if isinstance(sample_input, dict):
+        return (), dict(sample_input)
+    if isinstance(sample_input, (tuple, list)):
+        return tuple(sample_input), {}
+    return (sample_input,), {}
+
+
+def run_sample(model: nn.Module, call: tuple[tuple, dict]):
+    args, kwargs = call
+    try:
+        with torch.no_grad():
+            return model(*args, **kwargs)
+    except Exception as e:
+        shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
+        raise SampleInputError(
+            f"the model raised {type(e).__name__} on sample_input (positional {shapes}, keyword "
+            f"{sorted(kwargs)}): {e}. Pass an input the model accepts: a tensor, a tuple of "
+            "positional arguments, or a dict of keyword arguments. The model was not changed."
+        ) from e

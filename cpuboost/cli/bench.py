@@ -1,0 +1,148 @@
+"""`cpuboost bench`: the main job. One subprocess per model; in it, every variant is timed
+round-robin so speedups are ratios measured in one process."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+from cpuboost import _env
+
+RESULTS = Path("benchmarks") / "results"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark cpuboost against stock PyTorch on a model zoo")
+    p.add_argument("--quick", action="store_true", help="batch-1 cases, fewer rounds, no compile")
+    p.add_argument("--cases", help="comma-separated case names (default: the whole suite)")
+    p.add_argument("--model", help="benchmark your model: package.module:factory returning "
+                                   "(model, inputs)")
+    p.add_argument("--variants", help="comma-separated subset of the variants")
+    p.add_argument("--rounds", type=int, help="timing rounds per variant (median is reported)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--plot", metavar="OUT.png", help="draw the speedups to this file")
+    p.add_argument("--out", help="results directory (default benchmarks/results)")
+    p.set_defaults(func=run)
+    w = sub.add_parser("bench-worker", help=argparse.SUPPRESS)
+    w.add_argument("case")
+    w.add_argument("--variants", required=True)
+    w.add_argument("--rounds", type=int, required=True)
+    w.add_argument("--memory", action="store_true")
+    w.set_defaults(func=worker)
+
+
+def _case(name: str):
+    from cpuboost.bench.zoo import CASES, user_case
+    if ":" in name:
+        return user_case(name)
+    if name not in CASES:
+        raise SystemExit(f"unknown case {name!r}; known: {', '.join(CASES)}")
+    return CASES[name]
+
+
+def worker(args) -> int:
+    from cpuboost.bench.harness import memory_check, run_case
+    case = _case(args.case)
+    result = memory_check(case) if args.memory else run_case(
+        case, tuple(args.variants.split(",")), rounds=args.rounds)
+    print("CPUBOOST_RESULT " + json.dumps(result))
+    return 0
+
+
+def _spawn(case: str, variants, rounds: int, memory=False) -> dict:
+    cmd = [sys.executable, "-m", "cpuboost.cli.main", "bench-worker", case,
+           "--variants", ",".join(variants), "--rounds", str(rounds)] + (["--memory"] if memory else [])
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("CPUBOOST_RESULT "):
+            return json.loads(line[len("CPUBOOST_RESULT "):])
+    return {"case": case, "error": f"worker exited with {proc.returncode}", "rows": []}
+
+
+def _print_table(results: list[dict], memory: list[dict]) -> None:
+    print(f"\n{'case':<22} {'variant':<15} {'median ms':>10} {'speedup':>8} {'setup s':>8} "
+          f"{'RSS MiB':>8} {'max rel diff':>13}")
+    for res in results:
+        if res.get("error"):
+            print(f"{res['case']:<22} ERROR: {res['error']}")
+        for r in res["rows"]:
+            print(f"{r['case']:<22} {r['variant']:<15} {r['median_ms']:>10.2f} "
+                  f"{r['speedup']:>7.2f}x {r['setup_s']:>8.1f} {r['rss_mb']:>8.0f} "
+                  f"{r['max_rel_diff']:>13.2e}")
+    for m in memory:
+        if "ratio" in m:
+            print(f"memory {m['case']}: eager {m['rss_eager_mb']:.0f} MiB, after "
+                  f"optimize {m['rss_optimized_mb']:.0f} MiB ({m['ratio']:.2f}x)")
+
+
+def _plot(results: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib: pip install 'cpuboost[bench]'") from e
+    rows = [r for res in results for r in res["rows"]]
+    cases = list(dict.fromkeys(r["case"] for r in rows))
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(cases)), 4))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        ys = [next((r["speedup"] for r in rows if r["case"] == c and r["variant"] == v), 0)
+              for c in cases]
+        ax.bar([j + i * width for j in range(len(cases))], ys, width, label=v)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))], cases, rotation=15)
+    ax.set_ylabel("speedup vs stock eager fp32")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(args) -> int:
+    from cpuboost.bench.harness import VARIANTS
+    from cpuboost.bench.zoo import CASES
+    if args.model:
+        cases = [args.model]
+    elif args.cases:
+        cases = args.cases.split(",")
+    else:
+        cases = [n for n, c in CASES.items() if c.quick or not args.quick]
+    variants = args.variants.split(",") if args.variants else list(VARIANTS)
+    if args.quick or args.no_compile:
+        variants = [v for v in variants if v != "compile_fp32"]
+    rounds = args.rounds or (3 if args.quick else 7)
+    results, memory = [], []
+    for i, case in enumerate(cases):
+        print(f"[{i + 1}/{len(cases)}] {case}", file=sys.stderr, flush=True)
+        results.append(_spawn(case, variants, rounds))
+        if not args.quick and not args.model and case.startswith("bert_base_bs1"):
+            memory.append(_spawn(case, variants, rounds, memory=True))
+    _print_table(results, memory)
+    import torch
+    import cpuboost
+    out_dir = Path(args.out or _env.results_dir(str(RESULTS)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    payload = {"date": stamp, "quick": args.quick, "machine": platform.machine(),
+               "cpu": _cpu(), "torch": torch.__version__, "cpuboost": cpuboost.__version__,
+               "threads": torch.get_num_threads(), "results": results, "memory": memory}
+    path = out_dir / f"bench-{stamp}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"\nresults written to {path}")
+    if args.plot:
+        _plot(results, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0 if all(not r.get("error") for r in results) else 1
+
+
+def _cpu() -> str:
+    from cpuboost.hw import detect
+    return detect().summary()
+
+
+__all__ = ["add_parser"]

@@ -1,0 +1,84 @@
+"""`OptimizeConfig`: the one place IPEX-style keyword arguments become a typed config."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
+
+import torch
+
+from cpuboost.errors import ConfigError, UnsupportedDtypeError
+
+_LEVELS = ("O0", "O1")
+_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+# The boolean passes IPEX exposes as tri-state keyword arguments (None = the level's default).
+_PASS_FLAGS = ("conv_bn_folding", "linear_bn_folding", "weights_prepack",
+               "replace_dropout_with_identity", "fuse_pointwise")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """What `cpuboost.optimize` does. Every field has a concrete default (level O1).
+
+    ``explicit`` names the fields the user set on purpose: a default that cannot apply is
+    skipped and reported, an explicit request that cannot be honoured raises.
+    """
+
+    dtype: Optional[torch.dtype] = None
+    level: str = "O1"
+    inplace: bool = False
+    conv_bn_folding: bool = True
+    linear_bn_folding: bool = True
+    weights_prepack: bool = True
+    replace_dropout_with_identity: bool = True
+    fuse_pointwise: bool = True
+    channels_last: bool = True
+    verify: bool = True
+    rtol_fp32: float = 1e-4
+    rtol_low_precision: float = 5e-2
+    explicit: frozenset = field(default_factory=frozenset)
+
+    def __post_init__(self):
+        if self.level not in _LEVELS:
+            raise ConfigError(f"level={self.level!r} is not supported; use one of {_LEVELS} "
+                              "(O1 turns every measured-helpful pass on, O0 turns them all off).")
+        if self.dtype not in _DTYPES:
+            raise UnsupportedDtypeError(
+                f"dtype={self.dtype} is not supported; use None or torch.float32 (fp32), "
+                "torch.bfloat16, or torch.float16.")
+        for name in _PASS_FLAGS + ("inplace", "channels_last", "verify"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
+        if not (0 < self.rtol_fp32 < 1 and 0 < self.rtol_low_precision < 1):
+            raise ConfigError("rtol_fp32 and rtol_low_precision must lie in (0, 1).")
+        unknown = set(self.explicit) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"explicit names unknown fields {sorted(unknown)}.")
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.dtype or torch.float32
+
+    @property
+    def low_precision(self) -> bool:
+        return self.compute_dtype in (torch.bfloat16, torch.float16)
+
+    @classmethod
+    def from_ipex(cls, dtype=None, level="O1", inplace=False, **flags) -> "OptimizeConfig":
+        """Translate ``ipex.optimize``-style arguments. A flag left as None takes the level's
+        default: on for O1, off for O0 (as in IPEX)."""
+        unknown = set(flags) - set(_PASS_FLAGS)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {sorted(unknown)}; known: {list(_PASS_FLAGS)}.")
+        if level not in _LEVELS:  # checked here too so the message names the argument
+            raise ConfigError(f"level={level!r} is not supported; use 'O0' or 'O1'.")
+        on_by_default = level == "O1"
+        values = {name: on_by_default if flags.get(name) is None else flags[name]
+                  for name in _PASS_FLAGS}
+        explicit = {name for name in _PASS_FLAGS if flags.get(name) is not None}
+        if dtype is not None:
+            explicit.add("dtype")
+        return cls(dtype=dtype, level=level, inplace=inplace, explicit=frozenset(explicit),
+                   **values)
+
+    def with_(self, **changes) -> "OptimizeConfig":
+        return replace(self, **changes)

@@ -1,0 +1,33 @@
+"""Errors a user can cause. Each message says what was found and how to fix it."""
+
+
+class CpuBoostError(Exception):
+    """Base class of every error cpuboost raises on purpose."""
+
+
+class InvalidModelError(CpuBoostError, TypeError):
+    """The object handed to cpuboost is not a usable ``nn.Module``."""
+
+
+class UnsupportedDeviceError(CpuBoostError, ValueError):
+    """Parameters or buffers live somewhere other than the CPU (or on the meta device)."""
+
+
+class UnsupportedDtypeError(CpuBoostError, ValueError):
+    """The requested dtype is not supported, or not by this CPU."""
+
+
+class TrainingModeError(CpuBoostError, RuntimeError):
+    """The model is in training mode but only inference optimization was asked for."""
+
+
+class SampleInputError(CpuBoostError, ValueError):
+    """The model rejected the ``sample_input`` it was given."""
+
+
+class ConfigError(CpuBoostError, ValueError):
+    """Conflicting or invalid options."""
+
+
+class UnsupportedRequestError(CpuBoostError, RuntimeError):
+    """An option was asked for explicitly but cannot be honoured on this model or machine."""

@@ -1,0 +1,3 @@
+from cpuboost.hw.features import CpuFeatures, detect
+
+__all__ = ["CpuFeatures", "detect"]

@@ -1,0 +1,342 @@
+"""Linear / Conv / ConvTranspose modules that run torch's oneDNN kernels on pre-packed weights,
+with an optional folded BatchNorm and a fused post-op.
+
+Each keeps a plain-PyTorch reference path (``reference_forward``) used as the test oracle, and
+``state_dict()`` with the original keys, shapes and dtype (the unfolded, unpacked weight).
+The packed weight replaces the original; nothing else holds a dense copy.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpuboost.nn.postops import POST_OPS, PostOp
+
+_mkldnn = torch.ops.mkldnn
+
+
+def _autocast_dtype() -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return None
+
+
+class _Fused(nn.Module):
+    """Shared machinery: weight storage (packed or dense), folding, dtype policy, state_dict."""
+
+    out_dim = 0  # which dim of the *original* weight indexes output channels
+
+    def _init_common(self, src: nn.Module, compute_dtype: torch.dtype, backend: str):
+        assert backend in ("onednn", "aten"), backend
+        self.backend = backend
+        self.compute_dtype = compute_dtype
+        self.orig_dtype = src.weight.dtype
+        self.orig_shape = tuple(src.weight.shape)
+        self.has_bias = src.bias is not None
+        self.post_op_name = "none"  # a name, so the module pickles
+        self.fold_scale: Optional[torch.Tensor] = None  # per output channel, fp32
+        self.fold_shift: Optional[torch.Tensor] = None
+        self.pack_shape: Optional[tuple[int, ...]] = None
+        self._w: Optional[torch.Tensor] = None  # packed (mkldnn) or dense, folded, compute dtype
+        self._b: Optional[torch.Tensor] = None
+        self.training = False
+
+    @property
+    def post_op(self) -> PostOp:
+        return POST_OPS[self.post_op_name]
+
+    @post_op.setter
+    def post_op(self, op: PostOp) -> None:
+        self.post_op_name = op.name
+
+    # -- weight storage -------------------------------------------------------------------
+    def _to_kernel_layout(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def _from_kernel_layout(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def _pack(self, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _store(self, w: torch.Tensor, b: Optional[torch.Tensor]) -> None:
+        """Store folded weight/bias (original layout, any float dtype) in the kernel's form."""
+        w = w.detach().to(self.compute_dtype).contiguous()
+        self._b = None if b is None else b.detach().to(self.compute_dtype).contiguous()
+        self._w = self._pack(self._to_kernel_layout(w)) if self.backend == "onednn" else w
+
+    def _folded_dense(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        w = self._w.to_dense() if self._w.is_mkldnn else self._w
+        return self._from_kernel_layout(w), self._b
+
+    def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
+        shape = [1] * len(self.orig_shape)
+        shape[self.out_dim] = -1
+        return v.view(shape)
+
+    def raw_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The weight and bias as the original module had them (unfolded, original dtype)."""
+        w, b = self._folded_dense()
+        w = w.float()
+        b = None if b is None else b.float()
+        if self.fold_scale is not None:
+            w = w / self._channel_view(self.fold_scale)
+            b = (b - self.fold_shift) / self.fold_scale
+        w = w.to(self.orig_dtype).reshape(self.orig_shape)
+        b = None if (b is None or not self.has_bias) else b.to(self.orig_dtype)
+        return w, b
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A fresh dense copy of the original weight, for code that reads ``.weight``.
+        Writing to it does not change the packed weight: load a state_dict instead."""
+        return self.raw_weight_and_bias()[0]
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.raw_weight_and_bias()[1]
+
+    def weight_bytes(self) -> int:
+        w, b = self._w, self._b
+        n = w.numel() * w.element_size() if w is not None else 0
+        return n + (b.numel() * b.element_size() if b is not None else 0)
+
+    # -- folding --------------------------------------------------------------------------
+    def fold(self, bn) -> None:
+        """Fold a FoldedBatchNorm's factors into this module's weight and bias."""
+        w, b = self.raw_weight_and_bias()
+        self._apply_fold(w, b, bn)
+
+    def _apply_fold(self, w, b, bn) -> None:
+        scale, shift = bn.fold_factors()
+        self.fold_scale, self.fold_shift = scale, shift
+        self.__dict__["_folded_bn"] = bn  # plain reference: bn stays registered where it was
+        wf = w.float() * self._channel_view(scale)
+        bf = shift if b is None else b.float() * scale + shift
+        self._store(wf, bf)
+
+    def refold(self) -> None:
+        """Recompute the folded weight after the BatchNorm's statistics were (re)loaded."""
+        bn = self.__dict__.get("_folded_bn")
+        if bn is not None:
+            w, b = self.raw_weight_and_bias()
+            self._apply_fold(w, b, bn)
+
+    # -- dtype policy ---------------------------------------------------------------------
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
+
+    def _finish(self, y: torch.Tensor) -> torch.Tensor:
+        # An fp32-optimized model under the user's autocast returns what autocast would have.
+        dt = _autocast_dtype()
+        return y if dt is None or y.dtype == dt or self.compute_dtype != torch.float32 else y.to(dt)
+
+    # -- state_dict: original keys, shapes and dtype ----------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        w, b = self.raw_weight_and_bias()
+        destination[prefix + "weight"] = w
+        if b is not None:
+            destination[prefix + "bias"] = b
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        w_raw, b_raw = self.raw_weight_and_bias()
+        new = {}
+        for name, current in (("weight", w_raw), ("bias", b_raw)):
+            key = prefix + name
+            if current is None:
+                continue
+            if key not in state_dict:
+                if strict:
+                    missing_keys.append(key)
+                new[name] = current
+                continue
+            value = state_dict[key]
+            if tuple(value.shape) != tuple(current.shape):
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                                  f"{tuple(value.shape)}, the shape in current model is "
+                                  f"{tuple(current.shape)}.")
+                return
+            new[name] = value.detach().to(self.orig_dtype)
+        bn = self.__dict__.get("_folded_bn")
+        if bn is not None:
+            self._apply_fold(new["weight"], new.get("bias"), bn)
+        else:
+            self._store(new["weight"], new.get("bias"))
+
+    # -- pickling / deepcopy: mkldnn tensors have no storage, so go through the dense form ---
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if self._w is not None and self._w.is_mkldnn:
+            state["_w"] = ("__dense__", self._from_kernel_layout(self._w.to_dense()))
+        return state
+
+    def __setstate__(self, state):
+        packed = state.get("_w")
+        super().__setstate__(state)
+        if isinstance(packed, tuple) and packed[0] == "__dense__":
+            self._w = self._pack(self._to_kernel_layout(packed[1]))
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.float()/.half() would silently bypass the packed weight; say so instead.
+        probe = fn(torch.zeros(1, dtype=self.compute_dtype))
+        if probe.dtype != self.compute_dtype or probe.device.type != "cpu":
+            raise RuntimeError(
+                f"{type(self).__name__} holds a weight packed for the CPU in "
+                f"{self.compute_dtype}; it cannot be moved or cast. Call cpuboost.optimize on "
+                "the original model with the dtype you want instead.")
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        parts = [f"backend={self.backend}", f"dtype={self.compute_dtype}"]
+        if self.fold_scale is not None:
+            parts.append("bn_folded")
+        if self.post_op.name != "none":
+            parts.append(f"post_op={self.post_op}")
+        if self.pack_shape:
+            parts.append(f"packed_for={list(self.pack_shape)}")
+        return ", ".join(parts)
+
+
+class FusedLinear(_Fused):
+    def __init__(self, src: nn.Linear, compute_dtype=torch.float32, backend="onednn",
+                 batch_hint: Optional[int] = None):
+        super().__init__()
+        self.in_features, self.out_features = src.in_features, src.out_features
+        self._init_common(src, compute_dtype, backend)
+        self.batch_hint = batch_hint
+        self._store(src.weight, src.bias)
+
+    def _pack(self, w):
+        return _mkldnn._reorder_linear_weight(w, self.batch_hint)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._prepare(x)
+        p = self.post_op
+        if self.backend == "onednn":
+            y = _mkldnn._linear_pointwise(x, self._w, self._b, p.attr, p.scalars, p.algorithm)
+        else:
+            y = p.reference(F.linear(x, self._w, self._b))
+        return self._finish(y)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._folded_dense()
+        return self.post_op.reference(F.linear(self._prepare(x), w, b))
+
+
+class FusedConv(_Fused):
+    """Conv1d/2d/3d. Conv1d runs as a 2-D conv of height 1 (oneDNN packs only 2-D/3-D)."""
+
+    def __init__(self, src: nn.modules.conv._ConvNd, padding: tuple[int, ...],
+                 compute_dtype=torch.float32, backend="onednn",
+                 input_shape: Optional[tuple[int, ...]] = None, channels_last=True):
+        super().__init__()
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "groups"):
+            setattr(self, name, getattr(src, name))
+        self.padding = padding
+        self.nd = len(src.kernel_size)
+        lift = (lambda v, pad: [pad] + list(v)) if self.nd == 1 else (lambda v, pad: list(v))
+        self._padding, self._stride = lift(padding, 0), lift(src.stride, 1)
+        self._dilation = lift(src.dilation, 1)
+        self.channels_last = channels_last and self.nd in (2, 3)
+        self._init_common(src, compute_dtype, backend)
+        if input_shape is not None and self.nd == 1:
+            input_shape = (input_shape[0], input_shape[1], 1, input_shape[2])
+        self.pack_shape = None if input_shape is None else tuple(input_shape)
+        self._store(src.weight, src.bias)
+
+    def _to_kernel_layout(self, w):
+        return w.unsqueeze(2) if self.nd == 1 and self.backend == "onednn" else w
+
+    def _from_kernel_layout(self, w):
+        return w.reshape(self.orig_shape)
+
+    def _pack(self, w):
+        shape = list(self.pack_shape) if self.pack_shape else None
+        return _mkldnn._reorder_convolution_weight(w, self._padding, self._stride, self._dilation,
+                                                   self.groups, shape)
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nd == 1:
+            return x.unsqueeze(2)  # (N, C, L) -> (N, C, 1, L)
+        if self.channels_last:
+            fmt = torch.channels_last if self.nd == 2 else torch.channels_last_3d
+            return x.contiguous(memory_format=fmt)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend != "onednn":
+            return self._finish(self.reference_forward(x))
+        x = self._layout(self._prepare(x))
+        p = self.post_op
+        y = _mkldnn._convolution_pointwise(x, self._w, self._b, self._padding, self._stride,
+                                           self._dilation, self.groups, p.attr, p.scalars,
+                                           p.algorithm)
+        return self._finish(y.squeeze(2) if self.nd == 1 else y)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._folded_dense()
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
+        y = conv(self._prepare(x), w, b, self.stride, self.padding, self.dilation, self.groups)
+        return self.post_op.reference(y)
+
+
+class FusedConvTranspose(_Fused):
+    """ConvTranspose2d/3d with groups == 1 (the weight is stored (in, out, *k))."""
+
+    out_dim = 1
+
+    def __init__(self, src: nn.modules.conv._ConvTransposeNd, compute_dtype=torch.float32,
+                 backend="onednn", input_shape: Optional[tuple[int, ...]] = None):
+        super().__init__()
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
+                     "output_padding", "dilation", "groups"):
+            setattr(self, name, getattr(src, name))
+        self.nd = len(src.kernel_size)
+        self._init_common(src, compute_dtype, backend)
+        self.pack_shape = None if input_shape is None else tuple(input_shape)
+        self._store(src.weight, src.bias)
+
+    def _from_kernel_layout(self, w):
+        # oneDNN hands the packed weight back as (out, in, *k); ours is (in, out, *k)
+        return w.transpose(0, 1) if self.backend == "onednn" else w
+
+    def _pack(self, w):
+        shape = list(self.pack_shape) if self.pack_shape else None
+        return _mkldnn._reorder_convolution_transpose_weight(
+            w, list(self.padding), list(self.output_padding), list(self.stride),
+            list(self.dilation), self.groups, shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._prepare(x)
+        if self.backend != "onednn":
+            return self._finish(self.reference_forward(x))
+        p = self.post_op
+        y = _mkldnn._convolution_transpose_pointwise(
+            x, self._w, self._b, list(self.padding), list(self.output_padding), list(self.stride),
+            list(self.dilation), self.groups, p.attr, p.scalars, p.algorithm)
+        return self._finish(y)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._folded_dense()
+        conv = F.conv_transpose2d if self.nd == 2 else F.conv_transpose3d
+        y = conv(self._prepare(x), w, b, self.stride, self.padding, self.output_padding,
+                 self.groups, self.dilation)
+        return self.post_op.reference(y)
+
+
+def set_backend(module: _Fused, backend: str, pack_shape=None, batch_hint=None) -> None:
+    """Re-store a fused module's (folded) weight for another backend / packing shape."""
+    w, b = module._folded_dense()
+    module.backend = backend
+    if pack_shape is not None and hasattr(module, "pack_shape"):
+        module.pack_shape = tuple(pack_shape)
+        if getattr(module, "nd", 0) == 1:
+            n, c, length = module.pack_shape
+            module.pack_shape = (n, c, 1, length)
+    if batch_hint is not None and hasattr(module, "batch_hint"):
+        module.batch_hint = batch_hint
+    module._store(w, b)

@@ -1,0 +1,67 @@
+"""What every pass receives, and the one way passes swap modules (keeping the user's hooks)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from cpuboost.config import OptimizeConfig
+from cpuboost.hw import CpuFeatures
+from cpuboost.passes._dataflow import Dataflow
+from cpuboost.report import PassRecord
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks",
+               "_load_state_dict_post_hooks")
+
+
+@dataclass
+class PassContext:
+    config: OptimizeConfig
+    hw: CpuFeatures
+    record: PassRecord
+    flow: Optional[Dataflow] = None  # what the model executed on a real input, when known
+
+
+def has_user_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def names_of(root: nn.Module, target: nn.Module) -> list[str]:
+    """Every qualified name under which ``target`` is registered (a module may be shared)."""
+    return [n for n, m in root.named_modules(remove_duplicate=False) if m is target]
+
+
+def replace_module(root: nn.Module, target: nn.Module, new: nn.Module) -> list[str]:
+    """Put ``new`` wherever ``target`` is registered; the user's hooks move with it."""
+    for attr in _HOOK_DICTS:
+        if hasattr(target, attr) and hasattr(new, attr):
+            getattr(new, attr).update(getattr(target, attr))
+    names = names_of(root, target)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, child, new)
+    if not names and target is root:
+        raise AssertionError("the root module cannot be replaced in place")
+    return names
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held in parameters, buffers and packed weights (each tensor counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        if hasattr(m, "weight_bytes") and callable(m.weight_bytes):
+            total += m.weight_bytes()
+    return total
+
+
+def is_float_tensor(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()

@@ -1,0 +1,125 @@
+"""Swap Linear / Conv1d-3d / ConvTranspose2d-3d for modules that run oneDNN on weights
+reordered once, for the input shape the model was seen with. The packed weight replaces the
+original (state_dict still shows the original)."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from cpuboost.errors import UnsupportedRequestError
+from cpuboost.nn import FusedConv, FusedConvTranspose, FusedLinear, set_backend
+from cpuboost.nn.fused import _Fused
+from cpuboost.passes._context import PassContext, names_of, replace_module
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _conv_padding(m) -> Optional[tuple[int, ...]]:
+    if not isinstance(m.padding, str):
+        return tuple(m.padding)
+    if m.padding == "valid":
+        return (0,) * len(m.kernel_size)
+    total = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]  # padding="same"
+    return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
+
+
+def _tied_weight_owner(model: nn.Module, m: nn.Module) -> Optional[str]:
+    for name, other in model.named_modules():
+        if other is not m and any(p is m.weight for p in other.parameters(recurse=False)):
+            return name
+    return None
+
+
+def why_not_packable(model: nn.Module, m: nn.Module, parents: dict) -> Optional[str]:
+    if isinstance(m, _Fused):
+        return None
+    kind = type(m)
+    if isinstance(m, nn.Linear):
+        if kind.forward is not nn.Linear.forward:
+            return f"{kind.__name__} overrides Linear.forward"
+    elif kind not in _CONVS + _CONV_T:
+        return f"{kind.__name__} is not a Linear/Conv/ConvTranspose"
+    if any(isinstance(p, nn.MultiheadAttention) for p in parents.get(id(m), ())):
+        return "nn.MultiheadAttention reads this projection's .weight tensor directly"
+    if torch.nn.utils.parametrize.is_parametrized(m):
+        return "the weight is parametrized"
+    if m.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"weight dtype {m.weight.dtype} is not a float32/bfloat16/float16"
+    owner = _tied_weight_owner(model, m)
+    if owner is not None:
+        return f"its weight is tied to {owner or 'the root'}; packing would keep it twice"
+    if getattr(m, "padding_mode", "zeros") != "zeros":
+        return f"padding_mode={m.padding_mode!r}"
+    if kind in _CONVS and _conv_padding(m) is None:
+        return "padding='same' with an even kernel pads unevenly"
+    if kind in _CONV_T and m.groups != 1:
+        return "grouped ConvTranspose"
+    return None
+
+
+def to_fused(model, m, ctx: PassContext, backend: str, input_shape=None) -> _Fused:
+    """The fused module standing for ``m`` (made and swapped in if ``m`` is a plain module)."""
+    dtype = ctx.config.compute_dtype
+    if isinstance(m, _Fused):
+        set_backend(m, backend, pack_shape=input_shape, batch_hint=_batch(input_shape))
+        return m
+    if isinstance(m, nn.Linear):
+        new = FusedLinear(m, dtype, backend, batch_hint=_batch(input_shape))
+    elif type(m) in _CONV_T:
+        new = FusedConvTranspose(m, dtype, backend, input_shape=input_shape)
+    else:
+        new = FusedConv(m, _conv_padding(m), dtype, backend, input_shape=input_shape,
+                        channels_last=ctx.config.channels_last)
+    replace_module(model, m, new)
+    if ctx.flow is not None:
+        ctx.flow.rebind(m, new)
+    return new
+
+
+def _batch(shape) -> Optional[int]:
+    return math.prod(shape[:-1]) if shape else None
+
+
+def _parents(model: nn.Module) -> dict:
+    out = {}
+    for parent in model.modules():
+        for child in parent.children():
+            out.setdefault(id(child), []).append(parent)
+    return out
+
+
+def _backend(ctx: PassContext) -> str:
+    cfg, hw = ctx.config, ctx.hw
+    onednn_ok = hw.mkldnn and (cfg.compute_dtype != torch.bfloat16
+                               or torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if cfg.compute_dtype == torch.float16:
+        onednn_ok = onednn_ok and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    if cfg.weights_prepack and not onednn_ok:
+        if "weights_prepack" in cfg.explicit:
+            raise UnsupportedRequestError(
+                f"weights_prepack=True was asked for, but this torch build's oneDNN cannot run "
+                f"{cfg.compute_dtype} here; pass weights_prepack=None to let cpuboost skip it.")
+        ctx.record.notes.append(f"oneDNN cannot run {cfg.compute_dtype} here: weights are held "
+                                "in that dtype but computed by aten kernels")
+    return "onednn" if cfg.weights_prepack and onednn_ok else "aten"
+
+
+def prepack(model: nn.Module, ctx: PassContext) -> nn.Module:
+    backend = _backend(ctx)
+    parents = _parents(model)
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, (nn.Linear, _Fused) + _CONVS + _CONV_T) or not names_of(model, m):
+            continue
+        reason = why_not_packable(model, m, parents)
+        if reason:
+            ctx.record.skip(name, reason)
+            continue
+        shape = ctx.flow.first_shape(m) if ctx.flow else None
+        fused = to_fused(model, m, ctx, backend, input_shape=shape)
+        where = f" for input {list(shape)}" if shape and not isinstance(fused, FusedLinear) else ""
+        ctx.record.apply(f"{name}: {type(fused).__name__} ({backend}, {ctx.config.compute_dtype}){where}")
+    return model
