@@ -53,6 +53,8 @@ def fuse_pointwise(model: nn.Module, ctx: PassContext) -> nn.Module:
             blocked[id(act)] = f"{call.name} runs more than once or is already fused"
         elif has_user_hooks(act):
             blocked[id(act)] = "has forward hooks, which would stop firing"
+        elif has_user_hooks(call.module):
+            blocked[id(act)] = f"{call.name} has forward hooks that observe its pre-activation output"
         plans.setdefault(id(act), (act, op, act_call.name, []))[3].append((call.name, call.module))
     for key, (act, op, act_name, producers) in plans.items():
         reason = blocked.get(key)

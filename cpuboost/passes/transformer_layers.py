@@ -6,6 +6,7 @@ class interface (a subclass), parameters and hooks; only the path through forwar
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from cpuboost.passes._context import PassContext
@@ -28,6 +29,10 @@ class ModularTransformerEncoderLayer(nn.TransformerEncoderLayer):
         else:
             x = self.norm1(x + self._sa_block(x, src_mask, src_key_padding_mask, is_causal))
             x = self.norm2(x + self._ff_block(x))
+        if torch.is_autocast_enabled("cpu"):
+            # The stock layer takes its fused fast path under CPU autocast (its autocast check
+            # looks at CUDA only) and returns the autocast dtype; return what it would.
+            x = x.to(torch.get_autocast_dtype("cpu"))
         return x
 
 

@@ -1,0 +1,94 @@
+"""Every bad input raises a CpuBoostError subclass naming what was found and the fix, and the
+user's model is left exactly as it was."""
+import pytest
+import torch
+from torch import nn
+
+import cpuboost
+from cpuboost.errors import (ConfigError, CpuBoostError, InvalidModelError, SampleInputError,
+                             TrainingModeError, UnsupportedDeviceError, UnsupportedDtypeError)
+from cpuboost.hw import detect
+from tests.conftest import toy
+
+
+def _snapshot(model):
+    return [type(m) for m in model.modules()], {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, snap):
+    kinds, sd = snap
+    return [type(m) for m in model.modules()] == kinds and all(
+        torch.equal(sd[k], v) for k, v in model.state_dict().items())
+
+
+def test_not_a_module():
+    with pytest.raises(InvalidModelError, match="expects a torch.nn.Module, got dict"):
+        cpuboost.optimize({"weight": torch.zeros(1)})
+    assert issubclass(InvalidModelError, TypeError)
+
+
+def test_meta_device():
+    with torch.device("meta"):
+        model = nn.Linear(4, 4).eval()
+    with pytest.raises(UnsupportedDeviceError, match="on meta.*to_empty"):
+        cpuboost.optimize(model)
+
+
+def test_training_mode_without_optimizer():
+    case, model = toy("conv_bn")
+    model.train()
+    snap = _snapshot(model)
+    with pytest.raises(TrainingModeError, match=r"training mode.*model.eval\(\)"):
+        cpuboost.optimize(model, sample_input=case.inputs(2), inplace=True)
+    assert _unchanged(model, snap) and model.training
+
+
+def test_sample_input_rejected_keeps_model():
+    case, model = toy("conv_bn")
+    snap = _snapshot(model)
+    with pytest.raises(SampleInputError, match=r"raised RuntimeError on sample_input.*\(2, 5\)"):
+        cpuboost.optimize(model, sample_input=torch.randn(2, 5), inplace=True)
+    assert _unchanged(model, snap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int8, "bf16"])
+def test_unsupported_dtype(dtype):
+    _, model = toy("hooked")
+    with pytest.raises(UnsupportedDtypeError, match="torch.bfloat16"):
+        cpuboost.optimize(model, dtype=dtype)
+
+
+@pytest.mark.skipif(detect().native_fp16, reason="this CPU supports fp16")
+def test_fp16_without_native_support_is_a_clear_error():
+    _, model = toy("hooked")
+    with pytest.raises(UnsupportedDtypeError, match="native fp16.*dtype=torch.bfloat16"):
+        cpuboost.optimize(model, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(level="O3"), "level='O3' is not supported"),
+    (dict(config="O1"), "config must be a cpuboost.OptimizeConfig"),
+    (dict(config=cpuboost.OptimizeConfig(), weights_prepack=False), "either config= or keyword"),
+])
+def test_bad_options(kwargs, match):
+    _, model = toy("hooked")
+    with pytest.raises(ConfigError, match=match):
+        cpuboost.optimize(model, **kwargs)
+
+
+def test_report_of_unoptimized_model():
+    with pytest.raises(InvalidModelError, match="carries no cpuboost report"):
+        cpuboost.report_of(nn.Linear(2, 2))
+
+
+def test_every_error_is_a_cpuboost_error():
+    for cls in (InvalidModelError, UnsupportedDeviceError, UnsupportedDtypeError,
+                TrainingModeError, SampleInputError, ConfigError):
+        assert issubclass(cls, CpuBoostError)
+
+
+def test_packed_module_refuses_to_move():
+    case, model = toy("hooked")
+    opt = cpuboost.optimize(model, sample_input=case.inputs(2))
+    with pytest.raises(RuntimeError, match="cannot be moved or cast"):
+        opt.to(torch.float64)
