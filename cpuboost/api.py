@@ -13,7 +13,7 @@ from cpuboost.checks import as_call, check_dtype, check_model, run_sample
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
-from cpuboost.passes import (PassContext, autocast_scope, fold_bn, fuse_pointwise, prepack,
+from cpuboost.passes import (PassContext, autocast_scope, fold_bn, fuse_add, fuse_pointwise, prepack,
                              remove_dropout, transformer_layers, weight_bytes)
 from cpuboost.passes._dataflow import Dataflow, Recording, record
 from cpuboost.report import OptimizationReport, attach
@@ -35,6 +35,7 @@ PLAN = (
          lambda c: c.weights_prepack or c.low_precision, True),
     Step("prepack", prepack, lambda c: c.weights_prepack or c.low_precision, True),
     Step("fuse_pointwise", fuse_pointwise, lambda c: c.fuse_pointwise and c.weights_prepack, True),
+    Step("fuse_add", fuse_add, lambda c: c.fuse_pointwise and c.weights_prepack, True),
     Step("autocast_scope", autocast_scope, lambda c: c.low_precision, True),
 )
 

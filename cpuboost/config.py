@@ -32,6 +32,9 @@ class OptimizeConfig:
     replace_dropout_with_identity: bool = True
     fuse_pointwise: bool = True
     channels_last: bool = True
+    # Time oneDNN vs aten per Linear shape and keep the faster. Off by default: on the bench
+    # suite here it changed <1% (only tiny GEMMs differ) and it costs fusion where aten wins.
+    measure_kernels: bool = False
     verify: bool = True
     rtol_fp32: float = 1e-4
     rtol_low_precision: float = 5e-2
@@ -45,7 +48,7 @@ class OptimizeConfig:
             raise UnsupportedDtypeError(
                 f"dtype={self.dtype} is not supported; use None or torch.float32 (fp32), "
                 "torch.bfloat16, or torch.float16.")
-        for name in _PASS_FLAGS + ("inplace", "channels_last", "verify"):
+        for name in _PASS_FLAGS + ("inplace", "channels_last", "verify", "measure_kernels"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
         if not (0 < self.rtol_fp32 < 1 and 0 < self.rtol_low_precision < 1):

@@ -16,6 +16,10 @@ from torch import nn
 from cpuboost.nn.postops import POST_OPS, PostOp
 
 _mkldnn = torch.ops.mkldnn
+# Resolved overloads: calling these skips the overload lookup torch.ops does per call.
+_linear_pointwise = _mkldnn._linear_pointwise.default
+_conv = _mkldnn._convolution_pointwise.default
+_conv_binary = _mkldnn._convolution_pointwise.binary
 
 
 def _autocast_dtype() -> Optional[torch.dtype]:
@@ -36,7 +40,7 @@ class _Fused(nn.Module):
         self.orig_dtype = src.weight.dtype
         self.orig_shape = tuple(src.weight.shape)
         self.has_bias = src.bias is not None
-        self.post_op_name = "none"  # a name, so the module pickles
+        self.post_op = POST_OPS["none"]  # stored as a name, so the module pickles
         self.fold_scale: Optional[torch.Tensor] = None  # per output channel, fp32
         self.fold_shift: Optional[torch.Tensor] = None
         self.pack_shape: Optional[tuple[int, ...]] = None
@@ -51,6 +55,8 @@ class _Fused(nn.Module):
     @post_op.setter
     def post_op(self, op: PostOp) -> None:
         self.post_op_name = op.name
+        # plain attributes for the per-call path (no property or dict lookups there)
+        self._attr, self._scalars, self._algo = op.attr, list(op.scalars), op.algorithm
 
     # -- weight storage -------------------------------------------------------------------
     def _to_kernel_layout(self, w: torch.Tensor) -> torch.Tensor:
@@ -214,12 +220,12 @@ class FusedLinear(_Fused):
         return _mkldnn._reorder_linear_weight(w, self.batch_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._prepare(x)
-        p = self.post_op
+        if x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
         if self.backend == "onednn":
-            y = _mkldnn._linear_pointwise(x, self._w, self._b, p.attr, p.scalars, p.algorithm)
+            y = _linear_pointwise(x, self._w, self._b, self._attr, self._scalars, self._algo)
         else:
-            y = p.reference(F.linear(x, self._w, self._b))
+            y = self.post_op.reference(F.linear(x, self._w, self._b))
         return self._finish(y)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,20 +273,29 @@ class FusedConv(_Fused):
             return x.contiguous(memory_format=fmt)
         return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """conv(x) [+ add] then the post-op, in one oneDNN call. ``add`` is set only by the
+        fuse_add pass, which rewrites a block's ``y = conv(x); y += r; relu(y)``."""
         if self.backend != "onednn":
-            return self._finish(self.reference_forward(x))
+            return self._finish(self.reference_forward(x, add))
         x = self._layout(self._prepare(x))
-        p = self.post_op
-        y = _mkldnn._convolution_pointwise(x, self._w, self._b, self._padding, self._stride,
-                                           self._dilation, self.groups, p.attr, p.scalars,
-                                           p.algorithm)
+        if add is not None:
+            add = self._layout(self._prepare(add)) if self.nd != 1 else self._prepare(add).unsqueeze(2)
+            unary = None if self._attr == "none" else self._attr
+            y = _conv_binary(x, add, self._w, self._b, self._padding, self._stride,
+                             self._dilation, self.groups, "add", 1.0, unary, self._scalars,
+                             self._algo)
+        else:
+            y = _conv(x, self._w, self._b, self._padding, self._stride, self._dilation,
+                      self.groups, self._attr, self._scalars, self._algo)
         return self._finish(y.squeeze(2) if self.nd == 1 else y)
 
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reference_forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
         w, b = self._folded_dense()
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
         y = conv(self._prepare(x), w, b, self.stride, self.padding, self.dilation, self.groups)
+        if add is not None:
+            y = y + self._prepare(add)
         return self.post_op.reference(y)
 
 
@@ -314,10 +329,9 @@ class FusedConvTranspose(_Fused):
         x = self._prepare(x)
         if self.backend != "onednn":
             return self._finish(self.reference_forward(x))
-        p = self.post_op
         y = _mkldnn._convolution_transpose_pointwise(
             x, self._w, self._b, list(self.padding), list(self.output_padding), list(self.stride),
-            list(self.dilation), self.groups, p.attr, p.scalars, p.algorithm)
+            list(self.dilation), self.groups, self._attr, self._scalars, self._algo)
         return self._finish(y)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

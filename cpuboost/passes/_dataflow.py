@@ -1,6 +1,11 @@
-"""Record what a model actually executes on one real input: which leaf module produced each
-tensor and who consumed it. Passes decide from this, so custom methods, Python control flow
-and models no symbolic tracer can handle are all fine — whatever ran is what is seen."""
+"""Record what a model actually executes on one real input: which module produced each tensor,
+which ops and modules consumed it, and in which module's forward each op ran. Passes decide
+from this, so custom methods, Python control flow and models no symbolic tracer can handle are
+all fine — whatever ran is what is seen.
+
+Tensors are keyed by (id, version): an in-place op (``y += r``) returns the same object, so it
+starts a new version, and uses after it are not confused with uses before it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,40 +21,73 @@ _METADATA = {"dim", "size", "__get__", "is_contiguous", "numel", "stride", "__le
              "is_floating_point", "data_ptr", "storage_offset", "element_size", "is_complex",
              "__format__", "__repr__", "__hash__", "get_device", "has_names"}
 
+Key = tuple[int, int]  # (id(tensor), version)
+
 
 @dataclass
 class ModuleCall:
     index: int
     name: str
     module: nn.Module
-    in_ids: tuple[int, ...]
+    in_keys: tuple[Key, ...]
     in_shape: Optional[tuple[int, ...]]
-    out_id: Optional[int] = None
+    out_key: Optional[Key] = None
     out_ndim: Optional[int] = None
 
     @property
     def key(self):
         return ("call", self.index)
 
+    @property
+    def passthrough(self) -> bool:
+        """Returned its input unchanged (nn.Identity, a folded BatchNorm...)."""
+        return self.out_key is not None and self.out_key in self.in_keys
+
+
+@dataclass
+class OpCall:
+    index: int
+    name: str  # e.g. "add", "__iadd__", "relu"
+    in_keys: tuple[Key, ...]
+    out_key: Optional[Key]
+    owner: str  # qualified name of the module whose forward ran it ("" = the root)
+    plain_args: bool  # no non-tensor arguments besides the tensors (no alpha=..., out=...)
+
+    @property
+    def key(self):
+        return ("op", self.index)
+
 
 @dataclass
 class Dataflow:
     calls: list[ModuleCall] = field(default_factory=list)
-    consumers: dict[int, set] = field(default_factory=dict)  # tensor id -> consumer keys
+    ops: list[OpCall] = field(default_factory=list)
+    consumers: dict[Key, list] = field(default_factory=dict)  # key -> consumer keys, in order
 
     def calls_of(self, module: nn.Module) -> list[ModuleCall]:
         return [c for c in self.calls if c.module is module]
 
-    def producer(self, tensor_id: int) -> Optional[ModuleCall]:
-        return next((c for c in self.calls if c.out_id == tensor_id), None)
+    def entity(self, key):
+        return self.calls[key[1]] if key[0] == "call" else (self.ops[key[1]] if key[0] == "op" else None)
 
-    def sole_consumer(self, tensor_id: Optional[int]) -> Optional[ModuleCall]:
-        """The module call that is the only user of this tensor, if there is exactly one."""
-        users = self.consumers.get(tensor_id, set()) if tensor_id is not None else set()
-        if len(users) != 1:
-            return None
-        (key,) = users
-        return self.calls[key[1]] if key[0] == "call" else None
+    def producer(self, key: Key) -> Optional[ModuleCall]:
+        """The module call that made this tensor (skipping calls that passed it through)."""
+        return next((c for c in self.calls if c.out_key == key and not c.passthrough), None)
+
+    def real_consumers(self, key: Optional[Key]) -> list:
+        """Consumer entities of a tensor, ignoring modules that only passed it through."""
+        found = []
+        for k in dict.fromkeys(self.consumers.get(key, [])) if key is not None else []:
+            ent = self.entity(k)
+            if isinstance(ent, ModuleCall) and ent.passthrough:
+                continue
+            found.append(ent if ent is not None else k)
+        return found
+
+    def sole_consumer(self, key: Optional[Key]):
+        """The module call or op that is the only user of this tensor, if there is exactly one."""
+        users = self.real_consumers(key)
+        return users[0] if len(users) == 1 and not isinstance(users[0], tuple) else None
 
     def rebind(self, old: nn.Module, new: nn.Module) -> None:
         """A pass swapped ``old`` for ``new``: calls recorded for one now belong to the other."""
@@ -66,39 +104,69 @@ class _Recorder(TorchFunctionMode):
     def __init__(self, flow: Dataflow):
         super().__init__()
         self.flow = flow
-        self.active: list[ModuleCall] = []
+        self.leaves: list[ModuleCall] = []  # leaf module calls running now
+        self.owners: list[str] = []  # every module whose forward is running now
         self.alive: list[torch.Tensor] = []  # keeps ids unique while recording
-        self.op_count = 0
+        self.version: dict[int, int] = {}
 
-    def use(self, tensors, key) -> None:
+    def key(self, t: torch.Tensor) -> Key:
+        return (id(t), self.version.get(id(t), 0))
+
+    def use(self, tensors, consumer) -> tuple[Key, ...]:
+        keys = []
         for t in tensors:
             if isinstance(t, torch.Tensor):
                 self.alive.append(t)
-                self.flow.consumers.setdefault(id(t), set()).add(key)
+                k = self.key(t)
+                self.flow.consumers.setdefault(k, []).append(consumer)
+                keys.append(k)
+        return tuple(keys)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") not in _METADATA:
-            self.op_count += 1
-            key = self.active[-1].key if self.active else ("op", self.op_count)
-            self.use(tree_leaves((args, kwargs)), key)
-        return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in _METADATA:
+            return func(*args, **kwargs)
+        index = len(self.flow.ops)
+        consumer = self.leaves[-1].key if self.leaves else ("op", index)
+        leaves = tree_leaves((args, kwargs))
+        in_keys = self.use(leaves, consumer)
+        result = func(*args, **kwargs)
+        out_key = None
+        if isinstance(result, torch.Tensor):
+            if any(result is t for t in leaves):  # in place: a new version of the same object
+                self.version[id(result)] = self.version.get(id(result), 0) + 1
+            self.alive.append(result)
+            out_key = self.key(result)
+        plain = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+        self.flow.ops.append(OpCall(index, name, in_keys, out_key,
+                                    self.owners[-1] if self.owners else "", plain))
+        return result
 
-    def pre_hook(self, name):
+    def pre_hook(self, name, leaf):
         def hook(module, args, kwargs):
+            self.owners.append(name)
+            if not leaf:
+                return
             tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            call = ModuleCall(len(self.flow.calls), name, module, tuple(id(t) for t in tensors),
-                              tuple(tensors[0].shape) if tensors else None)
             self.alive.extend(tensors)
+            call = ModuleCall(len(self.flow.calls), name, module,
+                              tuple(self.key(t) for t in tensors),
+                              tuple(tensors[0].shape) if tensors else None)
             self.flow.calls.append(call)
-            self.active.append(call)
+            self.leaves.append(call)
         return hook
 
-    def post_hook(self, module, args, kwargs, output):
-        call = self.active.pop()
-        if isinstance(output, torch.Tensor):
-            self.alive.append(output)
-            call.out_id, call.out_ndim = id(output), output.dim()
+    def post_hook(self, leaf):
+        def hook(module, args, kwargs, output):
+            self.owners.pop()
+            if not leaf:
+                return
+            call = self.leaves.pop()
+            if isinstance(output, torch.Tensor):
+                self.alive.append(output)
+                call.out_key, call.out_ndim = self.key(output), output.dim()
+        return hook
 
 
 class Recording:
@@ -113,12 +181,14 @@ class Recording:
     def start(self) -> None:
         seen = set()
         for name, m in self.model.named_modules():
-            if next(m.children(), None) is None and id(m) not in seen:  # leaf modules
-                seen.add(id(m))
-                self._handles.append(
-                    m.register_forward_pre_hook(self._rec.pre_hook(name), with_kwargs=True))
-                self._handles.append(m.register_forward_hook(
-                    self._rec.post_hook, with_kwargs=True, always_call=True))
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            leaf = next(m.children(), None) is None
+            self._handles.append(
+                m.register_forward_pre_hook(self._rec.pre_hook(name, leaf), with_kwargs=True))
+            self._handles.append(m.register_forward_hook(
+                self._rec.post_hook(leaf), with_kwargs=True, always_call=True))
         self._rec.__enter__()
 
     def stop(self, output: Any = None) -> Dataflow:
@@ -132,7 +202,7 @@ class Recording:
 
 
 def record(model: nn.Module, run: Callable[[], Any]) -> tuple[Dataflow, Any]:
-    """Run ``run()`` (which calls the model) once, recording dataflow between leaf modules."""
+    """Run ``run()`` (which calls the model) once, recording dataflow."""
     rec = Recording(model)
     rec.start()
     out = None

@@ -12,6 +12,7 @@ import threading
 import torch
 from torch import nn
 
+from cpuboost.nn import FoldedBatchNorm
 from cpuboost.nn.fused import _Fused
 from cpuboost.passes._context import PassContext
 
@@ -51,8 +52,13 @@ class AutocastScope:
             ctx.__exit__(None, None, None)
 
 
+# Leaf modules whose ops autocast leaves alone (checked: same output dtype with or without it).
+_AUTOCAST_NEUTRAL = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm,
+                     nn.modules.batchnorm._BatchNorm)
+
+
 def _computes_outside_packed(m: nn.Module) -> bool:
-    if isinstance(m, _Fused):
+    if isinstance(m, _Fused) or type(m) in _AUTOCAST_NEUTRAL or isinstance(m, FoldedBatchNorm):
         return False
     has_own_state = any(True for _ in m.parameters(recurse=False)) or any(
         True for _ in m.buffers(recurse=False))

@@ -34,7 +34,7 @@ def _why_not(bn, bn_call, producer_call, ctx) -> str | None:
         return "disabled by " + ("conv_bn_folding" if is_conv else "linear_bn_folding")
     if not is_conv and producer_call.out_ndim != 2:
         return "linear output is not (N, C), so BatchNorm1d does not act on its features"
-    if flow.sole_consumer(producer_call.out_id) is not bn_call:
+    if flow.sole_consumer(producer_call.out_key) is not bn_call:
         return f"{producer_call.name}'s output is also used elsewhere"
     if len(flow.calls_of(producer)) != 1 or len(flow.calls_of(bn)) != 1:
         return "a module of the pair runs more than once per call"
@@ -56,7 +56,7 @@ def fold_bn(model: nn.Module, ctx: PassContext) -> nn.Module:
         bn = bn_call.module
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or isinstance(bn, FoldedBatchNorm):
             continue
-        producer_call = flow.producer(bn_call.in_ids[0]) if bn_call.in_ids else None
+        producer_call = flow.producer(bn_call.in_keys[0]) if bn_call.in_keys else None
         reason = _why_not(bn, bn_call, producer_call, ctx)
         if reason:
             ctx.record.skip(bn_call.name, reason)

@@ -12,6 +12,7 @@ from cpuboost.nn import FoldedBatchNorm
 from cpuboost.nn.fused import _Fused
 from cpuboost.nn.postops import identify
 from cpuboost.passes._context import PassContext, has_user_hooks, replace_module
+from cpuboost.passes._dataflow import ModuleCall
 
 
 class FusedAway(nn.Identity):
@@ -27,12 +28,12 @@ class FusedAway(nn.Identity):
 
 def _activation_after(flow, call):
     """Follow ``call``'s output through folded BatchNorms to its sole consumer."""
-    out = call.out_id
+    out = call.out_key
     nxt = flow.sole_consumer(out)
-    while nxt is not None and isinstance(nxt.module, FoldedBatchNorm):
-        out = nxt.out_id
+    while isinstance(nxt, ModuleCall) and isinstance(nxt.module, FoldedBatchNorm):
+        out = nxt.out_key
         nxt = flow.sole_consumer(out)
-    return nxt
+    return nxt if isinstance(nxt, ModuleCall) else None
 
 
 def fuse_pointwise(model: nn.Module, ctx: PassContext) -> nn.Module:

@@ -13,6 +13,7 @@ from cpuboost.errors import UnsupportedRequestError
 from cpuboost.nn import FusedConv, FusedConvTranspose, FusedLinear, set_backend
 from cpuboost.nn.fused import _Fused
 from cpuboost.passes._context import PassContext, names_of, replace_module
+from cpuboost.passes.kernel_choice import linear_backend
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -119,7 +120,14 @@ def prepack(model: nn.Module, ctx: PassContext) -> nn.Module:
             ctx.record.skip(name, reason)
             continue
         shape = ctx.flow.first_shape(m) if ctx.flow else None
-        fused = to_fused(model, m, ctx, backend, input_shape=shape)
+        chosen = backend
+        if ctx.config.measure_kernels and backend == "onednn" and isinstance(m, nn.Linear) and shape:
+            chosen, t_dnn, t_aten = linear_backend(shape, m.out_features, ctx.config.compute_dtype,
+                                                   m.bias is not None)
+            if chosen == "aten":
+                ctx.record.notes.append(f"{name}: aten measured faster than oneDNN "
+                                        f"({t_aten * 1e6:.0f} vs {t_dnn * 1e6:.0f} us)")
+        fused = to_fused(model, m, ctx, chosen, input_shape=shape)
         where = f" for input {list(shape)}" if shape and not isinstance(fused, FusedLinear) else ""
-        ctx.record.apply(f"{name}: {type(fused).__name__} ({backend}, {ctx.config.compute_dtype}){where}")
+        ctx.record.apply(f"{name}: {type(fused).__name__} ({chosen}, {ctx.config.compute_dtype}){where}")
     return model

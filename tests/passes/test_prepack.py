@@ -59,3 +59,18 @@ def test_transformer_encoder_layer_runs_packed_in_bf16():
     assert isinstance(opt.linear1, FusedLinear) and opt.linear1.compute_dtype == torch.bfloat16
     with torch.no_grad():
         assert rel_err(layer(x), opt(x).float()) <= 5e-2
+
+
+def test_measured_kernel_choice_is_reported_and_correct():
+    from cpuboost.passes.kernel_choice import linear_backend
+    choice, t_dnn, t_aten = linear_backend((64, 32), 1, torch.float32, True)
+    assert choice in ("onednn", "aten") and t_dnn > 0 and t_aten > 0
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 1)).eval()
+    x = torch.randn(64, 32)
+    cfg = cpuboost.OptimizeConfig(measure_kernels=True)
+    opt = cpuboost.optimize(model, config=cfg, sample_input=x)
+    backends = {m.backend for m in opt.modules() if isinstance(m, FusedLinear)}
+    assert backends <= {"onednn", "aten"}
+    notes = cpuboost.report_of(opt).pass_named("prepack").notes
+    assert all("measured faster" in n for n in notes)
+    assert rel_err(model(x), opt(x)) <= FP32_RTOL
