@@ -34,8 +34,8 @@ PLAN = (
     Step("transformer_layers", transformer_layers,
          lambda c: c.weights_prepack or c.low_precision, True),
     Step("prepack", prepack, lambda c: c.weights_prepack or c.low_precision, True),
-    Step("fuse_pointwise", fuse_pointwise, lambda c: c.fuse_pointwise and c.weights_prepack, True),
     Step("fuse_add", fuse_add, lambda c: c.fuse_pointwise and c.weights_prepack, True),
+    Step("fuse_pointwise", fuse_pointwise, lambda c: c.fuse_pointwise and c.weights_prepack, True),
     Step("autocast_scope", autocast_scope, lambda c: c.low_precision, True),
 )
 

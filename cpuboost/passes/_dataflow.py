@@ -63,9 +63,11 @@ class Dataflow:
     calls: list[ModuleCall] = field(default_factory=list)
     ops: list[OpCall] = field(default_factory=list)
     consumers: dict[Key, list] = field(default_factory=dict)  # key -> consumer keys, in order
+    absorbed: set = field(default_factory=set)  # indices of calls a pass folded into another
 
     def calls_of(self, module: nn.Module) -> list[ModuleCall]:
-        return [c for c in self.calls if c.module is module]
+        """The recorded calls of ``module`` that still happen (not absorbed by a rewrite)."""
+        return [c for c in self.calls if c.module is module and c.index not in self.absorbed]
 
     def entity(self, key):
         return self.calls[key[1]] if key[0] == "call" else (self.ops[key[1]] if key[0] == "op" else None)

@@ -46,7 +46,7 @@ def _conv_behind(flow: Dataflow, key, consumer):
 
 
 def _sites(flow: Dataflow) -> dict[str, list]:
-    """owner block name -> [(conv module, fuse relu?)] from the recorded adds."""
+    """owner block name -> [(conv module, relu call after the add or None)] from the adds."""
     sites: dict[str, list] = {}
     for op in flow.ops:
         if op.name not in _ADD_OPS or not op.plain_args or len(op.in_keys) != 2:
@@ -58,7 +58,7 @@ def _sites(flow: Dataflow) -> dict[str, list]:
         after = flow.sole_consumer(op.out_key)
         relu = (isinstance(after, ModuleCall) and not has_user_hooks(after.module)
                 and identify(after.module) is POST_OPS["relu"])
-        sites.setdefault(op.owner, []).append((conv.module, relu))
+        sites.setdefault(op.owner, []).append((conv.module, after if relu else None))
     return sites
 
 
@@ -72,14 +72,15 @@ def _single_user(node):
     return users[0] if len(users) == 1 else None
 
 
-def _rewrite(graph: fx.Graph, block: nn.Module, conv: nn.Module, relu: bool) -> bool:
-    """Rewrite conv -> passthroughs -> add(other) [-> relu] into conv(x, add=other)."""
+def _rewrite(graph: fx.Graph, block: nn.Module, conv: nn.Module, relu: bool) -> str | None:
+    """Rewrite conv -> passthroughs -> add(other) [-> relu] into conv(x, add=other).
+    Returns what was fused ("add" / "add + relu"), or None if the graph did not match."""
     def module_of(node):
         return block.get_submodule(node.target) if node.op == "call_module" else None
 
     conv_node = next((n for n in graph.nodes if module_of(n) is conv), None)
     if conv_node is None or len(conv_node.args) != 1 or conv_node.kwargs:
-        return False
+        return None
     chain, node = [conv_node], _single_user(conv_node)
     while node is not None and isinstance(module_of(node), _PASSTHROUGH):
         chain.append(node)
@@ -87,7 +88,7 @@ def _rewrite(graph: fx.Graph, block: nn.Module, conv: nn.Module, relu: bool) -> 
     is_add = node is not None and ((node.op == "call_function" and node.target in _FX_ADDS)
                                    or (node.op == "call_method" and node.target in ("add", "add_")))
     if not is_add or node.kwargs or len(node.args) != 2 or chain[-1] not in node.args:
-        return False
+        return None
     other = node.args[1] if node.args[0] is chain[-1] else node.args[0]
     last, act = node, _single_user(node)
     fuse_relu = relu and act is not None and (
@@ -101,7 +102,7 @@ def _rewrite(graph: fx.Graph, block: nn.Module, conv: nn.Module, relu: bool) -> 
     last.replace_all_uses_with(fused)
     for dead in ([act] if fuse_relu else []) + [node] + chain[::-1]:
         graph.erase_node(dead)
-    return True
+    return "add + relu" if fuse_relu else "add"
 
 
 def fuse_add(model: nn.Module, ctx: PassContext) -> nn.Module:
@@ -119,15 +120,24 @@ def fuse_add(model: nn.Module, ctx: PassContext) -> nn.Module:
             ctx.record.skip(owner or "<root>", f"its forward does not trace ({type(e).__name__}: "
                             f"{str(e)[:80]})")
             continue
-        done = [conv for conv, relu in convs if _rewrite(graph, block, conv, relu)]
+        done = []
+        for conv, relu_call in convs:
+            what = _rewrite(graph, block, conv, relu_call is not None)
+            if what:
+                done.append((conv, what))
+                if what.endswith("relu"):  # that activation call no longer happens
+                    ctx.flow.absorbed.add(relu_call.index)
         if not done:
             ctx.record.skip(owner or "<root>", "the add did not match conv -> add in its forward")
             continue
         graph.lint()
-        block.__dict__["forward"] = fx.GraphModule(block, graph).forward
+        gm = fx.GraphModule(block, graph)
+        # Resolve submodules through the block's own registry, so a module swapped in the block
+        # later (by a pass or the user) is the one the rewritten forward calls.
+        gm.__dict__["_modules"] = block._modules
+        block.__dict__["forward"] = gm.forward
         names = {id(m): n for n, m in block.named_modules()}
-        for conv in done:
-            what = "add + relu" if conv.post_op.name == "relu" else "add"
+        for conv, what in done:
             ctx.record.apply(f"{owner or '<root>'}: {names.get(id(conv), '?')} + {what}")
     return model
 

@@ -41,6 +41,8 @@ def fuse_pointwise(model: nn.Module, ctx: PassContext) -> nn.Module:
     plans: dict[int, tuple] = {}  # id(activation) -> (activation, post_op, [(name, fused)])
     blocked: dict[int, str] = {}
     for call in flow.calls:
+        if call.index in flow.absorbed:
+            continue
         act_call = None
         if isinstance(call.module, _Fused) and call.module.backend == "onednn":
             act_call = _activation_after(flow, call)

@@ -121,6 +121,42 @@ class SharedBranchNet(nn.Module):
         return self.bn(y) + y
 
 
+class BasicBlock(nn.Module):
+    """torchvision-style residual block: one ReLU module used at three call sites."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                            nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResidualNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, stride=2))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
+
+
 def transformer_encoder() -> nn.Module:
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
@@ -160,6 +196,7 @@ TOY_MODELS = {
         ToyCase("custom_method", CustomMethodNet, _img, method="inference"),
         ToyCase("hooked", HookedNet, lambda b: (torch.randn(b, 16),)),
         ToyCase("shared_branch", SharedBranchNet, _img),
+        ToyCase("residual", ResidualNet, _img),
         ToyCase("transformer_encoder", transformer_encoder, lambda b: (torch.randn(b, 7, 32),)),
         ToyCase("mha", MHANet, lambda b: (torch.randn(b, 5, 16),)),
     ]
