@@ -13,7 +13,8 @@ from cpuboost.checks import as_call, check_dtype, check_model, run_sample
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
-from cpuboost.passes import (PassContext, autocast_scope, fold_bn, fuse_add, fuse_pointwise, prepack,
+from cpuboost.passes import (PassContext, autocast_scope, embedding_dtype, fold_bn, fuse_add,
+                             fuse_pointwise, prepack,
                              remove_dropout, transformer_layers, weight_bytes)
 from cpuboost.passes._dataflow import Dataflow, Recording, record
 from cpuboost.report import OptimizationReport, attach
@@ -36,6 +37,7 @@ PLAN = (
     Step("prepack", prepack, lambda c: c.weights_prepack or c.low_precision, True),
     Step("fuse_add", fuse_add, lambda c: c.fuse_pointwise and c.weights_prepack, True),
     Step("fuse_pointwise", fuse_pointwise, lambda c: c.fuse_pointwise and c.weights_prepack, True),
+    Step("embedding_dtype", embedding_dtype, lambda c: c.low_precision, False),
     Step("autocast_scope", autocast_scope, lambda c: c.low_precision, True),
 )
 
@@ -68,12 +70,11 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     report = OptimizationReport(str(cfg.compute_dtype).replace("torch.", ""), cfg.level,
                                 hw.summary(), weight_bytes_before=weight_bytes(model))
     steps = [s for s in PLAN if s.wanted(cfg)]
-    _run(work, [s for s in steps if not s.needs_flow], cfg, hw, report, None)
-    traced = [s for s in steps if s.needs_flow]
     if call is None:
-        _defer(work, traced, cfg, hw, report)
+        _run(work, [s for s in steps if not s.needs_flow], cfg, hw, report, None)
+        _defer(work, [s for s in steps if s.needs_flow], cfg, hw, report)
     else:
-        work = _run_traced_verified(work, source, traced, steps, cfg, hw, report, call, reference)
+        work = _apply_verified(work, source, steps, cfg, hw, report, call, reference)
     report.weight_bytes_after = weight_bytes(work)
     attach(work, report)
     if _env.verbose():
@@ -102,34 +103,37 @@ def _run(model, steps, cfg, hw, report, flow: Optional[Dataflow]) -> nn.Module:
     return model
 
 
-def _traced(model, steps, cfg, hw, report, call) -> nn.Module:
-    args, kwargs = call
-    flow, _ = record(model, lambda: model(*args, **kwargs))
-    return _run(model, steps, cfg, hw, report, flow)
+def _apply(model, steps, cfg, hw, report, call) -> nn.Module:
+    """Run ``steps``: those that need no dataflow first, then record one call and run the rest."""
+    model = _run(model, [s for s in steps if not s.needs_flow], cfg, hw, report, None)
+    traced = [s for s in steps if s.needs_flow]
+    if traced:
+        args, kwargs = call
+        flow, _ = record(model, lambda: model(*args, **kwargs))
+        model = _run(model, traced, cfg, hw, report, flow)
+    return model
 
 
-def _run_traced_verified(work, source, traced, steps, cfg, hw, report, call, reference):
+def _apply_verified(work, source, steps, cfg, hw, report, call, reference) -> nn.Module:
     rtol = cfg.rtol_low_precision if cfg.low_precision else cfg.rtol_fp32
-    work = _traced(work, traced, cfg, hw, report, call)
-    report.numerics = compare(reference, run_sample(work, call), rtol) if cfg.verify else None
-    if report.numerics is None or report.numerics.passed:
+    work = _apply(work, steps, cfg, hw, report, call)
+    if not cfg.verify:
         return work
-    # Something broke numerics: redo from the original, keeping only passes that check out.
-    failed = report.numerics
-    kept: list[Step] = []
-    for step in traced:
-        trial = copy.deepcopy(source)
+    report.numerics = compare(reference, run_sample(work, call), rtol)
+    if report.numerics.passed:
+        return work
+    # Something broke numerics: redo from the original, adding passes one at a time and keeping
+    # only those that still check out. Rare, so the extra copies and forwards are acceptable.
+    failed, kept = report.numerics, []
+    for step in steps:
         scratch = OptimizationReport(report.dtype, report.level, report.hardware)
-        _run(trial, [s for s in steps if not s.needs_flow], cfg, hw, scratch, None)
-        trial = _traced(trial, kept + [step], cfg, hw, scratch, call)
+        trial = _apply(copy.deepcopy(source), kept + [step], cfg, hw, scratch, call)
         if compare(reference, run_sample(trial, call), rtol).passed:
             kept.append(step)
         else:
             report.pass_named(step.name).dropped = f"outputs off the original beyond rtol {rtol:g}"
-    final = copy.deepcopy(source)
     scratch = OptimizationReport(report.dtype, report.level, report.hardware)
-    _run(final, [s for s in steps if not s.needs_flow], cfg, hw, scratch, None)
-    final = _traced(final, kept, cfg, hw, scratch, call)
+    final = _apply(copy.deepcopy(source), kept, cfg, hw, scratch, call)
     report.numerics = compare(reference, run_sample(final, call), rtol)
     report.warnings.append(f"the full plan failed the numerics check ({failed}); "
                            "dropped passes are marked DROPPED")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from cpuboost.nn import FoldedBatchNorm
+from cpuboost.nn.embedding import _HeldTable
 from cpuboost.nn.fused import _Fused
 from cpuboost.passes._context import PassContext
 
@@ -58,7 +59,7 @@ _AUTOCAST_NEUTRAL = (nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm,
 
 
 def _computes_outside_packed(m: nn.Module) -> bool:
-    if isinstance(m, _Fused) or type(m) in _AUTOCAST_NEUTRAL or isinstance(m, FoldedBatchNorm):
+    if isinstance(m, (_Fused, FoldedBatchNorm, _HeldTable)) or type(m) in _AUTOCAST_NEUTRAL:
         return False
     has_own_state = any(True for _ in m.parameters(recurse=False)) or any(
         True for _ in m.buffers(recurse=False))

@@ -28,7 +28,7 @@ def _conv_padding(m) -> Optional[tuple[int, ...]]:
     return None if any(t % 2 for t in total) else tuple(t // 2 for t in total)
 
 
-def _tied_weight_owner(model: nn.Module, m: nn.Module) -> Optional[str]:
+def tied_weight_owner(model: nn.Module, m: nn.Module) -> Optional[str]:
     for name, other in model.named_modules():
         if other is not m and any(p is m.weight for p in other.parameters(recurse=False)):
             return name
@@ -50,7 +50,7 @@ def why_not_packable(model: nn.Module, m: nn.Module, parents: dict) -> Optional[
         return "the weight is parametrized"
     if m.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return f"weight dtype {m.weight.dtype} is not a float32/bfloat16/float16"
-    owner = _tied_weight_owner(model, m)
+    owner = tied_weight_owner(model, m)
     if owner is not None:
         return f"its weight is tied to {owner or 'the root'}; packing would keep it twice"
     if getattr(m, "padding_mode", "zeros") != "zeros":

@@ -157,6 +157,22 @@ class ResidualNet(nn.Module):
         return self.fc(self.blocks(self.stem(x)).mean((2, 3)))
 
 
+class TinyRecommender(nn.Module):
+    """EmbeddingBag (sum, bags of 3, per-sample weights) + Embedding + MLP, DLRM-style."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(50, 8, mode="sum")
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.mlp = nn.Sequential(nn.Linear(13, 8), nn.ReLU())
+        self.top = nn.Sequential(nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, dense, ids, weights, cat):
+        pooled = self.bag(ids, per_sample_weights=weights)  # ids: (B, 3) -> (B, 8)
+        x = torch.cat([self.mlp(dense), pooled, self.emb(cat)], dim=1)
+        return torch.sigmoid(self.top(x))
+
+
 def transformer_encoder() -> nn.Module:
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
@@ -197,6 +213,9 @@ TOY_MODELS = {
         ToyCase("hooked", HookedNet, lambda b: (torch.randn(b, 16),)),
         ToyCase("shared_branch", SharedBranchNet, _img),
         ToyCase("residual", ResidualNet, _img),
+        ToyCase("recommender", TinyRecommender,
+                lambda b: (torch.randn(b, 13), torch.randint(0, 50, (b, 3)), torch.rand(b, 3),
+                           torch.randint(0, 20, (b,)))),
         ToyCase("transformer_encoder", transformer_encoder, lambda b: (torch.randn(b, 7, 32),)),
         ToyCase("mha", MHANet, lambda b: (torch.randn(b, 5, 16),)),
     ]
