@@ -4,6 +4,7 @@ from __future__ import annotations
 import gc
 import statistics
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -22,6 +23,27 @@ def call(model, inputs):
 
 def rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
+
+
+class PeakRss:
+    """Highest RSS seen while the block runs (sampled every 5 ms in a thread). Used around
+    set-up only, so the sampler never runs during timing."""
+
+    def __enter__(self):
+        self.start = self.peak = rss_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
 
 
 def _variant(name: str, model, inputs) -> Callable[[], object]:
@@ -57,11 +79,12 @@ def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> 
         for name in variants:
             _progress(case.name, f"setting up {name}")
             t0 = time.perf_counter()
-            fn = _variant(name, model, inputs)
-            outputs[name] = fn()  # first call: includes compilation / deferred work
-            fn()
+            with PeakRss() as mem:
+                fn = _variant(name, model, inputs)
+                outputs[name] = fn()  # first call: includes compilation / deferred work
+                fn()
             setup_s[name] = time.perf_counter() - t0
-            fns[name], rss[name] = fn, rss_mb()
+            fns[name], rss[name] = fn, (mem.peak, mem.peak - mem.start)
         iters = {}
         for name, fn in fns.items():  # iterations per round from one timed call
             t0 = time.perf_counter()
@@ -83,7 +106,8 @@ def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> 
         diff = compare(outputs["eager_fp32"], outputs[name], 1.0) if "eager_fp32" in outputs else None
         rows.append({"case": case.name, "variant": name, "median_ms": med,
                      "speedup": base / med if base else None, "setup_s": setup_s[name],
-                     "rss_mb": rss[name], "max_rel_diff": diff.max_rel if diff else None,
+                     "peak_rss_mb": rss[name][0], "setup_added_mb": rss[name][1],
+                     "max_rel_diff": diff.max_rel if diff else None,
                      "times_ms": times[name]})
     return {"case": case.name, "rows": rows, "threads": torch.get_num_threads()}
 

@@ -64,15 +64,17 @@ def _spawn(case: str, variants, rounds: int, memory=False) -> dict:
 
 
 def _print_table(results: list[dict], memory: list[dict]) -> None:
+    print("\nspeedup: vs stock eager fp32 in the same process (median of rounds); peak RSS: "
+          "process peak while the variant was set up; +setup: what its set-up added")
     print(f"\n{'case':<22} {'variant':<15} {'median ms':>10} {'speedup':>8} {'setup s':>8} "
-          f"{'RSS MiB':>8} {'max rel diff':>13}")
+          f"{'peak RSS':>9} {'+setup':>7} {'max rel diff':>13}")
     for res in results:
         if res.get("error"):
             print(f"{res['case']:<22} ERROR: {res['error']}")
         for r in res["rows"]:
             print(f"{r['case']:<22} {r['variant']:<15} {r['median_ms']:>10.2f} "
-                  f"{r['speedup']:>7.2f}x {r['setup_s']:>8.1f} {r['rss_mb']:>8.0f} "
-                  f"{r['max_rel_diff']:>13.2e}")
+                  f"{r['speedup']:>7.2f}x {r['setup_s']:>8.1f} {r['peak_rss_mb']:>8.0f}M "
+                  f"{r['setup_added_mb']:>+6.0f}M {r['max_rel_diff']:>13.2e}")
     for m in memory:
         if "ratio" in m:
             print(f"memory {m['case']}: eager {m['rss_eager_mb']:.0f} MiB, after "
