@@ -124,16 +124,20 @@ def _apply_verified(work, source, steps, cfg, hw, report, call, reference) -> nn
         return work
     # Something broke numerics: redo from the original, adding passes one at a time and keeping
     # only those that still check out. Rare, so the extra copies and forwards are acceptable.
-    failed, kept = report.numerics, []
+    failed, kept, dropped = report.numerics, [], {}
     for step in steps:
         scratch = OptimizationReport(report.dtype, report.level, report.hardware)
         trial = _apply(copy.deepcopy(source), kept + [step], cfg, hw, scratch, call)
         if compare(reference, run_sample(trial, call), rtol).passed:
             kept.append(step)
         else:
-            report.pass_named(step.name).dropped = f"outputs off the original beyond rtol {rtol:g}"
-    scratch = OptimizationReport(report.dtype, report.level, report.hardware)
-    final = _apply(copy.deepcopy(source), kept, cfg, hw, scratch, call)
+            dropped[step.name] = report.pass_named(step.name)
+            dropped[step.name].dropped = f"outputs off the original beyond rtol {rtol:g}"
+    final_report = OptimizationReport(report.dtype, report.level, report.hardware)
+    final = _apply(copy.deepcopy(source), kept, cfg, hw, final_report, call)
+    # The report describes the model returned: the kept passes as applied to it, then the
+    # dropped ones with what they would have done.
+    report.passes = final_report.passes + list(dropped.values())
     report.numerics = compare(reference, run_sample(final, call), rtol)
     report.warnings.append(f"the full plan failed the numerics check ({failed}); "
                            "dropped passes are marked DROPPED")

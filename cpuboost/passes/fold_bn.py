@@ -11,13 +11,13 @@ from torch import nn
 from cpuboost.nn import FoldedBatchNorm
 from cpuboost.nn.folded import fold_into
 from cpuboost.passes._context import PassContext, has_user_hooks
-from cpuboost.passes.prepack import to_fused
+from cpuboost.passes.prepack import module_parents, to_fused, why_not_packable
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def _why_not(bn, bn_call, producer_call, ctx) -> str | None:
+def _why_not(model, parents, bn, bn_call, producer_call, ctx) -> str | None:
     flow = ctx.flow
     if type(bn) not in _BN:
         return f"{type(bn).__name__} is a BatchNorm subclass with its own behaviour"
@@ -40,10 +40,9 @@ def _why_not(bn, bn_call, producer_call, ctx) -> str | None:
         return "a module of the pair runs more than once per call"
     if has_user_hooks(producer) or has_user_hooks(bn):
         return "a module of the pair has forward hooks that observe its own output"
-    if getattr(producer, "padding_mode", "zeros") != "zeros":
-        return f"padding_mode={producer.padding_mode!r} is not supported by the fused kernel"
-    if getattr(producer, "groups", 1) != 1 and isinstance(producer, nn.modules.conv._ConvTransposeNd):
-        return "grouped ConvTranspose"
+    unsupported = why_not_packable(model, producer, parents)
+    if unsupported:
+        return f"{producer_call.name} cannot become a fused module: {unsupported}"
     scale = bn.weight.detach() if bn.weight is not None else None
     if scale is not None and bool((scale == 0).any()):
         return "a BatchNorm weight is exactly 0, so folding could not be undone for state_dict"
@@ -52,12 +51,13 @@ def _why_not(bn, bn_call, producer_call, ctx) -> str | None:
 
 def fold_bn(model: nn.Module, ctx: PassContext) -> nn.Module:
     flow = ctx.flow
+    parents = module_parents(model)
     for bn_call in list(flow.calls):
         bn = bn_call.module
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or isinstance(bn, FoldedBatchNorm):
             continue
         producer_call = flow.producer(bn_call.in_keys[0]) if bn_call.in_keys else None
-        reason = _why_not(bn, bn_call, producer_call, ctx)
+        reason = _why_not(model, parents, bn, bn_call, producer_call, ctx)
         if reason:
             ctx.record.skip(bn_call.name, reason)
             continue

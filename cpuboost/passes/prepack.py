@@ -85,7 +85,7 @@ def _batch(shape) -> Optional[int]:
     return math.prod(shape[:-1]) if shape else None
 
 
-def _parents(model: nn.Module) -> dict:
+def module_parents(model: nn.Module) -> dict:
     out = {}
     for parent in model.modules():
         for child in parent.children():
@@ -111,7 +111,7 @@ def _backend(ctx: PassContext) -> str:
 
 def prepack(model: nn.Module, ctx: PassContext) -> nn.Module:
     backend = _backend(ctx)
-    parents = _parents(model)
+    parents = module_parents(model)
     for name, m in list(model.named_modules()):
         if not isinstance(m, (nn.Linear, _Fused) + _CONVS + _CONV_T) or not names_of(model, m):
             continue

@@ -6,6 +6,7 @@ import torch
 import cpuboost
 from cpuboost.hw import features
 from cpuboost.nn import postops
+from cpuboost.passes.fuse_pointwise import FusedAway
 from tests.conftest import FP32_RTOL, rel_err, run, toy
 
 
@@ -18,6 +19,7 @@ def test_pass_that_breaks_numerics_is_dropped(monkeypatch):
     opt = cpuboost.optimize(model, sample_input=x)
     report = cpuboost.report_of(opt)
     assert report.pass_named("fuse_pointwise").dropped
+    assert not any(isinstance(m, FusedAway) for m in opt.modules())  # really not applied
     assert not report.pass_named("prepack").dropped and not report.pass_named("fold_bn").dropped
     assert report.numerics.passed and any("failed the numerics check" in w for w in report.warnings)
     assert rel_err(run(model, case, x), run(opt, case, x)) <= FP32_RTOL

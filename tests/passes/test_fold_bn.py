@@ -82,3 +82,15 @@ def test_folding_can_be_turned_off_per_kind():
                           nn.BatchNorm1d(5))
     _, rec = _optimize(model, torch.randn(2, 3, 8, 8), conv_bn_folding=False)
     assert rec.applied == ["3 <- 4"] and "disabled by conv_bn_folding" in _skip_reasons(rec)
+
+
+@pytest.mark.parametrize("conv, reason", [
+    (lambda: nn.Conv2d(3, 4, 2, padding="same"), "pads unevenly"),
+    (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular"), "padding_mode"),
+    (lambda: nn.ConvTranspose2d(4, 4, 2, groups=2), "grouped ConvTranspose"),
+])
+def test_producer_the_fused_kernel_cannot_run_is_not_folded(conv, reason):
+    model = nn.Sequential(conv(), nn.BatchNorm2d(4))
+    cin = model[0].in_channels
+    _, rec = _optimize(model, torch.randn(1, cin, 8, 8))
+    assert not rec.applied and reason in _skip_reasons(rec)
