@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cpuboost import _env
-from cpuboost.checks import as_call, check_dtype, check_model, run_sample
+from cpuboost.checks import as_call, check_dtype, check_model, check_requests, run_sample
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
@@ -61,6 +61,7 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     check_model(model)
     hw = detect()
     check_dtype(cfg, hw)
+    check_requests(cfg, hw)
     call = as_call(sample_input) if sample_input is not None else None
     reference = run_sample(model, call) if call is not None else None
     source = model

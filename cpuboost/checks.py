@@ -8,7 +8,8 @@ from torch import nn
 
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import (InvalidModelError, SampleInputError, TrainingModeError,
-                             UnsupportedDeviceError, UnsupportedDtypeError)
+                             UnsupportedDeviceError, UnsupportedDtypeError,
+                             UnsupportedRequestError)
 from cpuboost.hw import CpuFeatures
 
 
@@ -44,6 +45,17 @@ def check_dtype(cfg: OptimizeConfig, hw: CpuFeatures) -> None:
             "dtype=torch.float16 needs a CPU with native fp16 (AVX512-FP16, AMX-FP16 or Arm "
             f"FP16); this one has {sorted(hw.flags) or 'none of them'}. Use "
             "dtype=torch.bfloat16" + (" (native here)" if hw.native_bf16 else "") + " instead.")
+
+
+def check_requests(cfg: OptimizeConfig, hw: CpuFeatures) -> None:
+    """Explicit requests that cannot be honoured raise here, before the model is touched."""
+    from cpuboost.passes.prepack import onednn_runs
+    if cfg.weights_prepack and "weights_prepack" in cfg.explicit and not onednn_runs(
+            cfg.compute_dtype, hw):
+        raise UnsupportedRequestError(
+            f"weights_prepack=True was asked for, but this torch build's oneDNN cannot run "
+            f"{cfg.compute_dtype} here; leave weights_prepack=None to let cpuboost skip it "
+            "(the report then says so).")
 
 
 def as_call(sample_input) -> tuple[tuple, dict]:

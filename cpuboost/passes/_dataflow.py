@@ -3,11 +3,14 @@ which ops and modules consumed it, and in which module's forward each op ran. Pa
 from this, so custom methods, Python control flow and models no symbolic tracer can handle are
 all fine — whatever ran is what is seen.
 
-Tensors are keyed by (id, version): an in-place op (``y += r``) returns the same object, so it
-starts a new version, and uses after it are not confused with uses before it.
+Tensors are keyed by (uid, version). A uid is handed out per tensor object and checked through a
+weak reference, so a recycled ``id()`` gets a fresh uid without keeping any tensor alive (the
+recording costs no more memory than the forward itself). An in-place op (``y += r``) returns the
+same object, so it starts a new version: uses after it are not confused with uses before it.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -21,7 +24,7 @@ _METADATA = {"dim", "size", "__get__", "is_contiguous", "numel", "stride", "__le
              "is_floating_point", "data_ptr", "storage_offset", "element_size", "is_complex",
              "__format__", "__repr__", "__hash__", "get_device", "has_names"}
 
-Key = tuple[int, int]  # (id(tensor), version)
+Key = tuple[int, int]  # (uid, version)
 
 
 @dataclass
@@ -108,17 +111,25 @@ class _Recorder(TorchFunctionMode):
         self.flow = flow
         self.leaves: list[ModuleCall] = []  # leaf module calls running now
         self.owners: list[str] = []  # every module whose forward is running now
-        self.alive: list[torch.Tensor] = []  # keeps ids unique while recording
-        self.version: dict[int, int] = {}
+        self.uids: dict[int, tuple[weakref.ref, int]] = {}  # id(tensor) -> (ref, uid)
+        self.version: dict[int, int] = {}  # uid -> version
+
+    def uid(self, t: torch.Tensor) -> int:
+        entry = self.uids.get(id(t))
+        if entry is None or entry[0]() is not t:  # new tensor, or a dead one's recycled id
+            entry = (weakref.ref(t), len(self.version))
+            self.uids[id(t)] = entry
+            self.version[entry[1]] = 0
+        return entry[1]
 
     def key(self, t: torch.Tensor) -> Key:
-        return (id(t), self.version.get(id(t), 0))
+        uid = self.uid(t)
+        return (uid, self.version[uid])
 
     def use(self, tensors, consumer) -> tuple[Key, ...]:
         keys = []
         for t in tensors:
             if isinstance(t, torch.Tensor):
-                self.alive.append(t)
                 k = self.key(t)
                 self.flow.consumers.setdefault(k, []).append(consumer)
                 keys.append(k)
@@ -137,8 +148,7 @@ class _Recorder(TorchFunctionMode):
         out_key = None
         if isinstance(result, torch.Tensor):
             if any(result is t for t in leaves):  # in place: a new version of the same object
-                self.version[id(result)] = self.version.get(id(result), 0) + 1
-            self.alive.append(result)
+                self.version[self.uid(result)] += 1
             out_key = self.key(result)
         plain = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
         self.flow.ops.append(OpCall(index, name, in_keys, out_key,
@@ -151,7 +161,6 @@ class _Recorder(TorchFunctionMode):
             if not leaf:
                 return
             tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-            self.alive.extend(tensors)
             call = ModuleCall(len(self.flow.calls), name, module,
                               tuple(self.key(t) for t in tensors),
                               tuple(tensors[0].shape) if tensors else None)
@@ -166,7 +175,6 @@ class _Recorder(TorchFunctionMode):
                 return
             call = self.leaves.pop()
             if isinstance(output, torch.Tensor):
-                self.alive.append(output)
                 call.out_key, call.out_ndim = self.key(output), output.dim()
         return hook
 
@@ -199,7 +207,7 @@ class Recording:
             h.remove()
         self._handles.clear()
         self._rec.use(tree_leaves(output), ("output",))  # returned tensors escape: a use
-        self._rec.alive.clear()
+        self._rec.uids.clear()
         return self.flow
 
 

@@ -9,7 +9,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from cpuboost.errors import UnsupportedRequestError
 from cpuboost.nn import FusedConv, FusedConvTranspose, FusedLinear, set_backend
 from cpuboost.nn.fused import _Fused
 from cpuboost.passes._context import PassContext, names_of, replace_module
@@ -93,17 +92,21 @@ def module_parents(model: nn.Module) -> dict:
     return out
 
 
+def onednn_runs(dtype: torch.dtype, hw) -> bool:
+    """Whether torch's oneDNN kernels can run ``dtype`` on this CPU and build."""
+    if not hw.mkldnn:
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return True
+
+
 def _backend(ctx: PassContext) -> str:
-    cfg, hw = ctx.config, ctx.hw
-    onednn_ok = hw.mkldnn and (cfg.compute_dtype != torch.bfloat16
-                               or torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    if cfg.compute_dtype == torch.float16:
-        onednn_ok = onednn_ok and torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    if cfg.weights_prepack and not onednn_ok:
-        if "weights_prepack" in cfg.explicit:
-            raise UnsupportedRequestError(
-                f"weights_prepack=True was asked for, but this torch build's oneDNN cannot run "
-                f"{cfg.compute_dtype} here; pass weights_prepack=None to let cpuboost skip it.")
+    cfg = ctx.config
+    onednn_ok = onednn_runs(cfg.compute_dtype, ctx.hw)
+    if cfg.weights_prepack and not onednn_ok:  # an explicit request was refused up front
         ctx.record.notes.append(f"oneDNN cannot run {cfg.compute_dtype} here: weights are held "
                                 "in that dtype but computed by aten kernels")
     return "onednn" if cfg.weights_prepack and onednn_ok else "aten"

@@ -92,3 +92,19 @@ def test_packed_module_refuses_to_move():
     opt = cpuboost.optimize(model, sample_input=case.inputs(2))
     with pytest.raises(RuntimeError, match="cannot be moved or cast"):
         opt.to(torch.float64)
+
+
+def test_explicit_prepack_oneDNN_cannot_run_raises_before_touching(monkeypatch):
+    import dataclasses
+    from cpuboost.errors import UnsupportedRequestError
+    fake = dataclasses.replace(detect(), mkldnn=False)
+    monkeypatch.setattr("cpuboost.api.detect", lambda: fake)
+    case, model = toy("conv_bn")
+    snap = _snapshot(model)
+    with pytest.raises(UnsupportedRequestError, match="weights_prepack=True was asked for"):
+        cpuboost.optimize(model, weights_prepack=True, inplace=True, sample_input=case.inputs(2))
+    assert _unchanged(model, snap)
+    # left to its default, the same situation is skipped and reported, and stays correct
+    opt = cpuboost.optimize(model, sample_input=case.inputs(2))
+    notes = cpuboost.report_of(opt).pass_named("prepack").notes
+    assert any("oneDNN cannot run" in n for n in notes) and cpuboost.report_of(opt).numerics.passed
