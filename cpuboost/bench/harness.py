@@ -68,16 +68,20 @@ def _variant(name: str, model, inputs) -> Callable[[], object]:
     raise ValueError(f"unknown variant {name!r}; known: {VARIANTS}")
 
 
-def _progress(case: str, text: str) -> None:
-    print(f"\r[{case}] {text:<60}", end="", file=sys.stderr, flush=True)
+def _progress(case: str, done: int, total: int, text: str) -> None:
+    filled = int(24 * done / max(total, 1))
+    bar = "#" * filled + "." * (24 - filled)
+    print(f"\r[{case}] [{bar}] {done}/{total} {text:<28}", end="", file=sys.stderr, flush=True)
 
 
 def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> dict:
     model, inputs = case.build()
     fns, setup_s, rss, outputs = {}, {}, {}, {}
+    total, done = len(variants) * (rounds + 1), 0
     with torch.no_grad():
         for name in variants:
-            _progress(case.name, f"setting up {name}")
+            _progress(case.name, done, total, f"set-up {name}")
+            done += 1
             t0 = time.perf_counter()
             with PeakRss() as mem:
                 fn = _variant(name, model, inputs)
@@ -93,11 +97,13 @@ def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> 
         times = {name: [] for name in fns}
         for r in range(rounds):
             for name, fn in fns.items():
-                _progress(case.name, f"round {r + 1}/{rounds} {name}")
+                _progress(case.name, done, total, f"round {r + 1} {name}")
+                done += 1
                 t0 = time.perf_counter()
                 for _ in range(iters[name]):
                     fn()
                 times[name].append((time.perf_counter() - t0) / iters[name] * 1e3)
+    _progress(case.name, done, total, "done")
     print(file=sys.stderr)
     base = statistics.median(times["eager_fp32"]) if "eager_fp32" in times else None
     rows = []
