@@ -196,6 +196,13 @@ class _Fused(nn.Module):
                 "the original model with the dtype you want instead.")
         return super()._apply(fn, recurse)
 
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError(
+                f"{type(self).__name__} holds a weight packed for inference (no gradients); "
+                "train the original model and run cpuboost.optimize on it again afterwards.")
+        return super().train(False)
+
     def extra_repr(self) -> str:
         parts = [f"backend={self.backend}", f"dtype={self.compute_dtype}"]
         if self.fold_scale is not None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import nn
 
 from cpuboost.config import OptimizeConfig
@@ -61,7 +60,3 @@ def weight_bytes(model: nn.Module) -> int:
         if hasattr(m, "weight_bytes") and callable(m.weight_bytes):
             total += m.weight_bytes()
     return total
-
-
-def is_float_tensor(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.is_floating_point()

@@ -108,3 +108,11 @@ def test_explicit_prepack_oneDNN_cannot_run_raises_before_touching(monkeypatch):
     opt = cpuboost.optimize(model, sample_input=case.inputs(2))
     notes = cpuboost.report_of(opt).pass_named("prepack").notes
     assert any("oneDNN cannot run" in n for n in notes) and cpuboost.report_of(opt).numerics.passed
+
+
+def test_training_an_optimized_model_is_refused():
+    case, model = toy("hooked")
+    opt = cpuboost.optimize(model, sample_input=case.inputs(2))
+    with pytest.raises(RuntimeError, match="packed for inference"):
+        opt.train()
+    opt.eval()  # still fine
