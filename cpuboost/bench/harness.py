@@ -14,7 +14,9 @@ import torch
 import cpuboost
 from cpuboost.verify import compare
 
-VARIANTS = ("eager_fp32", "cpuboost_fp32", "eager_bf16", "cpuboost_bf16", "compile_fp32")
+VARIANTS = ("eager_fp32", "cpuboost_fp32", "eager_bf16", "cpuboost_bf16", "compile_fp32",
+            "cpuboost_compile_fp32", "cpuboost_compile_bf16")
+COMPILED = ("compile_fp32", "cpuboost_compile_fp32", "cpuboost_compile_bf16")
 
 
 def call(model, inputs):
@@ -63,6 +65,20 @@ def _variant(name: str, model, inputs) -> Callable[[], object]:
 
         def run():
             with torch._inductor.config.patch(freezing=True):
+                return call(compiled, inputs)
+        return run
+    if name in ("cpuboost_compile_fp32", "cpuboost_compile_bf16"):
+        from cpuboost.compile import scope
+        compiled = torch.compile(model, backend="cpuboost")
+        autocast = name.endswith("bf16")
+        first = [True]
+
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                if first[0]:  # the tracing call runs in scope(), so freezing applies
+                    first[0] = False
+                    with scope():
+                        return call(compiled, inputs)
                 return call(compiled, inputs)
         return run
     raise ValueError(f"unknown variant {name!r}; known: {VARIANTS}")

@@ -23,7 +23,8 @@ def add_parser(sub) -> None:
                                    "(model, inputs)")
     p.add_argument("--variants", help="comma-separated subset of the variants")
     p.add_argument("--rounds", type=int, help="timing rounds per variant (median is reported)")
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the compiled variants (stock Inductor and the cpuboost backend)")
     p.add_argument("--plot", metavar="OUT.png", help="draw the speedups to this file")
     p.add_argument("--out", help="results directory (default benchmarks/results)")
     p.set_defaults(func=run)
@@ -66,13 +67,13 @@ def _spawn(case: str, variants, rounds: int, memory=False) -> dict:
 def _print_table(results: list[dict], memory: list[dict]) -> None:
     print("\nspeedup: vs stock eager fp32 in the same process (median of rounds); peak RSS: "
           "process peak while the variant was set up; +setup: what its set-up added")
-    print(f"\n{'case':<22} {'variant':<15} {'median ms':>10} {'speedup':>8} {'setup s':>8} "
+    print(f"\n{'case':<22} {'variant':<22} {'median ms':>10} {'speedup':>8} {'setup s':>8} "
           f"{'peak RSS':>9} {'+setup':>7} {'max rel diff':>13}")
     for res in results:
         if res.get("error"):
             print(f"{res['case']:<22} ERROR: {res['error']}")
         for r in res["rows"]:
-            print(f"{r['case']:<22} {r['variant']:<15} {r['median_ms']:>10.2f} "
+            print(f"{r['case']:<22} {r['variant']:<22} {r['median_ms']:>10.2f} "
                   f"{r['speedup']:>7.2f}x {r['setup_s']:>8.1f} {r['peak_rss_mb']:>8.0f}M "
                   f"{r['setup_added_mb']:>+6.0f}M {r['max_rel_diff']:>13.2e}")
     for m in memory:
@@ -106,7 +107,7 @@ def _plot(results: list[dict], path: str) -> None:
 
 
 def run(args) -> int:
-    from cpuboost.bench.harness import VARIANTS
+    from cpuboost.bench.harness import COMPILED, VARIANTS
     from cpuboost.bench.zoo import CASES
     if args.model:
         cases = [args.model]
@@ -116,7 +117,7 @@ def run(args) -> int:
         cases = [n for n, c in CASES.items() if c.quick or not args.quick]
     variants = args.variants.split(",") if args.variants else list(VARIANTS)
     if args.quick or args.no_compile:
-        variants = [v for v in variants if v != "compile_fp32"]
+        variants = [v for v in variants if v not in COMPILED]
     rounds = args.rounds or (3 if args.quick else 7)
     results, memory = [], []
     for i, case in enumerate(cases):

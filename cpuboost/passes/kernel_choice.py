@@ -45,3 +45,21 @@ def linear_backend(in_shape: tuple[int, ...], out_features: int, dtype: torch.dt
             t_aten = _best_of(lambda: F.linear(x, w, b), reps)
         _CACHE[key] = ("aten" if t_aten < _MARGIN * t_dnn else "onednn", t_dnn, t_aten)
     return _CACHE[key]
+
+
+def mkl_or_onednn(m: int, k: int, n: int, dtype: torch.dtype, bias: bool) -> tuple[str, float, float]:
+    """("onednn" | "mkl", onednn seconds, mkl seconds) for Inductor's packed fp32 linear."""
+    key = ("mkl", m, k, n, dtype, bias, torch.get_num_threads())
+    if key not in _CACHE:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        w = torch.randn(n, k, generator=gen).to(dtype)
+        b = torch.randn(n, generator=gen).to(dtype) if bias else None
+        dnn_w = torch.ops.mkldnn._reorder_linear_weight(w, m)
+        mkl_w = torch.ops.mkl._mkl_reorder_linear_weight(w, m)
+        reps = max(1, min(50, int(2e7 / max(2 * m * k * n, 1))))
+        with torch.no_grad():
+            t_dnn = _best_of(lambda: torch.ops.mkldnn._linear_pointwise(x, dnn_w, b, "none", [], ""), reps)
+            t_mkl = _best_of(lambda: torch.ops.mkl._mkl_linear(x, mkl_w, w, b, m), reps)
+        _CACHE[key] = ("onednn" if t_dnn < t_mkl else "mkl", t_dnn, t_mkl)
+    return _CACHE[key]

@@ -1,0 +1,78 @@
+"""torch.compile(backend="cpuboost"): found without import, scoped settings, chained passes."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from cpuboost.compile import backend as backend_mod
+from cpuboost.testing import TOY_MODELS, build_eval
+from tests.conftest import rel_err
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 32)).eval()
+
+
+def test_found_through_entry_point_without_import():
+    code = ("import torch, sys\n"
+            "assert 'cpuboost' not in sys.modules\n"
+            "m = torch.nn.Linear(8, 4).eval(); x = torch.randn(3, 8)\n"
+            "with torch.no_grad(): out = torch.compile(m, backend='cpuboost')(x)\n"
+            "assert torch.allclose(out, m(x), rtol=1e-4, atol=1e-5)\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.stdout.strip().endswith("ok"), out.stderr[-2000:]
+
+
+class _Spy(CustomGraphPass):
+    """Stands for another library's custom pass."""
+    calls = 0
+
+    def __call__(self, graph):
+        _Spy.calls += 1
+
+    def uuid(self):
+        return "test-spy"
+
+
+def test_settings_restored_and_other_passes_kept(monkeypatch):
+    import torch._inductor.config as cfg
+    made = []
+
+    class Recording(backend_mod.OneDnnLinear):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(backend_mod, "OneDnnLinear", Recording)
+    torch._dynamo.reset()
+    model, x = _mlp(), torch.randn(16, 64)
+    spy = _Spy()
+    with cfg.patch(post_grad_custom_pre_pass=spy, fx_graph_cache=False):  # make passes run
+        before = (cfg.freezing, cfg.post_grad_custom_pre_pass)
+        compiled = torch.compile(model, backend="cpuboost")
+        with torch.no_grad(), backend_mod.scope():
+            out = compiled(x)
+        assert (cfg.freezing, cfg.post_grad_custom_pre_pass) == before
+        with torch.no_grad():
+            assert torch.equal(compiled(x), out)  # later calls: no scope, no recompilation
+    assert _Spy.calls >= 1  # the other library's pass still ran
+    decisions = [d for p in made for d in p.decisions]
+    assert [shape for shape, _ in decisions] == [(16, 64, 128), (16, 128, 32)]
+    assert sum(p.replaced for p in made) == sum(k == "onednn" for _, k in decisions)
+    assert rel_err(model(x), out) <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["conv_bn", "residual", "mlp_bn"])
+def test_toy_models_match_eager(name):
+    case = TOY_MODELS[name]
+    model = build_eval(case)
+    x = case.inputs(2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend="cpuboost")(*x)
+        assert rel_err(model(*x), out) <= 1e-4
