@@ -40,7 +40,8 @@ class OneDnnLinear(CustomGraphPass):
             name = f"_cpuboost_onednn_w{self.replaced}"
             while hasattr(gm, name):
                 name += "_"
-            setattr(gm, name, torch.ops.mkldnn._reorder_linear_weight(weight, batch))
+            gm.register_buffer(name, torch.ops.mkldnn._reorder_linear_weight(weight, batch),
+                               persistent=False)
             with graph.inserting_before(node):
                 packed = graph.get_attr(name)
                 packed.meta["val"] = orig_w.meta.get("val")
