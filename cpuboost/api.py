@@ -29,16 +29,32 @@ class Step(NamedTuple):
     #                   else at the first call)
 
 
+def _graph_mode(model: nn.Module, ctx: PassContext) -> nn.Module:
+    from cpuboost.compile.graph_mode import graph_mode  # torch._inductor only when asked for
+    return graph_mode(model, ctx)
+
+
+def _eager(c: OptimizeConfig) -> bool:
+    # Compiled graphs get folding, packing and fusion from Inductor's freezing instead: it
+    # cannot lower a weight our eager passes packed (measured: LoweringException).
+    return not c.graph_mode
+
+
 PLAN = (
     Step("remove_dropout", remove_dropout, lambda c: c.replace_dropout_with_identity, False),
-    Step("fold_bn", fold_bn, lambda c: c.conv_bn_folding or c.linear_bn_folding, True),
+    Step("fold_bn", fold_bn,
+         lambda c: _eager(c) and (c.conv_bn_folding or c.linear_bn_folding), True),
     Step("transformer_layers", transformer_layers,
-         lambda c: c.weights_prepack or c.low_precision, True),
-    Step("prepack", prepack, lambda c: c.weights_prepack or c.low_precision, True),
-    Step("fuse_add", fuse_add, lambda c: c.fuse_pointwise and c.weights_prepack, True),
-    Step("fuse_pointwise", fuse_pointwise, lambda c: c.fuse_pointwise and c.weights_prepack, True),
-    Step("embedding_dtype", embedding_dtype, lambda c: c.low_precision, False),
-    Step("autocast_scope", autocast_scope, lambda c: c.low_precision, True),
+         lambda c: _eager(c) and (c.weights_prepack or c.low_precision), True),
+    Step("prepack", prepack, lambda c: _eager(c) and (c.weights_prepack or c.low_precision), True),
+    Step("fuse_add", fuse_add,
+         lambda c: _eager(c) and c.fuse_pointwise and c.weights_prepack, True),
+    Step("fuse_pointwise", fuse_pointwise,
+         lambda c: _eager(c) and c.fuse_pointwise and c.weights_prepack, True),
+    Step("embedding_dtype", embedding_dtype, lambda c: _eager(c) and c.low_precision, False),
+    Step("autocast_scope", autocast_scope, lambda c: _eager(c) and c.low_precision, True),
+    # needs_flow=False: it runs now; the first call (the sample's, if given) compiles
+    Step("graph_mode", _graph_mode, lambda c: c.graph_mode, False),
 )
 
 
@@ -46,7 +62,8 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
              inplace: bool = False, conv_bn_folding: Optional[bool] = None,
              linear_bn_folding: Optional[bool] = None, weights_prepack: Optional[bool] = None,
              replace_dropout_with_identity: Optional[bool] = None, sample_input=None,
-             config: Optional[OptimizeConfig] = None) -> nn.Module:
+             config: Optional[OptimizeConfig] = None,
+             graph_mode: Optional[bool] = None) -> nn.Module:
     """Return a faster inference version of ``model`` (a copy unless ``inplace=True``).
 
     Arguments mean what they mean in ``ipex.optimize``; see docs/ipex_mapping.md. With
@@ -57,7 +74,7 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     flags = dict(conv_bn_folding=conv_bn_folding, linear_bn_folding=linear_bn_folding,
                  weights_prepack=weights_prepack,
                  replace_dropout_with_identity=replace_dropout_with_identity)
-    cfg = _resolve_config(config, dtype, level, inplace, flags)
+    cfg = _resolve_config(config, dtype, level, inplace, flags, graph_mode)
     check_model(model)
     hw = detect()
     check_dtype(cfg, hw)
@@ -83,12 +100,14 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     return work
 
 
-def _resolve_config(config, dtype, level, inplace, flags) -> OptimizeConfig:
+def _resolve_config(config, dtype, level, inplace, flags, graph_mode) -> OptimizeConfig:
     if config is None:
-        return OptimizeConfig.from_ipex(dtype=dtype, level=level, inplace=inplace, **flags)
+        return OptimizeConfig.from_ipex(dtype=dtype, level=level, inplace=inplace,
+                                        graph_mode=graph_mode, **flags)
     if not isinstance(config, OptimizeConfig):
         raise ConfigError(f"config must be a cpuboost.OptimizeConfig, got {type(config).__name__}.")
-    given = [k for k, v in flags.items() if v is not None] + (["dtype"] if dtype is not None else [])
+    given = [k for k, v in dict(flags, graph_mode=graph_mode).items() if v is not None] + (
+        ["dtype"] if dtype is not None else [])
     if given or level != "O1":
         raise ConfigError(f"pass either config= or keyword options, not both (also got {given or ['level']}); "
                           "put them in the config: OptimizeConfig(..., dtype=...).")

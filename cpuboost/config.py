@@ -31,6 +31,7 @@ class OptimizeConfig:
     weights_prepack: bool = True
     replace_dropout_with_identity: bool = True
     fuse_pointwise: bool = True
+    graph_mode: bool = False  # compile forward with the cpuboost backend (IPEX's name)
     channels_last: bool = True
     # Time oneDNN vs aten per Linear shape and keep the faster. Off by default: on the bench
     # suite here it changed <1% (only tiny GEMMs differ) and it costs fusion where aten wins.
@@ -48,7 +49,8 @@ class OptimizeConfig:
             raise UnsupportedDtypeError(
                 f"dtype={self.dtype} is not supported; use None or torch.float32 (fp32), "
                 "torch.bfloat16, or torch.float16.")
-        for name in _PASS_FLAGS + ("inplace", "channels_last", "verify", "measure_kernels"):
+        for name in _PASS_FLAGS + ("inplace", "channels_last", "verify", "measure_kernels",
+                                   "graph_mode"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
         if not (0 < self.rtol_fp32 < 1 and 0 < self.rtol_low_precision < 1):
@@ -66,7 +68,8 @@ class OptimizeConfig:
         return self.compute_dtype in (torch.bfloat16, torch.float16)
 
     @classmethod
-    def from_ipex(cls, dtype=None, level="O1", inplace=False, **flags) -> "OptimizeConfig":
+    def from_ipex(cls, dtype=None, level="O1", inplace=False, graph_mode=None,
+                  **flags) -> "OptimizeConfig":
         """Translate ``ipex.optimize``-style arguments. A flag left as None takes the level's
         default: on for O1, off for O0 (as in IPEX)."""
         unknown = set(flags) - set(_PASS_FLAGS)
@@ -80,8 +83,10 @@ class OptimizeConfig:
         explicit = {name for name in _PASS_FLAGS if flags.get(name) is not None}
         if dtype is not None:
             explicit.add("dtype")
-        return cls(dtype=dtype, level=level, inplace=inplace, explicit=frozenset(explicit),
-                   **values)
+        if graph_mode is not None:
+            explicit.add("graph_mode")
+        return cls(dtype=dtype, level=level, inplace=inplace, graph_mode=bool(graph_mode),
+                   explicit=frozenset(explicit), **values)
 
     def with_(self, **changes) -> "OptimizeConfig":
         return replace(self, **changes)

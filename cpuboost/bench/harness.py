@@ -68,19 +68,9 @@ def _variant(name: str, model, inputs) -> Callable[[], object]:
                 return call(compiled, inputs)
         return run
     if name in ("cpuboost_compile_fp32", "cpuboost_compile_bf16"):
-        from cpuboost.compile import scope
-        compiled = torch.compile(model, backend="cpuboost")
-        autocast = name.endswith("bf16")
-        first = [True]
-
-        def run():
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                if first[0]:  # the tracing call runs in scope(), so freezing applies
-                    first[0] = False
-                    with scope():
-                        return call(compiled, inputs)
-                return call(compiled, inputs)
-        return run
+        dtype = torch.bfloat16 if name.endswith("bf16") else None
+        opt = cpuboost.optimize(model, dtype=dtype, graph_mode=True, sample_input=inputs)
+        return lambda: call(opt, inputs)
     raise ValueError(f"unknown variant {name!r}; known: {VARIANTS}")
 
 

@@ -1,0 +1,66 @@
+"""``optimize(..., graph_mode=True)``: the model's ``forward`` compiled by the cpuboost backend.
+
+The compiled forward is installed as an instance attribute, so ``model(...)``, custom methods
+calling ``self.forward(...)`` and the model's own hooks all go through it. Every call runs inside
+the backend's scope, so a recompilation (a new input shape) is traced with freezing too; for
+bf16 every call runs under CPU autocast, which freezing turns into bf16 weight constants.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from cpuboost.compile.backend import cpuboost_backend, inductor_scope
+from cpuboost.compile.graph_passes import OneDnnLinear
+
+
+class CompiledForward:
+    def __init__(self, model: nn.Module, dtype: torch.dtype, record=None):
+        self.model, self.dtype, self.record = model, dtype, record
+        self._setup()
+
+    def _setup(self):
+        self.linear_pass = OneDnnLinear()
+        self.compiled = torch.compile(type(self.model).forward.__get__(self.model),
+                                      backend=cpuboost_backend)
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        low = self.dtype != torch.float32
+        first = self.calls == 0
+        self.calls += 1
+        counters = torch._dynamo.utils.counters
+        breaks_before = dict(counters["graph_break"]) if first else None
+        t0 = time.perf_counter()
+        with inductor_scope(self.linear_pass), torch.autocast("cpu", dtype=self.dtype, enabled=low):
+            out = self.compiled(*args, **kwargs)
+        if first and self.record is not None:
+            self._report(time.perf_counter() - t0, breaks_before, counters)
+        return out
+
+    def _report(self, seconds, breaks_before, counters):
+        breaks = {r: n - breaks_before.get(r, 0) for r, n in counters["graph_break"].items()
+                  if n - breaks_before.get(r, 0) > 0}
+        self.record.apply(f"forward compiled with backend 'cpuboost' in {seconds:.1f}s "
+                          f"(first call), {len(breaks)} graph break reason(s), "
+                          f"{self.linear_pass.replaced} Linear(s) on oneDNN")
+        for reason, n in breaks.items():
+            self.record.skip("forward", f"graph break x{n}: {reason[:200]}")
+        self.record.seconds += seconds
+
+    # A copy or an unpickled model compiles afresh on its first call.
+    def __getstate__(self):
+        return {"model": self.model, "dtype": self.dtype, "record": self.record}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._setup()
+
+
+def graph_mode(model: nn.Module, ctx) -> nn.Module:
+    model.__dict__["forward"] = CompiledForward(model, ctx.config.compute_dtype, ctx.record)
+    ctx.record.notes.append("compiles on the first call of forward (with sample_input: now); "
+                            "new input shapes recompile (Dynamo marks changing dims dynamic)")
+    return model
