@@ -12,6 +12,7 @@ import psutil
 import torch
 
 import cpuboost
+from cpuboost.bench.zoo import Cycle
 from cpuboost.verify import compare
 
 VARIANTS = ("eager_fp32", "cpuboost_fp32", "eager_bf16", "cpuboost_bf16", "compile_fp32",
@@ -20,6 +21,8 @@ COMPILED = ("compile_fp32", "cpuboost_compile_fp32", "cpuboost_compile_bf16")
 
 
 def call(model, inputs):
+    if isinstance(inputs, Cycle):
+        inputs = inputs.take()
     return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
 
 
@@ -49,6 +52,10 @@ class PeakRss:
 
 
 def _variant(name: str, model, inputs) -> Callable[[], object]:
+    if isinstance(inputs, Cycle):  # each variant walks the same sequence of requests
+        sample, inputs = inputs.first(), inputs.fresh()
+    else:
+        sample = inputs
     if name == "eager_fp32":
         return lambda: call(model, inputs)
     if name == "eager_bf16":
@@ -58,7 +65,7 @@ def _variant(name: str, model, inputs) -> Callable[[], object]:
         return run
     if name in ("cpuboost_fp32", "cpuboost_bf16"):
         dtype = torch.bfloat16 if name.endswith("bf16") else None
-        opt = cpuboost.optimize(model, dtype=dtype, sample_input=inputs)
+        opt = cpuboost.optimize(model, dtype=dtype, sample_input=sample)
         return lambda: call(opt, inputs)
     if name == "compile_fp32":
         compiled = torch.compile(model)
@@ -69,9 +76,15 @@ def _variant(name: str, model, inputs) -> Callable[[], object]:
         return run
     if name in ("cpuboost_compile_fp32", "cpuboost_compile_bf16"):
         dtype = torch.bfloat16 if name.endswith("bf16") else None
-        opt = cpuboost.optimize(model, dtype=dtype, graph_mode=True, sample_input=inputs)
+        opt = cpuboost.optimize(model, dtype=dtype, graph_mode=True, sample_input=sample)
         return lambda: call(opt, inputs)
     raise ValueError(f"unknown variant {name!r}; known: {VARIANTS}")
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled so far in this process (0 if it never ran)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")
+    return int(dynamo.counters["stats"]["unique_graphs"]) if dynamo else 0
 
 
 def _progress(case: str, done: int, total: int, text: str) -> None:
@@ -82,17 +95,20 @@ def _progress(case: str, done: int, total: int, text: str) -> None:
 
 def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> dict:
     model, inputs = case.build()
-    fns, setup_s, rss, outputs = {}, {}, {}, {}
+    fns, setup_s, rss, outputs, compiles = {}, {}, {}, {}, {}
     total, done = len(variants) * (rounds + 1), 0
     with torch.no_grad():
         for name in variants:
             _progress(case.name, done, total, f"set-up {name}")
             done += 1
             t0 = time.perf_counter()
+            graphs_before = _compiled_graphs()
             with PeakRss() as mem:
                 fn = _variant(name, model, inputs)
                 outputs[name] = fn()  # first call: includes compilation / deferred work
-                fn()
+                for _ in range(len(inputs.items) if isinstance(inputs, Cycle) else 1):
+                    fn()  # see every request shape once before timing (compiles happen here)
+            compiles[name] = _compiled_graphs() - graphs_before
             setup_s[name] = time.perf_counter() - t0
             fns[name], rss[name] = fn, (mem.peak, mem.peak - mem.start)
         iters = {}
@@ -120,6 +136,7 @@ def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> 
                      "speedup": base / med if base else None, "setup_s": setup_s[name],
                      "peak_rss_mb": rss[name][0], "setup_added_mb": rss[name][1],
                      "max_rel_diff": diff.max_rel if diff else None,
+                     "graphs_compiled": compiles[name],
                      "times_ms": times[name]})
     return {"case": case.name, "rows": rows, "threads": torch.get_num_threads()}
 

@@ -9,6 +9,25 @@ import torch
 from torch import nn
 
 
+class Cycle:
+    """Inputs that change every call (one call = one request), e.g. varying sequence lengths."""
+
+    def __init__(self, items: list):
+        self.items, self._next = items, 0
+
+    def first(self):
+        return self.items[0]
+
+    def take(self):
+        item = self.items[self._next % len(self.items)]
+        self._next += 1
+        return item
+
+    def fresh(self) -> "Cycle":
+        """An independent cursor over the same items, so each variant sees the same order."""
+        return Cycle(self.items)
+
+
 @dataclass(frozen=True)
 class BenchCase:
     name: str
@@ -59,12 +78,23 @@ def _dlrm(batch: int, bag: int = 4):
     return model, {"dense": torch.randn(batch, 13), "indices": indices, "offsets": offsets}
 
 
+def _bert_dynamic(lengths=(17, 45, 64, 99, 128)):
+    model, _ = _bert(1)
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for n in lengths:
+        ids = torch.randint(1000, 30000, (1, n), generator=gen)
+        items.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return model, Cycle(items)
+
+
 CASES = {c.name: c for c in [
     BenchCase("resnet50_bs1", lambda: _resnet50(1)),
     BenchCase("resnet50_bs16", lambda: _resnet50(16), quick=False),
     BenchCase("bert_base_bs1_s128", lambda: _bert(1)),
     BenchCase("bert_base_bs8_s128", lambda: _bert(8), quick=False),
     BenchCase("dlrm_bs256", lambda: _dlrm(256)),
+    BenchCase("bert_base_dynamic_lengths", _bert_dynamic, quick=False),
 ]}
 
 

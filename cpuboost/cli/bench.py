@@ -66,16 +66,18 @@ def _spawn(case: str, variants, rounds: int, memory=False) -> dict:
 
 def _print_table(results: list[dict], memory: list[dict]) -> None:
     print("\nspeedup: vs stock eager fp32 in the same process (median of rounds); peak RSS: "
-          "process peak while the variant was set up; +setup: what its set-up added")
-    print(f"\n{'case':<22} {'variant':<22} {'median ms':>10} {'speedup':>8} {'setup s':>8} "
-          f"{'peak RSS':>9} {'+setup':>7} {'max rel diff':>13}")
+          "process peak while the variant was set up; +setup: what its set-up added; graphs: "
+          "graphs torch.compile built for it (dynamic-length case: over all request lengths)")
+    print(f"\n{'case':<26} {'variant':<22} {'median ms':>10} {'speedup':>8} {'setup s':>8} "
+          f"{'peak RSS':>9} {'+setup':>7} {'max rel diff':>13} {'graphs':>6}")
     for res in results:
         if res.get("error"):
-            print(f"{res['case']:<22} ERROR: {res['error']}")
+            print(f"{res['case']:<26} ERROR: {res['error']}")
         for r in res["rows"]:
-            print(f"{r['case']:<22} {r['variant']:<22} {r['median_ms']:>10.2f} "
+            print(f"{r['case']:<26} {r['variant']:<22} {r['median_ms']:>10.2f} "
                   f"{r['speedup']:>7.2f}x {r['setup_s']:>8.1f} {r['peak_rss_mb']:>8.0f}M "
-                  f"{r['setup_added_mb']:>+6.0f}M {r['max_rel_diff']:>13.2e}")
+                  f"{r['setup_added_mb']:>+6.0f}M {r['max_rel_diff']:>13.2e} "
+                  f"{r.get('graphs_compiled', 0):>6}")
     for m in memory:
         if "ratio" in m:
             print(f"memory {m['case']}: eager {m['rss_eager_mb']:.0f} MiB, after "

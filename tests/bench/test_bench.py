@@ -48,3 +48,29 @@ def test_dlrm_shapes():
     idx = torch.randint(0, 100, (2, 12))
     off = torch.arange(0, 12, 3).repeat(2, 1)
     assert model(torch.randn(4, 13), idx, off).shape == (4, 1)
+
+
+def test_cycling_inputs_one_request_per_call():
+    from cpuboost.bench.zoo import BenchCase, Cycle
+
+    seen = []
+
+    class LengthAgnostic(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            seen.append(x.shape[1])
+            return self.fc(x).mean(1)
+
+    def build():
+        torch.manual_seed(0)
+        return LengthAgnostic().eval(), Cycle([(torch.randn(1, n, 8),) for n in (3, 5, 7)])
+
+    result = run_case(BenchCase("cycle", build), ("eager_fp32", "cpuboost_fp32"), rounds=1,
+                      round_s=0.01)
+    assert {3, 5, 7} <= set(seen)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["cpuboost_fp32"]["max_rel_diff"] <= 1e-4  # both compared on the same request
+    assert rows["eager_fp32"]["graphs_compiled"] == 0
