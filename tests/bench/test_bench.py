@@ -74,3 +74,21 @@ def test_cycling_inputs_one_request_per_call():
     rows = {r["variant"]: r for r in result["rows"]}
     assert rows["cpuboost_fp32"]["max_rel_diff"] <= 1e-4  # both compared on the same request
     assert rows["eager_fp32"]["graphs_compiled"] == 0
+
+
+def test_compiled_variants_get_their_own_process(monkeypatch, tmp_path):
+    from cpuboost.cli import bench as cli_bench
+    from cpuboost.cli.main import main
+    spawned = []
+
+    def fake_spawn(case, variants, rounds, memory=False):
+        spawned.append(list(variants))
+        rows = [{"case": case, "variant": v, "median_ms": 1.0, "speedup": 1.0, "setup_s": 0.0,
+                 "peak_rss_mb": 1.0, "setup_added_mb": 0.0, "max_rel_diff": 0.0} for v in variants]
+        return {"case": case, "rows": rows}
+
+    monkeypatch.setattr(cli_bench, "_spawn", fake_spawn)
+    assert main(["bench", "--cases", "dlrm_bs256", "--rounds", "1", "--out", str(tmp_path),
+                 "--variants", "cpuboost_fp32,compile_fp32,cpuboost_compile_bf16"]) == 0
+    assert spawned == [["eager_fp32", "cpuboost_fp32"],
+                       ["eager_fp32", "compile_fp32", "cpuboost_compile_bf16"]]
