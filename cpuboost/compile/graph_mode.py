@@ -30,12 +30,12 @@ class CompiledForward:
     def __call__(self, *args, **kwargs):
         low = self.dtype != torch.float32
         first = self.calls == 0
-        self.calls += 1
         counters = torch._dynamo.utils.counters
         breaks_before = dict(counters["graph_break"]) if first else None
         t0 = time.perf_counter()
         with inductor_scope(self.linear_pass), torch.autocast("cpu", dtype=self.dtype, enabled=low):
             out = self.compiled(*args, **kwargs)
+        self.calls += 1  # counted once it succeeded: a failed first call reports next time
         if first and self.record is not None:
             self._report(time.perf_counter() - t0, breaks_before, counters)
         return out
