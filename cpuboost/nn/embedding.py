@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpuboost.nn._state import incoming
+
 
 class _HeldTable(nn.Module):
     def _init_table(self, src: nn.Module, dtype: torch.dtype):
@@ -34,18 +36,10 @@ class _HeldTable(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        key = prefix + "weight"
-        if key not in state_dict:
-            if strict:
-                missing_keys.append(key)
+        value = incoming(state_dict, prefix + "weight", self._w, strict, missing_keys, error_msgs)
+        if value is None:
             return
-        value = state_dict[key]
-        if tuple(value.shape) != tuple(self._w.shape):
-            error_msgs.append(f"size mismatch for {key}: copying a param with shape "
-                              f"{tuple(value.shape)}, the shape in current model is "
-                              f"{tuple(self._w.shape)}.")
-            return
-        self._w = value.detach().to(self.compute_dtype).contiguous()
+        self._w = value.to(self.compute_dtype).contiguous()
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, held in {self.compute_dtype}"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpuboost.nn._state import incoming
 from cpuboost.nn.postops import POST_OPS, PostOp
 
 _mkldnn = torch.ops.mkldnn
@@ -152,21 +153,12 @@ class _Fused(nn.Module):
         w_raw, b_raw = self.raw_weight_and_bias()
         new = {}
         for name, current in (("weight", w_raw), ("bias", b_raw)):
-            key = prefix + name
             if current is None:
                 continue
-            if key not in state_dict:
-                if strict:
-                    missing_keys.append(key)
-                new[name] = current
-                continue
-            value = state_dict[key]
-            if tuple(value.shape) != tuple(current.shape):
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape "
-                                  f"{tuple(value.shape)}, the shape in current model is "
-                                  f"{tuple(current.shape)}.")
-                return
-            new[name] = value.detach().to(self.orig_dtype)
+            value = incoming(state_dict, prefix + name, current, strict, missing_keys, error_msgs)
+            if value is None and (prefix + name) in state_dict:
+                return  # wrong shape: recorded in error_msgs, nothing changed
+            new[name] = current if value is None else value.to(self.orig_dtype)
         bn = self.__dict__.get("_folded_bn")
         if bn is not None:
             self._apply_fold(new["weight"], new.get("bias"), bn)

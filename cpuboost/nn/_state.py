@@ -1,0 +1,23 @@
+"""state_dict loading shared by the modules that hold weights in their own form."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def incoming(state_dict, key: str, current: torch.Tensor, strict: bool, missing_keys: list,
+             error_msgs: list) -> Optional[torch.Tensor]:
+    """The tensor to load for ``key``, or None (missing, or the wrong shape; both recorded the
+    way nn.Module's own loader records them, so load_state_dict reports them as usual)."""
+    if key not in state_dict:
+        if strict:
+            missing_keys.append(key)
+        return None
+    value = state_dict[key]
+    if tuple(value.shape) != tuple(current.shape):
+        error_msgs.append(f"size mismatch for {key}: copying a param with shape "
+                          f"{tuple(value.shape)}, the shape in current model is "
+                          f"{tuple(current.shape)}.")
+        return None
+    return value.detach()
