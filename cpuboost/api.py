@@ -17,7 +17,7 @@ from cpuboost.passes import (PassContext, autocast_scope, embedding_dtype, fold_
                              fuse_pointwise, prepack,
                              remove_dropout, transformer_layers, weight_bytes)
 from cpuboost.passes._dataflow import Dataflow, Recording, record
-from cpuboost.report import OptimizationReport, attach
+from cpuboost.report import NumericsCheck, OptimizationReport, attach
 from cpuboost.verify import compare
 
 
@@ -134,12 +134,22 @@ def _apply(model, steps, cfg, hw, report, call) -> nn.Module:
     return model
 
 
+def _checked(reference, steps, model, cfg, hw, report, call, rtol) -> tuple[nn.Module, NumericsCheck]:
+    """Apply ``steps`` and compare with the reference. A pass that makes the model raise (on an
+    input the original accepted) is a failed check like a wrong output, not the user's error."""
+    try:
+        model = _apply(model, steps, cfg, hw, report, call)
+        return model, compare(reference, run_sample(model, call), rtol)
+    except Exception as e:
+        report.warnings.append(f"optimized model raised {type(e).__name__}: {str(e)[:200]}")
+        return model, NumericsCheck(float("inf"), float("inf"), rtol, False, 0)
+
+
 def _apply_verified(work, source, steps, cfg, hw, report, call, reference) -> nn.Module:
     rtol = cfg.rtol_low_precision if cfg.low_precision else cfg.rtol_fp32
-    work = _apply(work, steps, cfg, hw, report, call)
     if not cfg.verify:
-        return work
-    report.numerics = compare(reference, run_sample(work, call), rtol)
+        return _apply(work, steps, cfg, hw, report, call)
+    work, report.numerics = _checked(reference, steps, work, cfg, hw, report, call, rtol)
     if report.numerics.passed:
         return work
     # Something broke numerics: redo from the original, adding passes one at a time and keeping
@@ -147,8 +157,9 @@ def _apply_verified(work, source, steps, cfg, hw, report, call, reference) -> nn
     failed, kept, dropped = report.numerics, [], {}
     for step in steps:
         scratch = OptimizationReport(report.dtype, report.level, report.hardware)
-        trial = _apply(copy.deepcopy(source), kept + [step], cfg, hw, scratch, call)
-        if compare(reference, run_sample(trial, call), rtol).passed:
+        _, check = _checked(reference, kept + [step], copy.deepcopy(source), cfg, hw, scratch,
+                            call, rtol)
+        if check.passed:
             kept.append(step)
         else:
             dropped[step.name] = report.pass_named(step.name)

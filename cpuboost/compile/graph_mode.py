@@ -63,4 +63,6 @@ def graph_mode(model: nn.Module, ctx) -> nn.Module:
     model.__dict__["forward"] = CompiledForward(model, ctx.config.compute_dtype, ctx.record)
     ctx.record.notes.append("compiles on the first call of forward (with sample_input: now); "
                             "new input shapes recompile (Dynamo marks changing dims dynamic)")
+    ctx.record.notes.append("the eager fold/pack/fuse passes are off in graph mode: Inductor's "
+                            "freezing folds BatchNorm, packs weights and fuses in the graph")
     return model

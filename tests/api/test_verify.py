@@ -55,3 +55,21 @@ def test_report_prints_every_pass():
     for name in ("remove_dropout", "fold_bn", "prepack", "fuse_pointwise", "numerics: ok",
                  "weights:", "stem.0 <- stem.1"):
         assert name in text
+
+
+def test_pass_that_makes_the_model_raise_is_dropped(monkeypatch):
+    """A pass bug that makes the optimized model fail is not blamed on the user's input."""
+    from cpuboost.nn import FusedLinear
+
+    def broken(self, x):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(FusedLinear, "forward", broken)
+    case, model = toy("hooked")
+    x = case.inputs(4)
+    ref = run(model, case, x)
+    opt = cpuboost.optimize(model, inplace=True, sample_input=x)
+    report = cpuboost.report_of(opt)
+    assert report.pass_named("prepack").dropped and report.numerics.passed
+    assert any("simulated kernel failure" in w for w in report.warnings)
+    assert rel_err(ref, run(opt, case, x)) <= FP32_RTOL
