@@ -36,8 +36,9 @@ def _chained(existing, ours) -> tuple:
 
 @contextlib.contextmanager
 def inductor_scope(linear_pass: OneDnnLinear):
-    """Inductor settings for CPU inference, restored on exit. Measured here (one process):
-    freezing (weights become constants, so oneDNN packs them once) ResNet-50 bs1 1.0x -> 1.5x."""
+    """Inductor settings for CPU inference, restored on exit. Freezing (weights become constants,
+    so oneDNN packs them once) measured on ResNet-50 bs1: 0.94x without, 1.51x with (each vs
+    eager in its own process). Entering and leaving costs ~26 us."""
     import torch._inductor.config as cfg
     with cfg.patch(freezing=True,
                    post_grad_custom_pre_pass=_chained(cfg.post_grad_custom_pre_pass, linear_pass)):
