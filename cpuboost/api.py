@@ -13,7 +13,7 @@ from cpuboost.checks import as_call, check_dtype, check_model, check_requests, r
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
-from cpuboost.passes import (PassContext, autocast_scope, embedding_dtype, fold_bn, fuse_add,
+from cpuboost.passes import (PassContext, autocast_scope, embedding_tables, fold_bn, fuse_add,
                              fuse_pointwise, prepack,
                              remove_dropout, transformer_layers, weight_bytes)
 from cpuboost.passes._dataflow import Dataflow, Recording, record
@@ -51,7 +51,8 @@ PLAN = (
          lambda c: _eager(c) and c.fuse_pointwise and c.weights_prepack, True),
     Step("fuse_pointwise", fuse_pointwise,
          lambda c: _eager(c) and c.fuse_pointwise and c.weights_prepack, True),
-    Step("embedding_dtype", embedding_dtype, lambda c: _eager(c) and c.low_precision, False),
+    Step("embedding_tables", embedding_tables,
+         lambda c: _eager(c) and (c.weights_prepack or c.low_precision), True),
     Step("autocast_scope", autocast_scope, lambda c: _eager(c) and c.low_precision, True),
     # needs_flow=False: it runs now; the first call (the sample's, if given) compiles
     Step("graph_mode", _graph_mode, lambda c: c.graph_mode, False),

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import cpuboost
-from cpuboost.nn.embedding import LowPrecisionEmbedding, LowPrecisionEmbeddingBag
+from cpuboost.nn.embedding import HeldEmbedding, HeldEmbeddingBag
 from tests.conftest import rel_err, run, toy
 
 
@@ -14,7 +14,7 @@ from tests.conftest import rel_err, run, toy
 def test_embedding_bag_held_in_bf16(mode, last_offset):
     torch.manual_seed(0)
     src = nn.EmbeddingBag(100, 16, mode=mode, include_last_offset=last_offset)
-    held = LowPrecisionEmbeddingBag(src)
+    held = HeldEmbeddingBag(src)
     ids = torch.randint(0, 100, (12,))
     offsets = torch.tensor([0, 2, 7, 12] if last_offset else [0, 2, 7])
     with torch.no_grad():
@@ -26,7 +26,7 @@ def test_embedding_bag_held_in_bf16(mode, last_offset):
 def test_per_sample_weights_and_state_dict():
     torch.manual_seed(0)
     src = nn.EmbeddingBag(30, 4, mode="sum")
-    held = LowPrecisionEmbeddingBag(src)
+    held = HeldEmbeddingBag(src)
     ids, w = torch.randint(0, 30, (5, 3)), torch.rand(5, 3)
     with torch.no_grad():
         assert rel_err(src(ids, per_sample_weights=w), held(ids, per_sample_weights=w)) <= 1e-2
@@ -40,7 +40,7 @@ def test_per_sample_weights_and_state_dict():
 
 def test_embedding_keeps_padding_row():
     src = nn.Embedding(10, 4, padding_idx=0)
-    held = LowPrecisionEmbedding(src)
+    held = HeldEmbedding(src)
     out = held(torch.tensor([[0, 3]]))
     assert out.dtype == torch.float32 and torch.equal(out[0, 0], torch.zeros(4))
 
@@ -49,14 +49,66 @@ def test_optimize_holds_tables_in_bf16_only_in_bf16_mode():
     case, model = toy("recommender")
     x = case.inputs(4)
     bf16 = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=x)
-    assert isinstance(bf16.bag, LowPrecisionEmbeddingBag) and isinstance(bf16.emb, LowPrecisionEmbedding)
+    assert isinstance(bf16.bag, HeldEmbeddingBag) and isinstance(bf16.emb, HeldEmbedding)
+    assert bf16.bag.compute_dtype == torch.bfloat16
     fp32 = cpuboost.optimize(model, sample_input=x)
-    assert type(fp32.bag) is nn.EmbeddingBag
+    assert fp32.bag.compute_dtype == torch.float32 and fp32.emb.compute_dtype == torch.float32
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert run(bf16, case, x).dtype == run(model, case, x).dtype
+
+
+def test_fp32_table_shares_storage_and_takes_forward_only_kernel():
+    torch.manual_seed(0)
+    src = nn.EmbeddingBag(40, 8, mode="mean")
+    held = HeldEmbeddingBag(src, torch.float32)
+    assert held._w.data_ptr() == src.weight.data_ptr() and not held._w.requires_grad
+    ids, offsets = torch.randint(0, 40, (9,)), torch.tensor([0, 4, 6])
+    with torch.no_grad():
+        assert torch.equal(src(ids, offsets), held(ids, offsets))
+    assert held.state_dict()["weight"].data_ptr() == src.weight.data_ptr()
+
+
+def test_lookup_returns_bf16_only_where_every_user_casts_to_bf16():
+    """In the recommender the pooled rows go through cat into a packed bf16 Linear: returning
+    bf16 skips a round trip through fp32 and changes no value."""
+    case, model = toy("recommender")
+    x = case.inputs(4)
+    bf16 = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=x)
+    assert bf16.bag.out_dtype == torch.bfloat16 and bf16.emb.out_dtype == torch.bfloat16
+    with torch.no_grad():
+        for m in (bf16.bag, bf16.emb):
+            m.out_dtype = torch.float32
+        wide = run(bf16, case, x)
+        bf16.bag.out_dtype = bf16.emb.out_dtype = torch.bfloat16
+        assert torch.equal(run(bf16, case, x), wide)
+
+
+class _PooledOut(nn.Module):
+    """The pooled rows are returned as well as used: they must keep the original dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.bag = nn.EmbeddingBag(30, 8, mode="sum")
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, ids):
+        pooled = self.bag(ids)
+        return self.fc(pooled), pooled.sum(dim=1)
+
+
+def test_lookup_keeps_original_dtype_when_a_user_does_not_cast():
+    model = _PooledOut().eval()
+    ids = torch.randint(0, 30, (5, 3))
+    opt = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=(ids,))
+    assert opt.bag.out_dtype == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(ids)
+    with torch.no_grad():
+        out = opt(ids)
+    assert [t.dtype for t in out] == [t.dtype for t in ref]
 
 
 def test_max_norm_table_is_not_converted():
     model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0)).eval()
     opt = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=torch.tensor([1, 2]))
-    assert "max_norm" in dict(cpuboost.report_of(opt).pass_named("embedding_dtype").skipped)["0"]
+    assert "max_norm" in dict(cpuboost.report_of(opt).pass_named("embedding_tables").skipped)["0"]
