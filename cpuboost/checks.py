@@ -13,10 +13,10 @@ from cpuboost.errors import (InvalidModelError, SampleInputError, TrainingModeEr
 from cpuboost.hw import CpuFeatures
 
 
-def check_model(model: Any) -> None:
+def check_model(model: Any, api: str = "cpuboost.optimize") -> None:
     if not isinstance(model, nn.Module):
         raise InvalidModelError(
-            f"cpuboost.optimize expects a torch.nn.Module, got {type(model).__name__}. "
+            f"{api} expects a torch.nn.Module, got {type(model).__name__}. "
             "Pass the model object itself (for a state_dict, build the model and load it first).")
     if isinstance(model, torch.jit.ScriptModule):
         raise InvalidModelError("TorchScript modules are not supported (TorchScript is "
@@ -34,7 +34,7 @@ def check_model(model: Any) -> None:
     if training:
         raise TrainingModeError(
             f"{len(training)} module(s) are in training mode (first: {training[0]!r}); "
-            "cpuboost.optimize prepares inference: call model.eval() first. (Training "
+            f"{api} prepares inference: call model.eval() first. (Training "
             "optimization with an optimizer is not supported yet.)")
 
 

@@ -31,3 +31,11 @@ class ConfigError(CpuBoostError, ValueError):
 
 class UnsupportedRequestError(CpuBoostError, RuntimeError):
     """An option was asked for explicitly but cannot be honoured on this model or machine."""
+
+
+class ExportError(CpuBoostError, RuntimeError):
+    """The model could not be exported and compiled ahead of time."""
+
+
+class PackageError(CpuBoostError, ValueError):
+    """A package given to ``cpuboost.load`` is unreadable, damaged, or built for another setup."""

@@ -1,0 +1,162 @@
+"""cpuboost.export / cpuboost.load: AOTInductor packages that run in a fresh process, and every
+damaged or mismatched package raising PackageError before compiled code is loaded."""
+import json
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+import cpuboost
+from cpuboost.errors import ExportError, InvalidModelError, PackageError
+from cpuboost.testing.toy_models import TOY_MODELS, build_eval
+from tests.conftest import rel_err
+
+
+@pytest.fixture(scope="module")
+def conv_pkg(tmp_path_factory):
+    """The conv+BN toy exported from a batch-1 example with a dynamic batch."""
+    case = TOY_MODELS["conv_bn"]
+    model = build_eval(case)
+    path = cpuboost.export(model, case.inputs(1), tmp_path_factory.mktemp("pkg") / "conv.cbpk")
+    return model, case, path
+
+
+def _rewrite(src, dst, meta_change=None, blob_change=None):
+    with zipfile.ZipFile(src) as zf:
+        meta, blob = json.loads(zf.read("cpuboost.json")), zf.read("model.pt2")
+    if meta_change:
+        meta_change(meta)
+    if blob_change:
+        blob = blob_change(blob)
+    with zipfile.ZipFile(dst, "w") as zf:
+        zf.writestr("cpuboost.json", json.dumps(meta))
+        zf.writestr("model.pt2", blob)
+    return dst
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_any_batch_matches_eager(conv_pkg, batch):
+    model, case, path = conv_pkg
+    loaded = cpuboost.load(path)
+    x = case.inputs(batch)
+    with torch.no_grad():
+        assert rel_err(model(*x), loaded(*x)) <= 1e-4
+
+
+def test_metadata_records_what_it_was_built_with(conv_pkg):
+    meta = cpuboost.load(conv_pkg[2]).metadata
+    assert meta["torch"] == torch.__version__ and meta["cpuboost"] == cpuboost.__version__
+    assert meta["dynamic_batch"] and meta["inputs"]["args"][0]["shape"][0] is None
+    assert meta["cpu"]["vec_isa"] and meta["verified"]["max_rel_diff"] <= 1e-3
+    assert meta["compile_seconds"] > 0
+
+
+def test_wrong_inputs_raise_before_compiled_code(conv_pkg):
+    _, case, path = conv_pkg
+    loaded = cpuboost.load(path)
+    x = case.inputs(2)[0]
+    with pytest.raises(ValueError, match="shape"):
+        loaded(x[:, :, :5])
+    with pytest.raises(ValueError, match="float32"):
+        loaded(x.double())
+    with pytest.raises(TypeError, match="positional"):
+        loaded(x, x)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda m: m.update(torch="2.5.0"), "torch==2.5.0"),
+    (lambda m: m.update(cpuboost="9.3.0"), "cpuboost 9.3.0"),
+    (lambda m: m.update(format=99), "format 99"),
+    (lambda m: m["cpu"]["features"].append("amx_int8_imaginary"), "amx_int8_imaginary"),
+    (lambda m: m["cpu"].update(vec_isa="avx1024"), "avx1024"),
+    (lambda m: m["cpu"].update(machine="riscv64"), "riscv64"),
+], ids=["torch", "cpuboost", "format", "cpu-feature", "vec-isa", "machine"])
+def test_package_for_another_setup_raises(conv_pkg, tmp_path, change, match):
+    bad = _rewrite(conv_pkg[2], tmp_path / "other.cbpk", meta_change=change)
+    with pytest.raises(PackageError, match=match):
+        cpuboost.load(bad)
+
+
+def test_damaged_files_raise(conv_pkg, tmp_path):
+    path = conv_pkg[2]
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.cbpk"
+    truncated.write_bytes(data[: len(data) // 2])
+    flipped = bytearray(data)
+    middle = len(data) // 2
+    flipped[middle:middle + 64] = bytes(b ^ 0xFF for b in flipped[middle:middle + 64])
+    corrupted = tmp_path / "corrupted.cbpk"
+    corrupted.write_bytes(bytes(flipped))
+    altered = _rewrite(path, tmp_path / "altered.cbpk", blob_change=lambda b: b[:-10] + b"0" * 10)
+    not_zip = tmp_path / "notes.txt"
+    not_zip.write_text("hello")
+    other_zip = tmp_path / "other.zip"
+    with zipfile.ZipFile(other_zip, "w") as zf:
+        zf.writestr("a.txt", "x")
+    for bad, match in [(truncated, "truncated or corrupted"), (corrupted, "corrupted|checksum"),
+                       (altered, "checksum"), (not_zip, "truncated or corrupted"),
+                       (other_zip, "not a cpuboost package"), (tmp_path / "none", "no package")]:
+        with pytest.raises(PackageError, match=match):
+            cpuboost.load(bad)
+
+
+def test_bf16_package(tmp_path):
+    case = TOY_MODELS["mlp_bn"]
+    model = build_eval(case)
+    x = case.inputs(4)
+    loaded = cpuboost.load(cpuboost.export(model, x, tmp_path / "mlp.cbpk", dtype=torch.bfloat16))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(*x)
+    out = loaded(*x)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert rel_err(ref.float(), out.float()) <= 5e-2  # bf16 tolerance (stated in docs/deploy.md)
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x - 1
+
+
+def test_export_errors_are_clear(tmp_path):
+    with pytest.raises(InvalidModelError, match="cpuboost.export"):
+        cpuboost.export(lambda x: x, torch.randn(2), tmp_path / "f.cbpk")
+    with pytest.raises(ExportError, match="torch.export could not capture"):
+        cpuboost.export(_DataDependent().eval(), torch.randn(2, 3), tmp_path / "d.cbpk")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+_FRESH = textwrap.dedent("""
+    import sys, torch, cpuboost
+    model = cpuboost.load(sys.argv[1])
+    inputs = torch.load(sys.argv[2])
+    out = model(**inputs)
+    torch.save(out, sys.argv[3])
+    leaked = [m for m in ("transformers", "tests", "cpuboost.testing.toy_models") if m in sys.modules]
+    assert not leaked, leaked
+""")
+
+
+def test_hf_model_runs_in_a_fresh_process_without_its_code(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=128)
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(5, 300, (2, 16))
+    path = cpuboost.export(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                           tmp_path / "bert.cbpk")
+    ids3 = torch.randint(5, 300, (3, 16))
+    # keyword order differs from the export's: inputs are matched by name, not position
+    inputs = {"attention_mask": torch.ones_like(ids3), "input_ids": ids3}
+    torch.save(inputs, tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _FRESH, str(path), str(tmp_path / "in.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=300)
+    out = torch.load(tmp_path / "out.pt")
+    with torch.no_grad():
+        ref = model(**inputs)
+    assert type(out) is dict and set(out) == {"last_hidden_state", "pooler_output"}
+    assert rel_err(ref.last_hidden_state, out["last_hidden_state"]) <= 1e-3
