@@ -203,7 +203,7 @@ def _compile(program, target: Path) -> Path:
     import torch._inductor
     from cpuboost.compile.backend import scope
     try:
-        with scope():
+        with scope(), torch.no_grad():  # freezing applies only with grad off
             return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(target)))
     except Exception as e:
         raise ExportError(f"AOTInductor could not compile the exported model: "

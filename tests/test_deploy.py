@@ -160,3 +160,18 @@ def test_hf_model_runs_in_a_fresh_process_without_its_code(tmp_path):
         ref = model(**inputs)
     assert type(out) is dict and set(out) == {"last_hidden_state", "pooler_output"}
     assert rel_err(ref.last_hidden_state, out["last_hidden_state"]) <= 1e-3
+
+
+def test_weights_are_frozen_and_packed_for_onednn(tmp_path):
+    """Freezing only applies with grad off; without it the package ran aten convolutions on
+    dense weights (ResNet-50 static batch 0.88x eager instead of 1.64x). Inductor packs conv
+    weights only for a static batch."""
+    import io
+    case = TOY_MODELS["conv_bn"]
+    path = cpuboost.export(build_eval(case), case.inputs(2), tmp_path / "static.cbpk",
+                           dynamic_batch=False)
+    with zipfile.ZipFile(path) as zf:
+        inner = zipfile.ZipFile(io.BytesIO(zf.read("model.pt2")))
+    wrapper = next(n for n in inner.namelist() if n.endswith("wrapper.cpp"))
+    code = inner.read(wrapper).decode()
+    assert "mkldnn" in code and "aoti_torch_cpu_convolution(" not in code
