@@ -63,3 +63,18 @@ def test_generate_runs_through_the_compiled_forward(dtype):
         assert torch.equal(ref, out)
     else:  # bf16: greedy tokens may part ways once logits tie within bf16 rounding
         assert torch.equal(ref[:, :ids.shape[1] + 4], out[:, :ids.shape[1] + 4])
+
+
+def test_no_copy_of_the_weights_is_kept():
+    """Graph mode changes no module, so the result shares the original's submodules and
+    weights instead of deep-copying them (freezing's constants are the only new weights)."""
+    torch._dynamo.reset()
+    case, model = toy("conv_bn")
+    opt = cpuboost.optimize(model, graph_mode=True, sample_input=case.inputs(2))
+    assert all(a is b for a, b in zip(model.parameters(), opt.parameters()))
+    assert "forward" not in model.__dict__
+    with pytest.raises(cpuboost.InvalidModelError):
+        cpuboost.report_of(model)
+    opt.register_forward_hook(lambda *a: None)  # the root's hooks are its own
+    assert not model._forward_hooks
+    assert cpuboost.report_of(opt).pass_named("remove_dropout") is None  # a module change
