@@ -65,8 +65,10 @@ def _spawn(case: str, variants, rounds: int, memory=False) -> dict:
 
 
 def _print_table(results: list[dict], memory: list[dict]) -> None:
-    print("\nspeedup: vs stock eager fp32 in the same process (median of rounds); peak RSS: "
-          "process peak while the variant was set up; +setup: what its set-up added; graphs: "
+    print("\nspeedup: vs stock eager fp32 in the same process (median of rounds); setup s: "
+          "optimize + first call of each request shape (for compiled variants: the compile "
+          "time); peak RSS: process peak while the variant was set up; +setup: what its set-up "
+          "added; graphs: "
           "graphs torch.compile built for it (dynamic-length case: over all request lengths)")
     print(f"\n{'case':<26} {'variant':<22} {'median ms':>10} {'speedup':>8} {'setup s':>8} "
           f"{'peak RSS':>9} {'+setup':>7} {'max rel diff':>13} {'graphs':>6}")

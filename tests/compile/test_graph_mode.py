@@ -59,6 +59,9 @@ def test_generate_runs_through_the_compiled_forward(dtype):
         out = opt.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert counters["stats"]["unique_graphs"] >= 1  # compiled, not silently eager
     assert counters["stats"]["unique_graphs"] <= 4  # not one per generated length
+    notes = cpuboost.report_of(opt).pass_named("graph_mode").notes
+    graphs = next(n for n in notes if n.startswith("graphs compiled so far"))
+    assert "with dynamic shapes" in graphs and any(n.startswith("shape policy") for n in notes)
     if dtype is None:
         assert torch.equal(ref, out)
     else:  # bf16: greedy tokens may part ways once logits tie within bf16 rounding
