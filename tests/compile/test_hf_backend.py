@@ -61,3 +61,26 @@ def test_compiles_and_matches_eager(name):
         again = _first_tensor(compiled(**inputs))
     assert rel_err(ref, out) <= 1e-3  # the issue's fp32 bound
     assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("name, gen", [
+    ("gpt2_clm", dict(max_new_tokens=10, do_sample=False)),
+    ("t5", dict(max_new_tokens=8, num_beams=2, do_sample=False)),  # summarization: beam search
+])
+def test_generate_with_compiled_forward(name, gen):
+    """generate() steps through forward: compiling the instance's forward with the backend
+    (what graph_mode does) gives the tokens eager gives, without a graph per length."""
+    torch.manual_seed(0)
+    model, inputs = MODELS[name]()
+    model.eval()
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    ids = inputs["input_ids"][:1]
+    with torch.no_grad():
+        ref = model.generate(ids, pad_token_id=0, **gen)
+        model.forward = torch.compile(model.forward, backend="cpuboost")
+        with scope():
+            out = model.generate(ids, pad_token_id=0, **gen)
+    assert torch.equal(ref, out)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 6
