@@ -65,7 +65,8 @@ def test_compiles_and_matches_eager(name):
 
 @pytest.mark.parametrize("name, gen", [
     ("gpt2_clm", dict(max_new_tokens=10, do_sample=False)),
-    ("t5", dict(max_new_tokens=8, num_beams=2, do_sample=False)),  # summarization: beam search
+    ("t5", dict(max_new_tokens=8, num_beams=2, do_sample=False,  # summarization: beam search
+                decoder_start_token_id=0)),
 ])
 def test_generate_with_compiled_forward(name, gen):
     """generate() steps through forward: compiling the instance's forward with the backend
