@@ -105,6 +105,10 @@ def _traced_inputs(args, kwargs, carries, max_batch: int):
     return t_args, t_kwargs, specs
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [""])[0][:300]
+
+
 def _cpu_record() -> dict:
     from torch._inductor.cpu_vec_isa import pick_vec_isa
     hw = detect()
@@ -148,7 +152,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         hint = (" If the model's code depends on the batch size, export with dynamic_batch=False."
                 if carries else "")
         raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:300]}.{hint}") from e
+                          f"{_first_line(e)}.{hint}") from e
     with tempfile.TemporaryDirectory(prefix="cpuboost-export-") as tmp:
         pt2 = _compile(program, Path(tmp) / _PT2)
         seconds = time.perf_counter() - t0
@@ -207,7 +211,7 @@ def _compile(program, target: Path) -> Path:
             return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(target)))
     except Exception as e:
         raise ExportError(f"AOTInductor could not compile the exported model: "
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from e
+                          f"{type(e).__name__}: {_first_line(e)}") from e
 
 
 def _write(path: Path, meta: dict, blob: bytes) -> Path:

@@ -42,10 +42,13 @@ class CompiledForward:
                 isinstance(d, torch.SymInt) for d in x.shape)) for x in example_inputs):
             self.dynamic_graphs += 1
         if self.record is not None:
-            text = (f"{_GRAPHS} {self.graphs} ({self.dynamic_graphs} with dynamic shapes)")
+            text = f"{_GRAPHS} {self.graphs} ({self.dynamic_graphs} with dynamic shapes)"
             notes = self.record.notes
             at = next((i for i, n in enumerate(notes) if n.startswith(_GRAPHS)), None)
-            notes.append(text) if at is None else notes.__setitem__(at, text)
+            if at is None:
+                notes.append(text)
+            else:
+                notes[at] = text
         return cpuboost_backend(gm, example_inputs)
 
     def __call__(self, *args, **kwargs):
