@@ -1,6 +1,7 @@
 """Time one benchmark case: every variant in this one process, round-robin, medians."""
 from __future__ import annotations
 
+import copy
 import gc
 import statistics
 import sys
@@ -12,7 +13,7 @@ import psutil
 import torch
 
 import cpuboost
-from cpuboost.bench.zoo import Cycle
+from cpuboost.bench.zoo import Cycle, Generate
 from cpuboost.verify import compare
 
 VARIANTS = ("eager_fp32", "cpuboost_fp32", "eager_bf16", "cpuboost_bf16", "compile_fp32",
@@ -23,6 +24,8 @@ COMPILED = ("compile_fp32", "cpuboost_compile_fp32", "cpuboost_compile_bf16")
 def call(model, inputs):
     if isinstance(inputs, Cycle):
         inputs = inputs.take()
+    if isinstance(inputs, Generate):
+        return model.generate(**inputs.kwargs)
     return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
 
 
@@ -55,7 +58,7 @@ def _variant(name: str, model, inputs) -> Callable[[], object]:
     if isinstance(inputs, Cycle):  # each variant walks the same sequence of requests
         sample, inputs = inputs.first(), inputs.fresh()
     else:
-        sample = inputs
+        sample = inputs.forward_inputs if isinstance(inputs, Generate) else inputs
     if name == "eager_fp32":
         return lambda: call(model, inputs)
     if name == "eager_bf16":
@@ -68,7 +71,11 @@ def _variant(name: str, model, inputs) -> Callable[[], object]:
         opt = cpuboost.optimize(model, dtype=dtype, sample_input=sample)
         return lambda: call(opt, inputs)
     if name == "compile_fp32":
-        compiled = torch.compile(model)
+        if isinstance(inputs, Generate):  # generate() calls the instance's forward: compile that
+            compiled = copy.copy(model)
+            compiled.forward = torch.compile(model.forward)
+        else:
+            compiled = torch.compile(model)
 
         def run():
             with torch._inductor.config.patch(freezing=True):

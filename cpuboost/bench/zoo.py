@@ -29,6 +29,14 @@ class Cycle:
 
 
 @dataclass(frozen=True)
+class Generate:
+    """One request = ``model.generate(**kwargs)``; ``forward_inputs`` is what optimize() checks
+    numerics on (generate calls forward at every step)."""
+    forward_inputs: dict
+    kwargs: dict
+
+
+@dataclass(frozen=True)
 class BenchCase:
     name: str
     build: Callable[[], tuple[nn.Module, dict]]  # -> (eval model, keyword inputs)
@@ -88,6 +96,17 @@ def _bert_dynamic(lengths=(17, 45, 64, 99, 128)):
     return model, Cycle(items)
 
 
+def _gpt2_generate(new_tokens: int = 32, prompt: int = 16):
+    """GPT-2 (124M) greedy generation of exactly ``new_tokens`` tokens after a random prompt."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval()  # GPT2Config() is gpt2 (124M)
+    ids = torch.randint(1000, 30000, (1, prompt), generator=torch.Generator().manual_seed(0))
+    return model, Generate({"input_ids": ids}, dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id))
+
+
 CASES = {c.name: c for c in [
     BenchCase("resnet50_bs1", lambda: _resnet50(1)),
     BenchCase("resnet50_bs16", lambda: _resnet50(16), quick=False),
@@ -95,6 +114,7 @@ CASES = {c.name: c for c in [
     BenchCase("bert_base_bs8_s128", lambda: _bert(8), quick=False),
     BenchCase("dlrm_bs256", lambda: _dlrm(256)),
     BenchCase("bert_base_dynamic_lengths", _bert_dynamic, quick=False),
+    BenchCase("gpt2_generate_32", _gpt2_generate, quick=False),
 ]}
 
 

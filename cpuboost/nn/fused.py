@@ -73,7 +73,8 @@ class _Fused(nn.Module):
         """Store folded weight/bias (original layout, any float dtype) in the kernel's form."""
         w = w.detach().to(self.compute_dtype).contiguous()
         self._b = None if b is None else b.detach().to(self.compute_dtype).contiguous()
-        self._w = self._pack(self._to_kernel_layout(w)) if self.backend == "onednn" else w
+        w = self._to_kernel_layout(w)
+        self._w = self._pack(w) if self.backend == "onednn" else w
 
     def _folded_dense(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         w = self._w.to_dense() if self._w.is_mkldnn else self._w
@@ -230,6 +231,34 @@ class FusedLinear(_Fused):
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self._folded_dense()
         return self.post_op.reference(F.linear(self._prepare(x), w, b))
+
+
+class FusedConv1DLinear(FusedLinear):
+    """transformers' ``Conv1D`` (GPT-2 and its relatives): ``x @ W + b`` with W stored as
+    (in, out). Runs as a packed linear; state_dict keeps Conv1D's (in, out) weight."""
+
+    out_dim = 1
+
+    def __init__(self, src: nn.Module, compute_dtype=torch.float32, backend="onednn",
+                 batch_hint: Optional[int] = None):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = src.weight.shape
+        self._init_common(src, compute_dtype, backend)
+        self.batch_hint = batch_hint
+        self._store(src.weight, src.bias)
+
+    def _to_kernel_layout(self, w):
+        return w.t().contiguous()
+
+    def _from_kernel_layout(self, w):
+        return w.t()
+
+
+def is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers.pytorch_utils.Conv1D, recognised without importing transformers."""
+    kind = type(m)
+    return (kind.__name__ == "Conv1D" and kind.__module__.startswith("transformers")
+            and getattr(m, "weight", None) is not None and m.weight.dim() == 2)
 
 
 class FusedConv(_Fused):

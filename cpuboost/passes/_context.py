@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import nn
 
 from cpuboost.config import OptimizeConfig
@@ -59,4 +60,9 @@ def weight_bytes(model: nn.Module) -> int:
     for m in model.modules():
         if hasattr(m, "weight_bytes") and callable(m.weight_bytes):
             total += m.weight_bytes()
+            held = getattr(m, "_w", None)
+            if isinstance(held, torch.Tensor):  # a table shared by two modules counts once
+                if id(held) in seen:
+                    total -= held.numel() * held.element_size()
+                seen.add(id(held))
     return total

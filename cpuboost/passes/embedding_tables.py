@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from cpuboost.nn.embedding import HeldEmbedding, HeldEmbeddingBag
-from cpuboost.nn.fused import _Fused
+from cpuboost.nn.fused import FusedLinear, _Fused
 from cpuboost.passes._context import PassContext, has_user_hooks, replace_module
 from cpuboost.passes._dataflow import Dataflow, ModuleCall, OpCall
 from cpuboost.passes.prepack import tied_weight_owner
@@ -55,17 +55,45 @@ def _only_rounded(flow: Dataflow, key, dtype: torch.dtype) -> bool:
     return True
 
 
+def _tied_head(model: nn.Module, m: nn.Module, dtype: torch.dtype):
+    """(name, Linear) when ``m``'s table is tied to exactly one plain Linear (an LM head) and
+    the compute dtype is low: both can then read one low-precision copy of the matrix."""
+    if dtype == torch.float32 or type(m) is not nn.Embedding or m.max_norm is not None:
+        return None
+    users = [(n, o) for n, o in model.named_modules()
+             if o is not m and any(p is m.weight for p in o.parameters(recurse=False))]
+    if len(users) != 1 or type(users[0][1]) is not nn.Linear or has_user_hooks(users[0][1]):
+        return None
+    return users[0]
+
+
+def _share_with_head(model, ctx, m, new, head) -> None:
+    """The head becomes a FusedLinear on aten kernels whose weight *is* the held table: one
+    bf16 copy instead of the fp32 matrix that autocast re-cast on every call (GPT-2's lm_head
+    is 38.6M parameters)."""
+    head_name, linear = head
+    fused = FusedLinear(linear, ctx.config.compute_dtype, backend="aten")
+    fused._w = new._w
+    replace_module(model, linear, fused)
+    if ctx.flow is not None:
+        ctx.flow.rebind(linear, fused)
+    ctx.record.apply(f"{head_name}: reads the same {ctx.config.compute_dtype} table (tied weight)")
+
+
 def embedding_tables(model: nn.Module, ctx: PassContext) -> nn.Module:
     dtype = ctx.config.compute_dtype
     for name, m in list(model.named_modules()):
         kind = {nn.Embedding: HeldEmbedding, nn.EmbeddingBag: HeldEmbeddingBag}.get(type(m))
         if kind is None:
             continue
-        reason = _why_not(model, m)
+        head = _tied_head(model, m, dtype)
+        reason = None if head else _why_not(model, m)
         if reason:
             ctx.record.skip(name, reason)
             continue
         new = kind(m, dtype)
+        if head:
+            _share_with_head(model, ctx, m, new, head)
         calls = ctx.flow.calls_of(m) if ctx.flow is not None else []
         narrow = dtype != new.orig_dtype and bool(calls) and all(
             _only_rounded(ctx.flow, c.out_key, dtype) for c in calls)

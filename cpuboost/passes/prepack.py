@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cpuboost.nn import FusedConv, FusedConvTranspose, FusedLinear, set_backend
-from cpuboost.nn.fused import _Fused
+from cpuboost.nn.fused import FusedConv1DLinear, _Fused, is_hf_conv1d
 from cpuboost.passes._context import PassContext, names_of, replace_module
 from cpuboost.passes.kernel_choice import linear_backend
 
@@ -41,7 +41,7 @@ def why_not_packable(model: nn.Module, m: nn.Module, parents: dict) -> Optional[
     if isinstance(m, nn.Linear):
         if kind.forward is not nn.Linear.forward:
             return f"{kind.__name__} overrides Linear.forward"
-    elif kind not in _CONVS + _CONV_T:
+    elif not is_hf_conv1d(m) and kind not in _CONVS + _CONV_T:
         return f"{kind.__name__} is not a Linear/Conv/ConvTranspose"
     if any(isinstance(p, nn.MultiheadAttention) for p in parents.get(id(m), ())):
         return "nn.MultiheadAttention reads this projection's .weight tensor directly"
@@ -69,6 +69,8 @@ def to_fused(model, m, ctx: PassContext, backend: str, input_shape=None) -> _Fus
         return m
     if isinstance(m, nn.Linear):
         new = FusedLinear(m, dtype, backend, batch_hint=_batch(input_shape))
+    elif is_hf_conv1d(m):
+        new = FusedConv1DLinear(m, dtype, backend, batch_hint=_batch(input_shape))
     elif type(m) in _CONV_T:
         new = FusedConvTranspose(m, dtype, backend, input_shape=input_shape)
     else:
@@ -116,7 +118,8 @@ def prepack(model: nn.Module, ctx: PassContext) -> nn.Module:
     backend = _backend(ctx)
     parents = module_parents(model)
     for name, m in list(model.named_modules()):
-        if not isinstance(m, (nn.Linear, _Fused) + _CONVS + _CONV_T) or not names_of(model, m):
+        packable = isinstance(m, (nn.Linear, _Fused) + _CONVS + _CONV_T) or is_hf_conv1d(m)
+        if not packable or not names_of(model, m):
             continue
         reason = why_not_packable(model, m, parents)
         if reason:

@@ -92,3 +92,24 @@ def test_compiled_variants_get_their_own_process(monkeypatch, tmp_path):
                  "--variants", "cpuboost_fp32,compile_fp32,cpuboost_compile_bf16"]) == 0
     assert spawned == [["eager_fp32", "cpuboost_fp32"],
                        ["eager_fp32", "compile_fp32", "cpuboost_compile_bf16"]]
+
+
+def test_generate_requests_time_generate():
+    """A Generate request times model.generate(); optimize checks numerics on its forward."""
+    import pytest
+    transformers = pytest.importorskip("transformers")
+    from cpuboost.bench.zoo import BenchCase, Generate
+
+    def build():
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+        model = transformers.GPT2LMHeadModel(cfg).eval()
+        ids = torch.randint(5, 300, (1, 5), generator=torch.Generator().manual_seed(0))
+        return model, Generate({"input_ids": ids}, dict(input_ids=ids, max_new_tokens=6,
+                                                        min_new_tokens=6, do_sample=False,
+                                                        pad_token_id=0))
+
+    result = run_case(BenchCase("tiny_generate", build), ("eager_fp32", "cpuboost_fp32"),
+                      rounds=1, round_s=0.01)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["cpuboost_fp32"]["max_rel_diff"] == 0  # the same 11 tokens

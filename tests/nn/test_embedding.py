@@ -112,3 +112,26 @@ def test_max_norm_table_is_not_converted():
     model = nn.Sequential(nn.Embedding(10, 4, max_norm=1.0)).eval()
     opt = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=torch.tensor([1, 2]))
     assert "max_norm" in dict(cpuboost.report_of(opt).pass_named("embedding_tables").skipped)["0"]
+
+
+def test_tied_lm_head_reads_the_same_bf16_table():
+    """GPT-2's lm_head is tied to the token embedding: in bf16 both read one bf16 matrix
+    (autocast re-cast the fp32 head on every call; one copy, half the bytes)."""
+    transformers = pytest.importorskip("transformers")
+    from cpuboost.nn import FusedLinear
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(5, 300, (2, 7))
+    opt = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input={"input_ids": ids})
+    head, table = opt.lm_head, opt.transformer.wte
+    assert isinstance(head, FusedLinear) and isinstance(table, HeldEmbedding)
+    assert head._w is table._w and table._w.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(ids).logits
+    with torch.no_grad():
+        out = opt(ids).logits
+    assert out.dtype == ref.dtype and rel_err(ref.float(), out.float()) <= 5e-2
+    assert set(opt.state_dict()) == set(model.state_dict())
+    report = cpuboost.report_of(opt)
+    assert report.weight_bytes_after < 0.6 * report.weight_bytes_before
