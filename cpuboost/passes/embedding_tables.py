@@ -22,14 +22,14 @@ from cpuboost.passes.prepack import tied_weight_owner
 _JOINS = ("cat", "stack", "concat", "concatenate")  # result dtype: the widest input's
 
 
-def _why_not(model, m) -> str | None:
+def _why_not(model, m, tie_allowed: bool = False) -> str | None:
     if m.max_norm is not None:
         return "max_norm renormalizes the table in place on every lookup"
     if has_user_hooks(m):
         return "has forward hooks"
     if not m.weight.dtype.is_floating_point or m.weight.dtype.itemsize < 4:
         return f"table is already {m.weight.dtype}"
-    owner = tied_weight_owner(model, m)
+    owner = None if tie_allowed else tied_weight_owner(model, m)
     if owner is not None:
         return f"its weight is tied to {owner or 'the root'}"
     return None
@@ -87,7 +87,7 @@ def embedding_tables(model: nn.Module, ctx: PassContext) -> nn.Module:
         if kind is None:
             continue
         head = _tied_head(model, m, dtype)
-        reason = None if head else _why_not(model, m)
+        reason = _why_not(model, m, tie_allowed=head is not None)
         if reason:
             ctx.record.skip(name, reason)
             continue
