@@ -342,11 +342,14 @@ def load(path: str | os.PathLike) -> ExportedModel:
                 raise PackageError(f"{where} is a ZIP file but not a cpuboost package (it has "
                                    f"{sorted(names)[:5]}); write packages with cpuboost.export.")
             meta = json.loads(zf.read(_META))
+            if not isinstance(meta, dict) or not isinstance(meta.get("inputs"), dict):
+                raise ValueError("metadata is not a cpuboost package description")
             _check_compatible(meta, where)
             blob = zf.read(_PT2)  # zipfile checks each member's CRC-32 as it reads
     except PackageError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, KeyError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError, KeyError,
+            TypeError, AttributeError) as e:  # unreadable, or metadata of the wrong shape
         raise PackageError(f"{where} is truncated or corrupted ({type(e).__name__}: "
                            f"{str(e)[:120]}); copy it again or re-export it.") from e
     if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):

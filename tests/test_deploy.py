@@ -74,7 +74,9 @@ def test_wrong_inputs_raise_before_compiled_code(conv_pkg):
     (lambda m: m["cpu"]["features"].append("amx_int8_imaginary"), "amx_int8_imaginary"),
     (lambda m: m["cpu"].update(vec_isa="avx1024"), "avx1024"),
     (lambda m: m["cpu"].update(machine="riscv64"), "riscv64"),
-], ids=["torch", "cpuboost", "format", "cpu-feature", "vec-isa", "machine"])
+    (lambda m: m.update(cpu="x86"), "truncated or corrupted"),
+    (lambda m: m.pop("inputs"), "truncated or corrupted"),
+], ids=["torch", "cpuboost", "format", "cpu-feature", "vec-isa", "machine", "bad-cpu", "no-inputs"])
 def test_package_for_another_setup_raises(conv_pkg, tmp_path, change, match):
     bad = _rewrite(conv_pkg[2], tmp_path / "other.cbpk", meta_change=change)
     with pytest.raises(PackageError, match=match):
