@@ -208,10 +208,11 @@ class _Fused(nn.Module):
 
 
 class FusedLinear(_Fused):
-    def __init__(self, src: nn.Linear, compute_dtype=torch.float32, backend="onednn",
+    def __init__(self, src: nn.Module, compute_dtype=torch.float32, backend="onednn",
                  batch_hint: Optional[int] = None):
         super().__init__()
-        self.in_features, self.out_features = src.in_features, src.out_features
+        rows, cols = src.weight.shape  # (out, in) for nn.Linear; (in, out) when out_dim == 1
+        self.out_features, self.in_features = (cols, rows) if self.out_dim == 1 else (rows, cols)
         self._init_common(src, compute_dtype, backend)
         self.batch_hint = batch_hint
         self._store(src.weight, src.bias)
@@ -238,14 +239,6 @@ class FusedConv1DLinear(FusedLinear):
     (in, out). Runs as a packed linear; state_dict keeps Conv1D's (in, out) weight."""
 
     out_dim = 1
-
-    def __init__(self, src: nn.Module, compute_dtype=torch.float32, backend="onednn",
-                 batch_hint: Optional[int] = None):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features = src.weight.shape
-        self._init_common(src, compute_dtype, backend)
-        self.batch_hint = batch_hint
-        self._store(src.weight, src.bias)
 
     def _to_kernel_layout(self, w):
         return w.t().contiguous()
