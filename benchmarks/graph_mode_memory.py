@@ -1,18 +1,106 @@
-"""RSS of graph mode vs eager: build, run eager, optimize(graph_mode=True, sample_input) under a
-5 ms RSS sampler, run once. Usage: python benchmarks/graph_mode_memory.py bert|resnet fp32|bf16"""
-import torch, sys, gc, cpuboost
-from cpuboost.bench.harness import PeakRss, rss_mb
-from cpuboost.bench.zoo import _bert, _resnet50
-torch.set_num_threads(2)
-build = {"bert": _bert, "resnet": _resnet50}[sys.argv[1]]
-m, inp = build(1)
-with torch.no_grad():
-    m(**inp)
-gc.collect(); eager = rss_mb()
-dt = torch.bfloat16 if sys.argv[2] == "bf16" else None
-with PeakRss() as p:
-    om = cpuboost.optimize(m, dtype=dt, graph_mode=True, sample_input=inp)
+"""RSS of graph mode vs eager, full-size models from configs (random weights): build, run the
+request eagerly, then optimize(graph_mode=True) and run the same request again (compiling every
+graph it needs) under a 5 ms RSS sampler. One model per process.
+
+Usage: python benchmarks/graph_mode_memory.py MODEL fp32|bf16   (MODEL: see BUILD; 'all' runs
+every model and dtype in fresh processes and prints one table)"""
+import gc
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _ids(n, vocab=30000, batch=1):
+    return torch.randint(1000, vocab, (batch, n), generator=torch.Generator().manual_seed(0))
+
+
+def _text(cls, cfg, n=128, **cfg_kw):
+    import transformers as T
+    ids = _ids(n)
+    model = getattr(T, cls)(getattr(T, cfg)(**cfg_kw))
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None
+
+
+def _gpt2_generate():
+    import transformers as T
+    model = T.GPT2LMHeadModel(T.GPT2Config())
+    ids = _ids(16)
+    return model, {"input_ids": ids}, dict(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                          max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                          pad_token_id=model.config.eos_token_id)
+
+
+def _t5_generate():
+    import transformers as T
+    model = T.T5ForConditionalGeneration(T.T5Config.from_dict(dict(  # t5-base
+        d_model=768, d_ff=3072, num_layers=12, num_heads=12, d_kv=64, vocab_size=32128)))
+    ids = _ids(128)
+    return model, {"input_ids": ids, "decoder_input_ids": _ids(1)}, dict(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
+        num_beams=4, do_sample=False)
+
+
+def _image(cls, cfg):
+    import transformers as T
+    model = getattr(T, cls)(getattr(T, cfg)())
+    return model, {"pixel_values": torch.randn(1, 3, 224, 224)}, None
+
+
+BUILD = {
+    "bert": lambda: _text("BertModel", "BertConfig"),
+    "xlmr_mlm": lambda: _text("XLMRobertaForMaskedLM", "XLMRobertaConfig", vocab_size=250002),
+    "xlmr_clm": lambda: _text("XLMRobertaForCausalLM", "XLMRobertaConfig", vocab_size=250002,
+                              is_decoder=True),
+    "gpt2": lambda: _text("GPT2LMHeadModel", "GPT2Config"),
+    "gpt2_generate": _gpt2_generate,
+    "t5_generate": _t5_generate,
+    "longformer": lambda: _text("LongformerForSequenceClassification", "LongformerConfig", n=512),
+    "vit": lambda: _image("ViTModel", "ViTConfig"),
+    "resnet": lambda: _image("ResNetForImageClassification", "ResNetConfig"),
+}
+
+
+def _request(model, inputs, gen):
     with torch.no_grad():
-        om(**inp)
-gc.collect()
-print(sys.argv[1:], "eager RSS %.0f MB, compile peak %.0f MB (%.2fx), after %.0f MB (%.2fx)" % (eager, p.peak, p.peak/eager, rss_mb(), rss_mb()/eager))
+        return model.generate(**gen) if gen else model(**inputs)
+
+
+def measure(name, dtype_name):
+    import cpuboost
+    from cpuboost.bench.harness import PeakRss, rss_mb
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    model, inputs, gen = BUILD[name]()
+    model.eval()
+    _request(model, inputs, gen)
+    gc.collect()
+    eager = rss_mb()
+    dt = torch.bfloat16 if dtype_name == "bf16" else None
+    t0 = time.perf_counter()
+    with PeakRss() as p:
+        om = cpuboost.optimize(model, dtype=dt, graph_mode=True, sample_input=inputs)
+        _request(om, inputs, gen)
+    seconds = time.perf_counter() - t0
+    gc.collect()
+    after = rss_mb()
+    graphs = om.forward.graphs
+    print(f"| {name} | {dtype_name} | {eager:.0f} | {p.peak:.0f} ({p.peak / eager:.2f}x) | "
+          f"{after:.0f} ({after / eager:.2f}x) | {graphs} | {seconds:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "all":
+        print("| model | dtype | eager RSS MB | graph mode peak MB | after MB | graphs | "
+              "optimize + first request s |\n|---|---|---|---|---|---|---|", flush=True)
+        names = sys.argv[2:] or list(BUILD)
+        for name in names:
+            for dt in ("fp32", "bf16"):
+                r = subprocess.run([sys.executable, __file__, name, dt], capture_output=True,
+                                   text=True)
+                line = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
+                print(line[-1] if line else f"| {name} | {dt} | failed: "
+                      f"{r.stderr.strip().splitlines()[-1:]} |", flush=True)
+    else:
+        measure(sys.argv[1], sys.argv[2])

@@ -13,6 +13,7 @@ import psutil
 import torch
 
 import cpuboost
+from cpuboost._memory import release_freed_memory
 from cpuboost.bench.zoo import Cycle, Generate
 from cpuboost.verify import compare
 
@@ -155,24 +156,16 @@ def memory_check(case) -> dict:
     with torch.no_grad():
         call(model, inputs)
     gc.collect()
-    _trim()
+    release_freed_memory()
     before = rss_mb()
     model = cpuboost.optimize(model, sample_input=inputs)
     gc.collect()
-    _trim()
+    release_freed_memory()
     with torch.no_grad():
         call(model, inputs)
     after = rss_mb()
     return {"case": case.name, "rss_eager_mb": before, "rss_optimized_mb": after,
             "ratio": after / before}
-
-
-def _trim() -> None:
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap to the OS, as a server would
-    except OSError:
-        pass
 
 
 __all__ = ["VARIANTS", "call", "memory_check", "run_case"]

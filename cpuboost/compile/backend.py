@@ -22,7 +22,9 @@ import contextlib
 
 import torch
 
-from cpuboost.compile.graph_passes import OneDnnLinear
+from cpuboost._memory import release_freed_memory
+from cpuboost.compile.graph_passes import OneDnnLinear, onednn_where_faster
+from cpuboost.compile.shared_constants import shared_folding
 
 
 def _chained(existing, ours) -> tuple:
@@ -42,9 +44,9 @@ def inductor_scope(linear_pass: OneDnnLinear):
     one process each: ResNet-50 bs1 fp32 44.0 -> 40.6 ms, bf16 26.8 -> 24.3 ms, BERT-base bs1
     bf16 81.7 -> 69.0 ms; it adds 3-6 s of compile time. Entering and leaving costs ~26 us."""
     import torch._inductor.config as cfg
-    with cfg.patch(freezing=True, cpp_wrapper=True,
-                   post_grad_custom_pre_pass=_chained(cfg.post_grad_custom_pre_pass, linear_pass)):
-        yield
+    passes = _chained(cfg.post_grad_custom_pre_pass, linear_pass)
+    with cfg.patch(freezing=True, cpp_wrapper=True, post_grad_custom_pre_pass=passes):
+        yield next(p for p in passes if isinstance(p, OneDnnLinear))  # the one in effect
 
 
 @contextlib.contextmanager
@@ -56,7 +58,11 @@ def scope():
 
 def cpuboost_backend(gm: torch.fx.GraphModule, example_inputs):
     """Dynamo backend entry point. Freezing applies to inference (grad disabled); under
-    autograd Inductor compiles without it, as it would for the stock backend."""
+    autograd Inductor compiles without it, as it would for the stock backend. Constants folded
+    by freezing are shared with the model's other graphs (see shared_constants)."""
     from torch._inductor.compile_fx import compile_fx
-    with inductor_scope(OneDnnLinear()):
-        return compile_fx(gm, example_inputs)
+    with inductor_scope(OneDnnLinear()) as linear_pass, onednn_where_faster(linear_pass), \
+            shared_folding():
+        compiled = compile_fx(gm, example_inputs)
+    release_freed_memory()
+    return compiled

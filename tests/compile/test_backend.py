@@ -62,7 +62,7 @@ def test_settings_restored_and_other_passes_kept(monkeypatch):
             assert torch.equal(compiled(x), out)  # later calls: no scope, no recompilation
     assert _Spy.calls >= 1  # the other library's pass still ran
     decisions = [d for p in made for d in p.decisions]
-    assert [shape for shape, _ in decisions] == [(16, 64, 128), (16, 128, 32)]
+    assert sorted(shape for shape, _ in decisions) == [(16, 64, 128), (16, 128, 32)]
     assert sum(p.replaced for p in made) == sum(k == "onednn" for _, k in decisions)
     assert rel_err(model(x), out) <= 1e-4
 

@@ -1,0 +1,96 @@
+"""Constants folded by freezing are made once per model, however many graphs it compiles into."""
+import pytest
+import torch
+
+import cpuboost
+from cpuboost.compile import shared_constants as sc
+from tests.conftest import rel_err
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=300, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def constants(monkeypatch):
+    """Every tensor Inductor registers as a folded constant, in order."""
+    from torch._inductor import constant_folding
+    seen = []
+    original = constant_folding.replace_node_with_constant
+
+    def spy(gm, node, constant=None, name=None):
+        if constant is not None:
+            seen.append(constant)
+        return original(gm, node, constant, name)
+
+    monkeypatch.setattr(constant_folding, "replace_node_with_constant", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_generate_graphs_share_packed_weights(dtype, constants):
+    """Prefill (M = prompt length) and decode (M = 1) graphs: each Linear/Conv1D weight and the
+    LM head packed once for oneDNN, whichever graph packed it first; tokens as eager."""
+    torch._dynamo.reset()
+    model = _tiny_gpt2()
+    ids = torch.randint(5, 300, (1, 6), generator=torch.Generator().manual_seed(1))
+    opt = cpuboost.optimize(model, dtype=dtype, graph_mode=True)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+        ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = opt.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert opt.forward.graphs >= 2
+    packed = [c for c in constants if c.layout == torch._mkldnn]
+    assert len(packed) >= opt.forward.graphs * 9  # 2 layers x 4 projections + head, per graph
+    assert len({id(c) for c in packed}) == 9  # ... but one tensor each
+    if dtype is None:
+        assert torch.equal(out, ref)
+    else:
+        assert (out == ref).float().mean() >= 0.85  # bf16: rounding may flip a late argmax
+
+
+def test_new_weights_are_never_served_old_constants():
+    """The same parameter objects updated in place (load_state_dict) between two compilations:
+    the second compiled model uses the new values (the version counter is part of the key)."""
+    torch._dynamo.reset()
+    model = _tiny_gpt2(0)
+    ids = torch.randint(5, 300, (1, 6), generator=torch.Generator().manual_seed(1))
+    first = cpuboost.optimize(model, dtype=torch.bfloat16, graph_mode=True)
+    with torch.no_grad():
+        first(ids)
+        model.load_state_dict(_tiny_gpt2(1).state_dict())
+        second = cpuboost.optimize(model, dtype=torch.bfloat16, graph_mode=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = model(ids).logits
+        out = second(ids).logits
+    assert rel_err(ref.float(), out.float()) <= 2e-2
+
+
+def test_made_once_keys_on_identity_and_version():
+    w = torch.randn(4, 4)
+    made = []
+
+    def make():
+        made.append(w * 2)
+        return made[-1]
+
+    a = sc.made_once(("double",), w, make)
+    assert sc.made_once(("double",), w, make) is a and len(made) == 1
+    with torch.no_grad():
+        w.add_(1)  # in place: a new version, so made again
+    b = sc.made_once(("double",), w, make)
+    assert b is not a and torch.equal(b, w * 2)
+    del a, b, made[:]  # nothing holds the results any more: the entries die with them
+    sc.made_once(("double",), w, make)
+    assert len(made) == 1
+
+
+def test_inference_tensors_are_made_every_time():
+    with torch.inference_mode():
+        w = torch.randn(3)
+    made = [sc.made_once(("copy",), w, w.clone) for _ in range(2)]
+    assert made[0] is not made[1] and torch.equal(made[0], w)
