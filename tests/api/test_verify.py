@@ -73,3 +73,25 @@ def test_pass_that_makes_the_model_raise_is_dropped(monkeypatch):
     assert report.pass_named("prepack").dropped and report.numerics.passed
     assert any("simulated kernel failure" in w for w in report.warnings)
     assert rel_err(ref, run(opt, case, x)) <= FP32_RTOL
+
+
+def test_compare_blockwise_finds_the_worst_element_anywhere(monkeypatch):
+    """Outputs are compared in float64 blocks (a 128 x 250002 logits tensor is 256 MB in
+    float64): the worst difference, the scale and a NaN count wherever they are."""
+    from cpuboost import verify
+    monkeypatch.setattr(verify, "_CHUNK", 1000)
+    ref = torch.linspace(-2, 2, 5500).reshape(55, 100)
+    cand = ref.clone()
+    cand[54, 99] += 0.01  # last block
+    check = verify.compare(ref, cand, rtol=1e-3)
+    assert abs(check.max_abs - 0.01) < 1e-6 and abs(check.max_rel - 0.005) < 1e-6
+    assert not check.passed
+    cand = ref.clone()
+    cand[20, 3] = float("nan")  # a middle block; later blocks are fine
+    assert not verify.compare(ref, cand, rtol=1.0).passed
+    assert verify.compare(ref, ref.clone(), rtol=0.0).passed
+    wide = torch.randn(3, 2, 5000).transpose(0, 2)  # non-contiguous, blocks along every dim
+    other = wide.clone()
+    other[4321, 1, 2] += 0.5
+    check = verify.compare(wide, other, rtol=1.0)
+    assert abs(check.max_abs - 0.5) < 1e-6 and check.compared == 1
