@@ -77,3 +77,30 @@ def test_toy_models_match_eager(name):
         out = torch.compile(model, backend="cpuboost")(*x)
     with torch.no_grad():
         assert rel_err(model(*x), out) <= 1e-4
+
+
+@pytest.mark.parametrize("winner", ["onednn", "mkl"])
+def test_fp32_linear_packed_once_for_the_faster_kernel(monkeypatch, winner):
+    """Where oneDNN measures faster, Inductor's packing pattern emits the oneDNN linear directly:
+    no MKL pack is ever folded (it used to be made, then dropped: a transient copy of every
+    weight). Where MKL is faster, the MKL path stays."""
+    from torch._inductor import constant_folding
+    from cpuboost.compile import graph_passes
+    monkeypatch.setattr(graph_passes, "mkl_or_onednn", lambda *a: (winner, 1.0, 1.0))
+    folded = []
+    original = constant_folding.replace_node_with_constant
+
+    def spy(gm, node, constant=None, name=None):
+        folded.append(str(node.target))
+        return original(gm, node, constant, name)
+
+    monkeypatch.setattr(constant_folding, "replace_node_with_constant", spy)
+    import torch._inductor.config as cfg
+    torch._dynamo.reset()
+    model, x = _mlp(), torch.randn(16, 64)
+    with cfg.patch(fx_graph_cache=False), torch.no_grad(), backend_mod.scope():
+        out = torch.compile(model, backend="cpuboost")(x)
+    mkl = [t for t in folded if "mkl_reorder" in t]
+    onednn = [t for t in folded if "mkldnn._reorder_linear_weight" in t]
+    assert (len(mkl), len(onednn)) == ((0, 2) if winner == "onednn" else (2, 0))
+    assert rel_err(model(x), out) <= 1e-4
