@@ -8,10 +8,11 @@ generate held 4 graphs and 2.8x the eager process's RSS.
 
 While the backend compiles, each constant the folder produces is keyed by how it was made: the
 op and its non-tensor arguments, recursively down to the weights it reads, which are identified
-by object and version counter (an in-place update such as ``load_state_dict`` bumps the version,
-so it never matches a constant folded from the old values). A later graph that folds the same
-recipe gets the tensor made the first time, and the fresh one is freed at once. Entries hold
-everything weakly: they live exactly as long as some compiled graph still uses the constant.
+by object, version counter, data pointer and a sample of values (an in-place update such as
+``load_state_dict`` bumps the version, ``param.data = ...`` moves the pointer, so neither matches
+a constant folded from the old values). A later graph that folds the same recipe gets the
+tensor made the first time, without computing it again. Entries hold everything weakly: they
+live exactly as long as some compiled graph still uses the constant.
 """
 from __future__ import annotations
 
@@ -34,11 +35,24 @@ class _NoRecipe(Exception):
 
 
 def _leaf(t: torch.Tensor) -> tuple[_Key, torch.Tensor]:
+    """A weight's key: its object, version counter (bumped by in-place updates such as
+    ``load_state_dict``), data pointer (``param.data = other`` and ``module.to(...)`` swap the
+    data without bumping the version) and a sample of its values (so a freed buffer reused at
+    the same address is not taken for the old one)."""
+    if t.layout != torch.strided or t.device.type == "meta":
+        raise _NoRecipe  # opaque (a oneDNN-packed tensor) or no data: never shared as a leaf
     try:
         version = t._version
     except RuntimeError:  # inference tensors carry no version counter: never shared
         raise _NoRecipe from None
-    return ("tensor", id(t), version), t
+    return ("tensor", id(t), version, t.data_ptr(), _sample(t)), t
+
+
+def _sample(t: torch.Tensor) -> tuple:
+    if t.numel() == 0 or not t.is_contiguous():
+        return ()
+    flat = t.detach().view(-1)
+    return tuple(flat[::max(1, flat.numel() // 16)][:16].tolist())
 
 
 def made_once(tag: tuple, source: torch.Tensor, make: Callable[[], torch.Tensor]) -> torch.Tensor:

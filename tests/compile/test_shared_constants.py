@@ -70,6 +70,21 @@ def test_new_weights_are_never_served_old_constants():
     assert rel_err(ref.float(), out.float()) <= 2e-2
 
 
+def test_new_data_under_the_same_parameter_is_never_served_old_constants():
+    """``param.data = ...`` (and ``module.to(...)``) swap a parameter's data without bumping its
+    version: the data pointer and a sample of values are part of the key."""
+    torch._dynamo.reset()
+    model = _tiny_gpt2(0)
+    ids = torch.randint(5, 300, (1, 6), generator=torch.Generator().manual_seed(1))
+    other = _tiny_gpt2(1).state_dict()
+    with torch.no_grad():
+        cpuboost.optimize(model, graph_mode=True)(ids)
+        for name, p in model.named_parameters():
+            p.data = other[name].clone()
+        second = cpuboost.optimize(model, graph_mode=True)
+        assert rel_err(model(ids).logits, second(ids).logits) <= 1e-4
+
+
 def test_made_once_keys_on_identity_and_version():
     w = torch.randn(4, 4)
     made = []
