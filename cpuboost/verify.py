@@ -34,13 +34,16 @@ def _blocks(r: torch.Tensor, c: torch.Tensor):
 
 
 def _max_diff_and_scale(r: torch.Tensor, c: torch.Tensor) -> tuple[float, float]:
-    """max |r - c| and max |r| in float64, a block at a time (no full-size temporaries)."""
+    """max |r - c| and max finite |r| in float64, a block at a time (no full-size temporaries).
+    Elements equal in both (the same inf, or NaN in both) count as equal; a NaN or inf in only
+    one of them makes the difference NaN or inf, which fails the check."""
     diff = scale = 0.0
     for rb, cb in _blocks(r, c):
         r64, c64 = rb.double(), cb.double()
-        d = (r64 - c64).abs().max().item()
+        same = (r64 == c64) | (r64.isnan() & c64.isnan())
+        d = torch.where(same, 0.0, (r64 - c64).abs()).max().item()
         diff = d if d != d else max(diff, d)  # a NaN stays NaN (and fails the check)
-        scale = max(scale, r64.abs().max().item())
+        scale = max(scale, torch.nan_to_num(r64.abs(), nan=0.0, posinf=0.0).max().item())
         if diff != diff:
             break
     return diff, scale

@@ -90,6 +90,12 @@ def test_compare_blockwise_finds_the_worst_element_anywhere(monkeypatch):
     cand[20, 3] = float("nan")  # a middle block; later blocks are fine
     assert not verify.compare(ref, cand, rtol=1.0).passed
     assert verify.compare(ref, ref.clone(), rtol=0.0).passed
+    both = ref.clone()
+    both[3, 4], both[40, 2] = float("nan"), float("inf")  # the original's own NaN/inf, matched
+    assert verify.compare(both, both.clone(), rtol=0.0).passed
+    worse = both.clone()
+    worse[40, 2] = 1.0  # inf in the reference only
+    assert not verify.compare(both, worse, rtol=1.0).passed
     wide = torch.randn(3, 2, 5000).transpose(0, 2)  # non-contiguous, blocks along every dim
     other = wide.clone()
     other[4321, 1, 2] += 0.5
