@@ -2,15 +2,16 @@
 from cpuboost.api import optimize
 from cpuboost.config import OptimizeConfig
 from cpuboost.deploy import ExportedModel, export, load
-from cpuboost.errors import (ConfigError, CpuBoostError, ExportError, InvalidModelError,
-                             PackageError, SampleInputError, TrainingModeError,
+from cpuboost.errors import (CalibrationError, ConfigError, CpuBoostError, ExportError,
+                             InvalidModelError, PackageError, SampleInputError, TrainingModeError,
                              UnsupportedDeviceError, UnsupportedDtypeError,
                              UnsupportedRequestError)
+from cpuboost.quant import DynamicInt8Config, StaticInt8Config, quantize
 from cpuboost.report import OptimizationReport, report_of
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "CpuBoostError", "ExportError", "ExportedModel", "InvalidModelError",
-           "OptimizationReport", "OptimizeConfig", "PackageError", "SampleInputError",
-           "TrainingModeError", "UnsupportedDeviceError", "UnsupportedDtypeError",
-           "UnsupportedRequestError", "export", "load", "optimize", "report_of"]
+__all__ = ["CalibrationError", "ConfigError", "CpuBoostError", "DynamicInt8Config", "ExportError",
+           "ExportedModel", "InvalidModelError", "OptimizationReport", "OptimizeConfig",
+           "PackageError", "SampleInputError", "StaticInt8Config", "TrainingModeError",
+           "UnsupportedDeviceError", "UnsupportedDtypeError", "UnsupportedRequestError", "export", "load", "optimize", "quantize", "report_of"]

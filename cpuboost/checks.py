@@ -67,7 +67,7 @@ def as_call(sample_input) -> tuple[tuple, dict]:
     return (sample_input,), {}
 
 
-def run_sample(model: nn.Module, call: tuple[tuple, dict]):
+def run_sample(model: nn.Module, call: tuple[tuple, dict], what: str = "sample_input"):
     args, kwargs = call
     try:
         with torch.no_grad():
@@ -75,7 +75,7 @@ def run_sample(model: nn.Module, call: tuple[tuple, dict]):
     except Exception as e:
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
         raise SampleInputError(
-            f"the model raised {type(e).__name__} on sample_input (positional {shapes}, keyword "
+            f"the model raised {type(e).__name__} on {what} (positional {shapes}, keyword "
             f"{sorted(kwargs)}): {e}. Pass an input the model accepts: a tensor, a tuple of "
             "positional arguments, or a dict of keyword arguments. The model was not changed."
         ) from e

@@ -39,3 +39,7 @@ class ExportError(CpuBoostError, RuntimeError):
 
 class PackageError(CpuBoostError, ValueError):
     """A package given to ``cpuboost.load`` is unreadable, damaged, or built for another setup."""
+
+
+class CalibrationError(CpuBoostError, ValueError):
+    """Calibration data could not be used (NaN/inf activations, no batches, wrong format)."""

@@ -52,6 +52,7 @@ class OptimizationReport:
     numerics: Optional[NumericsCheck] = None
     warnings: list[str] = field(default_factory=list)
     pending: Optional[str] = None  # set while passes wait for the first call
+    accuracy: Optional[str] = None  # low-precision result vs the original (e.g. int8 SQNR)
 
     def record(self, name: str) -> PassRecord:
         rec = PassRecord(name)
@@ -79,7 +80,12 @@ class OptimizationReport:
         mib = 1 << 20
         lines.append(f"  weights: {self.weight_bytes_before / mib:.1f} MiB before, "
                      f"{self.weight_bytes_after / mib:.1f} MiB after")
-        lines.append(f"  numerics: {self.numerics if self.numerics else 'not checked (no sample_input)'}")
+        if self.accuracy:
+            lines.append(f"  accuracy: {self.accuracy}")
+        elif self.numerics:
+            lines.append(f"  numerics: {self.numerics}")
+        else:
+            lines.append("  numerics: not checked (no sample_input)")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 

@@ -11,15 +11,19 @@ from typing import Callable
 
 import psutil
 import torch
+from torch import nn
 
 import cpuboost
 from cpuboost._memory import release_freed_memory
 from cpuboost.bench.zoo import Cycle, Generate
-from cpuboost.verify import compare
+from cpuboost.verify import compare, cosine
 
-VARIANTS = ("eager_fp32", "cpuboost_fp32", "eager_bf16", "cpuboost_bf16", "compile_fp32",
-            "cpuboost_compile_fp32", "cpuboost_compile_bf16")
-COMPILED = ("compile_fp32", "cpuboost_compile_fp32", "cpuboost_compile_bf16")
+VARIANTS = ("eager_fp32", "cpuboost_fp32", "eager_bf16", "cpuboost_bf16", "cpuboost_int8",
+            "cpuboost_int8_dynamic", "compile_fp32", "cpuboost_compile_fp32",
+            "cpuboost_compile_bf16", "cpuboost_compile_int8")
+COMPILED = ("compile_fp32", "cpuboost_compile_fp32", "cpuboost_compile_bf16",
+            "cpuboost_compile_int8")
+INT8 = ("cpuboost_int8", "cpuboost_int8_dynamic", "cpuboost_compile_int8")
 
 
 def call(model, inputs):
@@ -55,7 +59,18 @@ class PeakRss:
         self.peak = max(self.peak, rss_mb())
 
 
-def _variant(name: str, model, inputs) -> Callable[[], object]:
+def _int8(name: str, model, sample, case) -> nn.Module:
+    """Static int8 calibrated on the case's calibration inputs (not the timed ones), or
+    dynamic int8; the compiled variant is static int8 with graph_mode."""
+    if name == "cpuboost_int8_dynamic":
+        return cpuboost.quantize(model, config=cpuboost.DynamicInt8Config(),
+                                 example_inputs=sample)
+    calib = case.calib() if case.calib is not None else [sample]
+    return cpuboost.quantize(model, calib, example_inputs=sample,
+                             graph_mode=name == "cpuboost_compile_int8")
+
+
+def _variant(name: str, model, inputs, case) -> Callable[[], object]:
     if isinstance(inputs, Cycle):  # each variant walks the same sequence of requests
         sample, inputs = inputs.first(), inputs.fresh()
     else:
@@ -82,6 +97,9 @@ def _variant(name: str, model, inputs) -> Callable[[], object]:
             with torch._inductor.config.patch(freezing=True):
                 return call(compiled, inputs)
         return run
+    if name in INT8:
+        q = _int8(name, model, sample, case)
+        return lambda: call(q, inputs)
     if name in ("cpuboost_compile_fp32", "cpuboost_compile_bf16"):
         dtype = torch.bfloat16 if name.endswith("bf16") else None
         opt = cpuboost.optimize(model, dtype=dtype, graph_mode=True, sample_input=sample)
@@ -102,6 +120,7 @@ def _progress(case: str, done: int, total: int, text: str) -> None:
 
 
 def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> dict:
+    variants = [v for v in variants if case.int8 or v not in INT8]
     model, inputs = case.build()
     fns, setup_s, rss, outputs, compiles = {}, {}, {}, {}, {}
     total, done = len(variants) * (rounds + 1), 0
@@ -112,7 +131,7 @@ def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> 
             t0 = time.perf_counter()
             graphs_before = _compiled_graphs()
             with PeakRss() as mem:
-                fn = _variant(name, model, inputs)
+                fn = _variant(name, model, inputs, case)
                 outputs[name] = fn()  # first call: includes compilation / deferred work
                 for _ in range(len(inputs.items) if isinstance(inputs, Cycle) else 1):
                     fn()  # see every request shape once before timing (compiles happen here)
@@ -139,11 +158,13 @@ def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> 
     rows = []
     for name in fns:
         med = statistics.median(times[name])
-        diff = compare(outputs["eager_fp32"], outputs[name], 1.0) if "eager_fp32" in outputs else None
+        ref = outputs.get("eager_fp32")
+        diff = compare(ref, outputs[name], 1.0) if ref is not None else None
         rows.append({"case": case.name, "variant": name, "median_ms": med,
                      "speedup": base / med if base else None, "setup_s": setup_s[name],
                      "peak_rss_mb": rss[name][0], "setup_added_mb": rss[name][1],
                      "max_rel_diff": diff.max_rel if diff else None,
+                     "cosine": cosine(ref, outputs[name]) if ref is not None else None,
                      "graphs_compiled": compiles[name],
                      "times_ms": times[name]})
     return {"case": case.name, "rows": rows, "threads": torch.get_num_threads()}
@@ -168,4 +189,4 @@ def memory_check(case) -> dict:
             "ratio": after / before}
 
 
-__all__ = ["VARIANTS", "call", "memory_check", "run_case"]
+__all__ = ["INT8", "VARIANTS", "call", "memory_check", "run_case"]

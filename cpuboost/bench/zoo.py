@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -41,6 +41,9 @@ class BenchCase:
     name: str
     build: Callable[[], tuple[nn.Module, dict]]  # -> (eval model, keyword inputs)
     quick: bool = True  # part of `cpuboost bench --quick`
+    # int8 calibration inputs, other than the timed ones (None: the timed sample itself)
+    calib: Optional[Callable[[], list]] = None
+    int8: bool = True  # run the int8 variants (LLM generation has its own weight-only path)
 
 
 def _resnet50(batch: int):
@@ -77,13 +80,32 @@ class DLRM(nn.Module):
         return self.top(x)
 
 
+def _dlrm_inputs(batch: int, bag: int = 4, tables: int = 8, rows: int = 100_000) -> dict:
+    indices = torch.randint(0, rows, (tables, batch * bag))
+    offsets = torch.arange(0, batch * bag, bag).repeat(tables, 1)
+    return {"dense": torch.randn(batch, 13), "indices": indices, "offsets": offsets}
+
+
 def _dlrm(batch: int, bag: int = 4):
     torch.manual_seed(0)
     model = DLRM().eval()
-    tables = len(model.embs)
-    indices = torch.randint(0, 100_000, (tables, batch * bag))
-    offsets = torch.arange(0, batch * bag, bag).repeat(tables, 1)
-    return model, {"dense": torch.randn(batch, 13), "indices": indices, "offsets": offsets}
+    return model, _dlrm_inputs(batch, bag, len(model.embs))
+
+
+def _calib_images(n: int = 4) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [{"pixel_values": torch.randn(1, 3, 224, 224, generator=g)} for _ in range(n)]
+
+
+def _calib_text(lengths=(128, 96, 128, 64)) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": (ids := torch.randint(1000, 30000, (1, n), generator=g)),
+             "attention_mask": torch.ones_like(ids)} for n in lengths]
+
+
+def _calib_dlrm() -> list:
+    torch.manual_seed(1)
+    return [_dlrm_inputs(256)]
 
 
 def _bert_dynamic(lengths=(17, 45, 64, 99, 128)):
@@ -108,13 +130,13 @@ def _gpt2_generate(new_tokens: int = 32, prompt: int = 16):
 
 
 CASES = {c.name: c for c in [
-    BenchCase("resnet50_bs1", lambda: _resnet50(1)),
-    BenchCase("resnet50_bs16", lambda: _resnet50(16), quick=False),
-    BenchCase("bert_base_bs1_s128", lambda: _bert(1)),
-    BenchCase("bert_base_bs8_s128", lambda: _bert(8), quick=False),
-    BenchCase("dlrm_bs256", lambda: _dlrm(256)),
-    BenchCase("bert_base_dynamic_lengths", _bert_dynamic, quick=False),
-    BenchCase("gpt2_generate_32", _gpt2_generate, quick=False),
+    BenchCase("resnet50_bs1", lambda: _resnet50(1), calib=_calib_images),
+    BenchCase("resnet50_bs16", lambda: _resnet50(16), quick=False, calib=_calib_images),
+    BenchCase("bert_base_bs1_s128", lambda: _bert(1), calib=_calib_text),
+    BenchCase("bert_base_bs8_s128", lambda: _bert(8), quick=False, calib=_calib_text),
+    BenchCase("dlrm_bs256", lambda: _dlrm(256), calib=_calib_dlrm),
+    BenchCase("bert_base_dynamic_lengths", _bert_dynamic, quick=False, calib=_calib_text),
+    BenchCase("gpt2_generate_32", _gpt2_generate, quick=False, int8=False),
 ]}
 
 

@@ -68,10 +68,11 @@ def _print_table(results: list[dict], memory: list[dict]) -> None:
     print("\nspeedup: vs stock eager fp32 in the same process (median of rounds); setup s: "
           "optimize + first call of each request shape (for compiled variants: the compile "
           "time); peak RSS: process peak while the variant was set up; +setup: what its set-up "
-          "added; graphs: "
+          "added; cos: cosine similarity of the output with eager fp32's (the accuracy proxy for "
+          "int8); graphs: "
           "graphs torch.compile built for it (dynamic-length case: over all request lengths)")
     print(f"\n{'case':<26} {'variant':<22} {'median ms':>10} {'speedup':>8} {'setup s':>8} "
-          f"{'peak RSS':>9} {'+setup':>7} {'max rel diff':>13} {'graphs':>6}")
+          f"{'peak RSS':>9} {'+setup':>7} {'max rel diff':>13} {'cos':>8} {'graphs':>6}")
     for res in results:
         if res.get("error"):
             print(f"{res['case']:<26} ERROR: {res['error']}")
@@ -79,7 +80,7 @@ def _print_table(results: list[dict], memory: list[dict]) -> None:
             print(f"{r['case']:<26} {r['variant']:<22} {r['median_ms']:>10.2f} "
                   f"{r['speedup']:>7.2f}x {r['setup_s']:>8.1f} {r['peak_rss_mb']:>8.0f}M "
                   f"{r['setup_added_mb']:>+6.0f}M {r['max_rel_diff']:>13.2e} "
-                  f"{r.get('graphs_compiled', 0):>6}")
+                  f"{r.get('cosine') or float('nan'):>8.5f} {r.get('graphs_compiled', 0):>6}")
     for m in memory:
         if "ratio" in m:
             print(f"memory {m['case']}: eager {m['rss_eager_mb']:.0f} MiB, after "

@@ -1,4 +1,4 @@
-"""Run an activation inside the oneDNN call of the conv/linear that feeds it.
+"""Run an activation inside the oneDNN call of the conv/linear (float or int8) that feeds it.
 
 Chosen from the recorded dataflow: the activation module must be the only user of the packed
 module's output (looking through a folded BatchNorm), and every call of that activation module
@@ -10,6 +10,7 @@ from torch import nn
 
 from cpuboost.nn import FoldedBatchNorm
 from cpuboost.nn.fused import _Fused
+from cpuboost.nn.int8 import _Int8
 from cpuboost.nn.postops import identify
 from cpuboost.passes._context import PassContext, has_user_hooks, replace_module
 from cpuboost.passes._dataflow import ModuleCall
@@ -24,6 +25,10 @@ class FusedAway(nn.Identity):
 
     def extra_repr(self) -> str:
         return f"{self.what} fused into {', '.join(self.fused_into)}"
+
+
+def _takes_post_op(m: nn.Module) -> bool:
+    return (isinstance(m, _Fused) and m.backend == "onednn") or isinstance(m, _Int8)
 
 
 def _activation_after(flow, call):
@@ -44,15 +49,18 @@ def fuse_pointwise(model: nn.Module, ctx: PassContext) -> nn.Module:
         if call.index in flow.absorbed:
             continue
         act_call = None
-        if isinstance(call.module, _Fused) and call.module.backend == "onednn":
+        if _takes_post_op(call.module):
             act_call = _activation_after(flow, call)
-        if act_call is None or isinstance(act_call.module, (_Fused, FoldedBatchNorm)):
+        if act_call is None or isinstance(act_call.module, (_Fused, _Int8, FoldedBatchNorm)):
             continue
         act = act_call.module
         op = identify(act)
         if op is None:
             continue
-        if call.module.post_op.name != "none" or len(flow.calls_of(call.module)) != 1:
+        accepts = getattr(call.module, "accepts", None)
+        if accepts is not None and not accepts(op):
+            blocked[id(act)] = f"{call.name}'s kernel has no {op.name} post-op"
+        elif call.module.post_op.name != "none" or len(flow.calls_of(call.module)) != 1:
             blocked[id(act)] = f"{call.name} runs more than once or is already fused"
         elif has_user_hooks(act):
             blocked[id(act)] = "has forward hooks, which would stop firing"

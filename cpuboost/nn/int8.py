@@ -1,0 +1,293 @@
+"""Linear and Conv modules computing in int8 through torch's oneDNN kernels.
+
+An activation is quantized per tensor to uint8 (``q = clamp(round(x / s) + z, 0, qmax)``); a
+weight is quantized symmetrically to int8, one scale per output channel (a per-tensor weight
+has the same scale in every channel). oneDNN multiplies u8 x s8 into int32 and applies the
+scales, bias and a fused activation on the way out, returning float.
+
+Each module holds its int8 weight once: packed for oneDNN (eager), or plain (``for_compile``)
+when the model is to be compiled — then ``forward`` is the quantize/dequantize form, which
+Inductor's freezing turns into the same int8 kernels with the quantization fused into the
+preceding ops. That form is also ``reference_forward``, the plain-PyTorch oracle of tests.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpuboost.nn.postops import POST_OPS, PostOp
+
+_qd = torch.ops.quantized_decomposed
+_onednn = torch.ops.onednn
+_qlinear = _onednn.qlinear_pointwise.default
+_qconv = _onednn.qconv_pointwise.default
+W_MIN, W_MAX = -128, 127
+_EPS = torch.finfo(torch.float32).eps
+
+
+def _register_decomposed_ops() -> None:
+    """torch defines the quantized_decomposed ops (the quantize/dequantize form Inductor
+    matches) in a module it does not import by default; imported when an int8 module is made,
+    not when cpuboost is."""
+    importlib.import_module("torch.ao.quantization.fx._decomposed")
+
+
+def quantize_weight(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weight (dim 0 = output channels) and its fp32 scale per output channel."""
+    w = w.detach().float()
+    flat = w.reshape(w.shape[0], -1)
+    amax = flat.abs().amax(dim=1) if per_channel else flat.abs().amax().expand(w.shape[0])
+    scale = (amax / W_MAX).clamp(min=_EPS).contiguous()
+    view = (-1,) + (1,) * (w.dim() - 1)
+    q = torch.round(w / scale.view(view)).clamp(W_MIN, W_MAX).to(torch.int8)
+    return q, scale
+
+
+def dynamic_qparams(x: torch.Tensor, qmax: int) -> tuple[float, int]:
+    """Per-tensor uint8 scale and zero point covering x's range (and 0)."""
+    lo, hi = torch.aminmax(x)
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max((hi - lo) / qmax, _EPS)
+    return scale, int(min(max(round(-lo / scale), 0), qmax))
+
+
+class _Int8(nn.Module):
+    """Shared state: the int8 weight (packed or plain), scales, bias, activation qparams."""
+
+    def _init_common(self, weight, bias, act: Optional[tuple[float, int]], qmax: int,
+                     per_channel: bool, post_op: PostOp):
+        _register_decomposed_ops()
+        qw, self.w_scale = quantize_weight(weight, per_channel)
+        self.w_zp = torch.zeros(qw.shape[0], dtype=torch.int64)
+        self.per_channel = per_channel
+        self.bias = None if bias is None else bias.detach().float().contiguous()
+        self.dynamic = act is None
+        self.x_scale, self.x_zp = (None, None) if act is None else (float(act[0]), int(act[1]))
+        self.qmax = qmax
+        self.post_op = post_op
+        self.orig_dtype = weight.dtype
+        self.training = False
+        return qw
+
+    @property
+    def post_op(self) -> PostOp:
+        return POST_OPS[self.post_op_name]
+
+    @post_op.setter
+    def post_op(self, op: PostOp) -> None:
+        self.post_op_name = op.name
+        self._attr, self._scalars, self._algo = op.attr, list(op.scalars), op.algorithm or ""
+
+    @property
+    def packed(self) -> bool:
+        return self._w.is_mkldnn
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The plain int8 weight (a copy when it is held packed)."""
+        return self._unpacked() if self.packed else self._w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, a fresh float copy in the original dtype, for code that
+        reads ``.weight`` (its dtype, its shape). Writing to it changes nothing."""
+        return self._dequantized_weight().to(self.orig_dtype)
+
+    def for_compile(self) -> None:
+        """Hold the weight plain, so a compiler can trace the module (it cannot see into a
+        packed tensor); freezing packs it again as a constant of the graph."""
+        if self.packed:
+            self._w = self._unpacked()
+
+    def for_eager(self) -> None:
+        if not self.packed:
+            self._w = self._pack(self._w)
+
+    def refold(self) -> None:
+        """Called when the BatchNorm folded into this layer loads new statistics."""
+        raise RuntimeError(
+            f"{type(self).__name__} holds int8 weights with a BatchNorm folded in; new float "
+            "BatchNorm statistics cannot be folded into them. Load the weights into the float "
+            "model and quantize it again.")
+
+    def weight_bytes(self) -> int:
+        n = self._w.numel() + self.w_scale.numel() * 4
+        return n + (0 if self.bias is None else self.bias.numel() * 4)
+
+    def _act_qparams(self, x: torch.Tensor) -> tuple[float, int]:
+        return dynamic_qparams(x, self.qmax) if self.dynamic else (self.x_scale, self.x_zp)
+
+    def _quantize(self, x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+        # The formula of quantized_decomposed.quantize_per_tensor, in place to save passes.
+        q = x.float().mul(1.0 / scale) if x.dtype != torch.float32 else x.mul(1.0 / scale)
+        return q.round_().add_(zp).clamp_(0, self.qmax).to(torch.uint8)
+
+    def _qdq_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize x as the int8 kernel sees it (the form Inductor matches)."""
+        x = x.float()
+        if self.dynamic:
+            s, z = _qd.choose_qparams.tensor(x, 0, self.qmax, _EPS, torch.uint8)
+            q = _qd.quantize_per_tensor.tensor(x, s, z, 0, self.qmax, torch.uint8)
+            return _qd.dequantize_per_tensor.tensor(q, s, z, 0, self.qmax, torch.uint8)
+        q = _qd.quantize_per_tensor.default(x, self.x_scale, self.x_zp, 0, self.qmax, torch.uint8)
+        return _qd.dequantize_per_tensor.default(q, self.x_scale, self.x_zp, 0, self.qmax,
+                                                 torch.uint8)
+
+    def _dequantized_weight(self) -> torch.Tensor:
+        return _qd.dequantize_per_channel.default(self.qweight, self.w_scale, self.w_zp, 0,
+                                                  W_MIN, W_MAX, torch.int8)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.qweight
+        destination[prefix + "weight_scale"] = self.w_scale
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias
+        if not self.dynamic:
+            destination[prefix + "input_scale"] = torch.tensor(self.x_scale, dtype=torch.float64)
+            destination[prefix + "input_zero_point"] = torch.tensor(self.x_zp)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if self.packed:  # a packed tensor has no storage to pickle or deepcopy
+            state["_w"] = ("__plain__", self._unpacked())
+        return state
+
+    def __setstate__(self, state):
+        held = state.get("_w")
+        super().__setstate__(state)
+        if isinstance(held, tuple) and held[0] == "__plain__":
+            self._w = self._pack(held[1])
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.zeros(1))
+        if probe.dtype != torch.float32 or probe.device.type != "cpu":
+            raise RuntimeError(
+                f"{type(self).__name__} holds an int8 weight for the CPU; it cannot be moved or "
+                "cast. Quantize the original model again instead.")
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError(f"{type(self).__name__} is an int8 inference module (no "
+                               "gradients); train the original model and quantize it again.")
+        return super().train(False)
+
+    def accepts(self, op: PostOp) -> bool:
+        """Whether oneDNN's int8 kernel for this layer can apply ``op`` (measured: qconv3d
+        takes none, qconv1d/2d relu/silu/hardswish, qlinear all but sigmoid)."""
+        return op.name in self.supported_post_ops
+
+    def _common_repr(self) -> str:
+        act = "dynamic" if self.dynamic else f"input_scale={self.x_scale:.4g}, zp={self.x_zp}"
+        parts = [act, "per_channel" if self.per_channel else "per_tensor"]
+        if self.qmax != 255:
+            parts.append(f"input range 0..{self.qmax}")
+        if self.post_op_name != "none":
+            parts.append(f"post_op={self.post_op_name}")
+        return ", ".join(parts)
+
+
+class Int8Linear(_Int8):
+    """``y = act(x @ W.T + b)`` with x quantized per tensor (static scale, or computed per call
+    when ``act`` is None) and W per output channel. Input may be (..., in_features)."""
+
+    supported_post_ops = frozenset({"none", "relu", "gelu", "gelu_tanh", "silu", "tanh",
+                                    "hardswish"})
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 act: Optional[tuple[float, int]], qmax: int = 255, per_channel: bool = True,
+                 post_op: PostOp = POST_OPS["none"]):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self._w = self._pack(self._init_common(weight, bias, act, qmax, per_channel, post_op))
+
+    def _pack(self, qw: torch.Tensor) -> torch.Tensor:
+        return _onednn.qlinear_prepack(qw, None)
+
+    def _unpacked(self) -> torch.Tensor:
+        return self._w.to_dense().t().contiguous()  # packed is (in, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.packed or torch.compiler.is_compiling():
+            return self.reference_forward(x)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        scale, zp = self._act_qparams(x2)
+        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        y = _qlinear(self._quantize(x2, scale, zp), scale, zp, self._w, self.w_scale, self.w_zp,
+                     self.bias, 1.0, 0, out_dtype, self._attr, self._scalars, self._algo)
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self._qdq_input(x), self._dequantized_weight(), self.bias)
+        y = self.post_op.reference(y)
+        return y if x.dtype == torch.float32 or not x.is_floating_point() else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self._common_repr()}"
+
+
+class Int8Conv(_Int8):
+    """Conv1d/2d/3d with a static per-tensor input scale. Conv1d runs as a 2-D conv of height
+    1; 2-D/3-D inputs are made channels-last (oneDNN's int8 layout)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 act: tuple[float, int], stride, padding, dilation, groups: int,
+                 qmax: int = 255, per_channel: bool = True, post_op: PostOp = POST_OPS["none"],
+                 input_shape: Optional[tuple[int, ...]] = None):
+        super().__init__()
+        self.nd = weight.dim() - 2
+        self.supported_post_ops = frozenset(
+            {"none"} if self.nd == 3 else {"none", "relu", "silu", "hardswish"})
+        self.out_channels = weight.shape[0]
+        self.stride, self.padding = tuple(stride), tuple(padding)
+        self.dilation, self.groups = tuple(dilation), groups
+        lift = (lambda v, pad: [pad] + list(v)) if self.nd == 1 else (lambda v, pad: list(v))
+        self._stride, self._padding = lift(stride, 1), lift(padding, 0)
+        self._dilation = lift(dilation, 1)
+        if input_shape is not None and self.nd == 1:
+            input_shape = (input_shape[0], input_shape[1], 1, input_shape[2])
+        self.pack_shape = None if input_shape is None else list(input_shape)
+        qw = self._init_common(weight, bias, act, qmax, per_channel, post_op)
+        self._w = self._pack(qw)
+
+    def _pack(self, qw: torch.Tensor) -> torch.Tensor:
+        if self.nd == 1:
+            qw = qw.unsqueeze(2)  # (O, I, K) -> (O, I, 1, K)
+        return _onednn.qconv_prepack(qw, self.w_scale, self.x_scale, self.x_zp, self._stride,
+                                     self._padding, self._dilation, self.groups, self.pack_shape)
+
+    def _unpacked(self) -> torch.Tensor:
+        w = self._w.to_dense()
+        return w.squeeze(2).contiguous() if self.nd == 1 else w.contiguous()
+
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        if self.nd == 1:
+            return x.unsqueeze(2)  # (N, C, L) -> (N, C, 1, L)
+        fmt = torch.channels_last if self.nd == 2 else torch.channels_last_3d
+        return x.contiguous(memory_format=fmt)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.packed or torch.compiler.is_compiling():
+            return self.reference_forward(x)
+        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        qx = self._quantize(self._layout(x), self.x_scale, self.x_zp)
+        y = _qconv(qx, self.x_scale, self.x_zp, self._w, self.w_scale, self.w_zp, self.bias,
+                   self._stride, self._padding, self._dilation, self.groups, 1.0, 0, out_dtype,
+                   self._attr, self._scalars, self._algo)
+        return y.squeeze(2) if self.nd == 1 else y
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
+        y = conv(self._qdq_input(x), self._dequantized_weight(), self.bias, self.stride,
+                 self.padding, self.dilation, self.groups)
+        y = self.post_op.reference(y)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.nd}d, out_channels={self.out_channels}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, {self._common_repr()}")

@@ -1,0 +1,105 @@
+"""IPEX's quantization names (``ipex.quantization.prepare / convert`` and the default qconfig
+mappings), mapped onto ``cpuboost.quantize``'s configs. Switching is a changed import::
+
+    from cpuboost.quantization import prepare, convert, default_static_qconfig_mapping
+    prepared = prepare(model, default_static_qconfig_mapping, example_inputs=x)
+    for batch in calibration_batches:
+        prepared(batch)
+    model_int8 = convert(prepared)
+
+A ``torch.ao.quantization`` QConfigMapping (what IPEX took) is translated too: its global
+activation observer picks ``observer`` (Histogram / MinMax / Placeholder = dynamic), the weight
+observer's qscheme picks per-channel or per-tensor, and modules mapped to ``None`` stay float.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import nn
+
+from cpuboost.checks import as_call
+from cpuboost.errors import ConfigError, InvalidModelError
+from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Config
+from cpuboost.quant.quantize import Prepared, convert_model, prepare_model, resolve
+
+default_static_qconfig_mapping = StaticInt8Config()
+default_dynamic_qconfig_mapping = DynamicInt8Config()
+_PREPARED = "_cpuboost_prepared"
+
+
+def prepare(model: nn.Module, configure: Any = default_static_qconfig_mapping,
+            example_inputs: Any = None, inplace: bool = False, bn_folding: bool = True,
+            example_kwarg_inputs: Optional[dict] = None) -> nn.Module:
+    """A copy of ``model`` (unless inplace) whose calls record the ranges int8 needs; call it on
+    calibration data, then pass it to :func:`convert`. Argument names are IPEX's."""
+    cfg = qconfig_to_config(configure)
+    if example_inputs is not None and example_kwarg_inputs is not None:
+        raise ConfigError("pass example_inputs or example_kwarg_inputs, not both.")
+    example = example_kwarg_inputs if example_kwarg_inputs is not None else example_inputs
+    if example is None and not cfg.dynamic:
+        raise ConfigError("prepare needs example_inputs= (one input the model accepts): it shows "
+                          "which layers run, which BatchNorms fold and which activations fuse.")
+    if not bn_folding:
+        raise ConfigError("bn_folding=False is not supported: a BatchNorm folded into its conv is "
+                          "exact in inference, and int8 convs need it folded.")
+    prepared = prepare_model(model, cfg, None if example is None else as_call(example), inplace)
+    object.__setattr__(prepared.work, _PREPARED, prepared)
+    return prepared.work
+
+
+def convert(model: nn.Module, inplace: bool = False, graph_mode: bool = False) -> nn.Module:
+    """The int8 model for a model returned by :func:`prepare` and run on calibration data.
+    The prepared model itself is converted (IPEX's ``inplace`` is accepted for compatibility:
+    prepare already made the copy)."""
+    prepared: Optional[Prepared] = getattr(model, _PREPARED, None)
+    if prepared is None:
+        raise InvalidModelError(
+            f"{type(model).__name__} was not returned by cpuboost.quantization.prepare(...); "
+            "prepare the model, run it on calibration data, then convert the prepared model.")
+    object.__delattr__(model, _PREPARED)
+    return convert_model(prepared, graph_mode)
+
+
+def qconfig_to_config(configure: Any) -> QuantConfig:
+    """Our config for IPEX's ``configure`` argument (one of ours, or a torch.ao mapping)."""
+    if isinstance(configure, (StaticInt8Config, DynamicInt8Config)) or configure is None:
+        return resolve(configure)
+    global_qconfig = getattr(configure, "global_qconfig", configure)
+    activation = getattr(global_qconfig, "activation", None)
+    weight = getattr(global_qconfig, "weight", None)
+    if activation is None or weight is None:
+        raise ConfigError(
+            f"cannot read a qconfig from {type(configure).__name__}; pass "
+            "cpuboost.quantization.default_static_qconfig_mapping / default_dynamic_qconfig_mapping, "
+            "a StaticInt8Config / DynamicInt8Config, or a torch.ao QConfigMapping.")
+    skip = tuple(name for name, q in getattr(configure, "module_name_qconfigs", {}).items()
+                 if q is None)
+    act_cls, act_kw = _observer(activation)
+    w_cls, w_kw = _observer(weight)
+    per_tensor = "per_tensor" in str(w_kw.get("qscheme", "")) or (
+        w_cls is not None and "PerChannel" not in w_cls.__name__)
+    granularity = "per_tensor" if per_tensor else "per_channel"
+    name = act_cls.__name__ if act_cls is not None else ""
+    if "Placeholder" in name and act_kw.get("is_dynamic", False):
+        return DynamicInt8Config(weight_granularity=granularity, skip=skip)
+    observer = {"HistogramObserver": "histogram", "MinMaxObserver": "minmax",
+                "MovingAverageMinMaxObserver": "minmax"}.get(name)
+    if observer is None:
+        raise ConfigError(f"activation observer {name or activation!r} has no cpuboost "
+                          "equivalent; use HistogramObserver or MinMaxObserver, or a "
+                          "StaticInt8Config(observer='histogram'|'minmax'|'percentile').")
+    symmetric = "symmetric" in str(act_kw.get("qscheme", ""))
+    return StaticInt8Config(weight_granularity=granularity, activation_symmetric=symmetric,
+                            observer=observer, skip=skip)
+
+
+def _observer(spec) -> tuple[Optional[type], dict]:
+    """(observer class, keyword arguments) of an observer given with ``.with_args(...)``."""
+    partial = getattr(spec, "p", None)
+    if partial is not None and hasattr(partial, "func"):
+        return partial.func, dict(partial.keywords or {})
+    return (spec if isinstance(spec, type) else type(spec)), {}
+
+
+__all__ = ["convert", "default_dynamic_qconfig_mapping", "default_static_qconfig_mapping",
+           "prepare", "qconfig_to_config"]

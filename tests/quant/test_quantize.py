@@ -1,0 +1,179 @@
+"""cpuboost.quantize: every toy model, calibration forms, robustness, and clear errors."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import cpuboost
+from cpuboost import (CalibrationError, ConfigError, DynamicInt8Config, SampleInputError,
+                      StaticInt8Config)
+from cpuboost.errors import UnsupportedRequestError
+from cpuboost.nn.int8 import Int8Conv, Int8Linear, _Int8
+from cpuboost.testing import TOY_MODELS
+from cpuboost.verify import sqnr_db
+from tests.conftest import run, toy
+
+MIN_TOY_SQNR = 20.0  # dB at the model output: random toy weights, 8-bit everywhere
+
+
+def _calib(case, n=4, batch=4):
+    torch.manual_seed(1)
+    return [case.inputs(batch) for _ in range(n)]
+
+
+def _int8_layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, _Int8)}
+
+
+@pytest.mark.parametrize("name", sorted(TOY_MODELS))
+def test_every_toy_model_quantizes_close_to_float(name):
+    case, model = toy(name)
+    before = copy.deepcopy(model.state_dict())
+    calib = _calib(case)
+    q = cpuboost.quantize(model, calib)
+    x = case.inputs(4)
+    ref, out = run(model, case, x), run(q, case, x)
+    assert sqnr_db(ref, out) > MIN_TOY_SQNR
+    assert _int8_layers(q)
+    report = cpuboost.report_of(q)
+    applied = report.applied("quantize")
+    assert len(applied) == len(_int8_layers(q)) and all("SQNR" in a for a in applied)
+    assert "SQNR" in report.accuracy
+    for k, v in model.state_dict().items():  # the original is untouched
+        assert torch.equal(v, before[k])
+
+
+@pytest.mark.parametrize("name", ["transformer_encoder", "mlp_bn", "mha"])
+def test_dynamic_needs_no_calibration(name):
+    case, model = toy(name)
+    q = cpuboost.quantize(model, config=DynamicInt8Config())
+    x = case.inputs(4)
+    assert sqnr_db(run(model, case, x), run(q, case, x)) > MIN_TOY_SQNR
+    assert all(isinstance(m, Int8Linear) and m.dynamic for m in _int8_layers(q).values())
+
+
+def test_bn_folded_and_relu_fused_into_int8_conv():
+    case, model = toy("conv_bn")
+    q = cpuboost.quantize(model, _calib(case))
+    report = cpuboost.report_of(q)
+    assert report.applied("fold_bn") and report.applied("fuse_activations")
+    assert q.stem[0].post_op.name == "relu" and isinstance(q.stem[0], Int8Conv)
+    assert not isinstance(q.up, _Int8)
+    assert ("up", "kept in float: torch has no oneDNN int8 ConvTranspose kernel") in \
+        report.pass_named("quantize").skipped
+
+
+def test_result_does_not_depend_on_thread_count():
+    case, model = toy("conv_bn")
+    calib = _calib(case)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        results.append(cpuboost.quantize(model, calib))
+    one, two = (_int8_layers(r) for r in results)
+    for name in one:
+        assert one[name].x_scale == pytest.approx(two[name].x_scale, rel=1e-5)
+        assert abs(one[name].x_zp - two[name].x_zp) <= 1
+    x = case.inputs(4)
+    for threads in (1, 2):  # and inference at either count
+        torch.set_num_threads(threads)
+        assert sqnr_db(run(results[0], case, x), run(results[1], case, x)) > 35
+
+
+def test_nan_in_calibration_data_names_the_layer():
+    case, model = toy("mlp_bn")
+    bad = case.inputs(4)[0].clone()
+    bad[1, 3] = float("nan")
+    with pytest.raises(CalibrationError, match=r"'net\.0'.*NaN"):
+        cpuboost.quantize(model, [case.inputs(4), (bad,)])
+
+
+class _Scaled(nn.Module):
+    """Activations of 1e30 between two Linears (finite, far beyond any int range)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x) * 1e30) * 1e-30
+
+
+def test_huge_activations_neither_crash_nor_pass_silently():
+    torch.manual_seed(0)
+    model = _Scaled().eval()
+    q = cpuboost.quantize(model, [torch.randn(4, 8) for _ in range(3)],
+                          StaticInt8Config(observer="minmax"))
+    notes = cpuboost.report_of(q).pass_named("calibrate").notes
+    assert any("huge input range" in n and "'b'" not in n and n.startswith("b:") for n in notes)
+    x = torch.randn(4, 8)
+    assert sqnr_db(model(x), q(x)) > MIN_TOY_SQNR
+
+
+def test_nothing_to_quantize_raises_and_leaves_the_model():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4)).eval()
+    with pytest.raises(UnsupportedRequestError, match="no Linear/Conv"):
+        cpuboost.quantize(model, [torch.tensor([[1, 2]])])
+    case, mlp = toy("mlp_bn")
+    with pytest.raises(UnsupportedRequestError, match="skip pattern"):
+        cpuboost.quantize(mlp, _calib(case), StaticInt8Config(skip=("net.*",)))
+
+
+def test_skip_keeps_matching_layers_float():
+    case, model = toy("mlp_bn")
+    q = cpuboost.quantize(model, _calib(case), StaticInt8Config(skip=("net.4",)))
+    assert isinstance(q.net[0], Int8Linear) and not isinstance(q.net[4], _Int8)
+    assert ("net.4", "kept in float: matches skip pattern 'net.4'") in \
+        cpuboost.report_of(q).pass_named("quantize").skipped
+
+
+def test_calibration_data_forms_agree():
+    case, model = toy("conv_bn")
+    calib = _calib(case)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(
+        torch.cat([c[0] for c in calib]), torch.zeros(16)), batch_size=4)
+    made = [cpuboost.quantize(model, calib),
+            cpuboost.quantize(model, iter(calib)),
+            cpuboost.quantize(model, lambda m: [m(x) for x, _ in loader],
+                              example_inputs=calib[0])]
+    scales = [[m.x_scale for m in _int8_layers(q).values()] for q in made]
+    assert scales[0] == scales[1] == scales[2]
+
+
+def test_bad_requests_raise_before_anything_changes():
+    case, model = toy("conv_bn")
+    with pytest.raises(ConfigError, match="calib_data"):
+        cpuboost.quantize(model)
+    with pytest.raises(ConfigError, match="example_inputs"):
+        cpuboost.quantize(model, lambda m: m(*case.inputs(2)))
+    with pytest.raises(ConfigError, match="observer"):
+        StaticInt8Config(observer="kl")
+    with pytest.raises(ConfigError, match="skip"):
+        StaticInt8Config(skip="fc")
+    with pytest.raises(SampleInputError, match="first calibration item"):
+        cpuboost.quantize(model, [("not a tensor",)])
+    with pytest.raises(CalibrationError, match="tuple of positional"):
+        cpuboost.quantize(model, [case.inputs(2), ("not a tensor",)])
+    with pytest.raises(CalibrationError, match="none of the layers"):
+        cpuboost.quantize(model, lambda m: None, example_inputs=case.inputs(2))
+
+
+def test_custom_method_and_inplace():
+    case, model = toy("custom_method")
+    calib = _calib(case)
+    expected = cpuboost.quantize(model, calib)
+    q = cpuboost.quantize(model, calib, inplace=True)
+    assert q is model and _int8_layers(model)
+    x = case.inputs(3)
+    assert torch.equal(run(q, case, x), run(expected, case, x))
+
+
+def test_graph_mode_compiles_the_int8_model():
+    case, model = toy("residual")
+    calib = _calib(case)
+    eager = cpuboost.quantize(model, calib)
+    compiled = cpuboost.quantize(model, calib, graph_mode=True)
+    x = case.inputs(4)
+    assert sqnr_db(run(eager, case, x), run(compiled, case, x)) > 35
+    assert cpuboost.report_of(compiled).applied("graph_mode")
