@@ -6,7 +6,8 @@ from cpuboost.errors import (CalibrationError, ConfigError, CpuBoostError, Expor
                              InvalidModelError, PackageError, SampleInputError, TrainingModeError,
                              UnsupportedDeviceError, UnsupportedDtypeError,
                              UnsupportedRequestError)
-from cpuboost.quant import DynamicInt8Config, StaticInt8Config, quantize
+from cpuboost.quant import (DynamicInt8Config, StaticInt8Config, load_quantized, quantize,
+                            save_quantized)
 from cpuboost.report import OptimizationReport, report_of
 
 __version__ = "0.1.0"
@@ -14,4 +15,5 @@ __version__ = "0.1.0"
 __all__ = ["CalibrationError", "ConfigError", "CpuBoostError", "DynamicInt8Config", "ExportError",
            "ExportedModel", "InvalidModelError", "OptimizationReport", "OptimizeConfig",
            "PackageError", "SampleInputError", "StaticInt8Config", "TrainingModeError",
-           "UnsupportedDeviceError", "UnsupportedDtypeError", "UnsupportedRequestError", "export", "load", "optimize", "quantize", "report_of"]
+           "UnsupportedDeviceError", "UnsupportedDtypeError", "UnsupportedRequestError", "export",
+           "load", "load_quantized", "optimize", "quantize", "report_of", "save_quantized"]

@@ -19,8 +19,10 @@ from torch import nn
 
 from cpuboost.checks import as_call
 from cpuboost.errors import ConfigError, InvalidModelError
+from cpuboost.quant.autotune import autotune, recipe_of
 from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Config
 from cpuboost.quant.quantize import Prepared, convert_model, prepare_model, resolve
+from cpuboost.quant.recipe import Recipe
 
 default_static_qconfig_mapping = StaticInt8Config()
 default_dynamic_qconfig_mapping = DynamicInt8Config()
@@ -101,5 +103,5 @@ def _observer(spec) -> tuple[Optional[type], dict]:
     return (spec if isinstance(spec, type) else type(spec)), {}
 
 
-__all__ = ["convert", "default_dynamic_qconfig_mapping", "default_static_qconfig_mapping",
-           "prepare", "qconfig_to_config"]
+__all__ = ["Recipe", "autotune", "convert", "default_dynamic_qconfig_mapping",
+           "default_static_qconfig_mapping", "prepare", "qconfig_to_config", "recipe_of"]

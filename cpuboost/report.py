@@ -53,6 +53,7 @@ class OptimizationReport:
     warnings: list[str] = field(default_factory=list)
     pending: Optional[str] = None  # set while passes wait for the first call
     accuracy: Optional[str] = None  # low-precision result vs the original (e.g. int8 SQNR)
+    recipe: Optional[object] = None  # quantization: the per-layer decisions (quant.Recipe)
 
     def record(self, name: str) -> PassRecord:
         rec = PassRecord(name)

@@ -13,7 +13,7 @@ preceding ops. That form is also ``reference_forward``, the plain-PyTorch oracle
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +55,30 @@ def dynamic_qparams(x: torch.Tensor, qmax: int) -> tuple[float, int]:
     return scale, int(min(max(round(-lo / scale), 0), qmax))
 
 
+class QuantizedWeight(NamedTuple):
+    """An int8 weight (output channels first) with its fp32 scale per output channel, given to
+    a constructor instead of a float weight (loading a saved int8 model)."""
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dim(self) -> int:
+        return self.q.dim()
+
+
 class _Int8(nn.Module):
     """Shared state: the int8 weight (packed or plain), scales, bias, activation qparams."""
 
     def _init_common(self, weight, bias, act: Optional[tuple[float, int]], qmax: int,
                      per_channel: bool, post_op: PostOp):
         _register_decomposed_ops()
-        qw, self.w_scale = quantize_weight(weight, per_channel)
+        if isinstance(weight, QuantizedWeight):
+            qw, self.w_scale = weight.q.contiguous(), weight.scale.float().contiguous()
+        else:
+            qw, self.w_scale = quantize_weight(weight, per_channel)
         self.w_zp = torch.zeros(qw.shape[0], dtype=torch.int64)
         self.per_channel = per_channel
         self.bias = None if bias is None else bias.detach().float().contiguous()
@@ -69,9 +86,21 @@ class _Int8(nn.Module):
         self.x_scale, self.x_zp = (None, None) if act is None else (float(act[0]), int(act[1]))
         self.qmax = qmax
         self.post_op = post_op
-        self.orig_dtype = weight.dtype
+        self.orig_dtype = torch.float32 if isinstance(weight, QuantizedWeight) else weight.dtype
         self.training = False
         return qw
+
+    def describe(self) -> dict:
+        """The constructor's non-tensor arguments, as JSON-ready values (for saving)."""
+        return {"dynamic": self.dynamic, "input_scale": self.x_scale,
+                "input_zero_point": self.x_zp, "qmax": self.qmax,
+                "per_channel": self.per_channel, "post_op": self.post_op_name}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"weight": self.qweight, "weight_scale": self.w_scale}
+        if self.bias is not None:
+            out["bias"] = self.bias
+        return out
 
     @property
     def post_op(self) -> PostOp:
@@ -227,6 +256,9 @@ class Int8Linear(_Int8):
         y = self.post_op.reference(y)
         return y if x.dtype == torch.float32 or not x.is_floating_point() else y.to(x.dtype)
 
+    def describe(self) -> dict:
+        return dict(super().describe(), kind="linear")
+
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, {self._common_repr()}"
 
@@ -249,6 +281,7 @@ class Int8Conv(_Int8):
         lift = (lambda v, pad: [pad] + list(v)) if self.nd == 1 else (lambda v, pad: list(v))
         self._stride, self._padding = lift(stride, 1), lift(padding, 0)
         self._dilation = lift(dilation, 1)
+        self.input_shape = None if input_shape is None else tuple(input_shape)
         if input_shape is not None and self.nd == 1:
             input_shape = (input_shape[0], input_shape[1], 1, input_shape[2])
         self.pack_shape = None if input_shape is None else list(input_shape)
@@ -287,6 +320,11 @@ class Int8Conv(_Int8):
                  self.padding, self.dilation, self.groups)
         y = self.post_op.reference(y)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def describe(self) -> dict:
+        return dict(super().describe(), kind="conv", stride=list(self.stride),
+                    padding=list(self.padding), dilation=list(self.dilation), groups=self.groups,
+                    input_shape=None if self.input_shape is None else list(self.input_shape))
 
     def extra_repr(self) -> str:
         return (f"{self.nd}d, out_channels={self.out_channels}, stride={self.stride}, "

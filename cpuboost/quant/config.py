@@ -18,7 +18,7 @@ def _check_common(cfg) -> None:
     if isinstance(cfg.skip, str) or not all(isinstance(s, str) for s in cfg.skip):
         raise ConfigError(f"skip={cfg.skip!r} must be a tuple of module names or glob patterns "
                           "(e.g. skip=('classifier', 'encoder.layer.0.*')).")
-    for name in ("fuse_activations",):
+    for name in ("fuse_activations", "embedding_bag", "embedding"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name}={getattr(cfg, name)!r} must be True or False.")
 
@@ -38,6 +38,8 @@ class StaticInt8Config:
     percentile: float = 99.99
     skip: tuple = ()
     fuse_activations: bool = True
+    embedding_bag: bool = True  # EmbeddingBag tables int8 per row (sum/mean)
+    embedding: bool = False  # Embedding tables too (off: token tables are rarely the cost)
 
     def __post_init__(self):
         _check_common(self)
@@ -65,6 +67,8 @@ class DynamicInt8Config:
     weight_granularity: str = "per_channel"
     skip: tuple = ()
     fuse_activations: bool = True
+    embedding_bag: bool = True
+    embedding: bool = False
 
     def __post_init__(self):
         _check_common(self)

@@ -3,12 +3,11 @@ modules, fuse activations, measure each layer's error, and optionally compile.""
 from __future__ import annotations
 
 import copy
-import fnmatch
 import time
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Union
 
-import torch
 from torch import nn
 
 from cpuboost import _env
@@ -16,16 +15,15 @@ from cpuboost.checks import check_model, run_sample
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import CalibrationError, ConfigError, UnsupportedRequestError
 from cpuboost.hw import CpuFeatures, detect
-from cpuboost.nn.fused import (FusedConv, FusedConv1DLinear, FusedConvTranspose, FusedLinear,
-                               _Fused, is_hf_conv1d)
-from cpuboost.nn.int8 import Int8Conv, Int8Linear, _Int8
+from cpuboost.nn.int8 import _Int8
 from cpuboost.passes import (PassContext, fold_bn, fuse_pointwise, replace_module,
                              transformer_layers, weight_bytes)
 from cpuboost.passes._dataflow import Dataflow, record
-from cpuboost.passes.prepack import _conv_padding, module_parents, why_not_packable
 from cpuboost.quant.calibrate import CalibrationData, observe_inputs
 from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Config
+from cpuboost.quant.layers import TABLES, int8_module, kind_of, targets
 from cpuboost.quant.observers import Observer, affine_qparams, make_observer
+from cpuboost.quant.recipe import LayerRecipe, Recipe
 from cpuboost.report import OptimizationReport, PassRecord, attach
 from cpuboost.verify import cosine, sqnr_db
 
@@ -35,21 +33,25 @@ _FIRST = "example_inputs (or the first calibration item)"
 
 
 def quantize(model: nn.Module, calib_data: Any = None, config: Optional[QuantConfig] = None, *,
-             example_inputs: Any = None, inplace: bool = False,
-             graph_mode: bool = False) -> nn.Module:
+             example_inputs: Any = None, inplace: bool = False, graph_mode: bool = False,
+             recipe: Union[Recipe, str, Path, None] = None) -> nn.Module:
     """Return an int8 version of ``model`` (a copy unless ``inplace=True``).
 
     ``config``: ``StaticInt8Config()`` (default; needs ``calib_data``) or ``DynamicInt8Config()``.
     ``calib_data``: a list / DataLoader / generator of model inputs, or a function calling the
     model (then ``example_inputs`` is needed too). ``graph_mode=True`` compiles the result with
-    the cpuboost backend. ``cpuboost.report_of(result)`` lists every int8 layer with its SQNR,
-    what stayed in float and why.
+    the cpuboost backend. ``recipe`` (a Recipe or its JSON file, e.g. saved from
+    ``recipe_of(result)`` or by autotune) fixes every layer's dtype and scales: no calibration.
+    ``cpuboost.report_of(result)`` lists every int8 layer with its SQNR, what stayed in float
+    and why.
     """
-    cfg = resolve(config)
+    recipe = Recipe.load(recipe) if isinstance(recipe, (str, Path)) else recipe
+    cfg = _config_for(config, recipe)
     data = CalibrationData(calib_data, example_inputs)
-    _check_data(cfg, data)
-    prepared = prepare_model(model, cfg, data.first_call(), inplace)
-    if not cfg.dynamic:
+    if recipe is None:
+        _check_data(cfg, data)
+    prepared = prepare_model(model, cfg, data.first_call(), inplace, recipe)
+    if prepared.observers is not None:
         t0 = time.perf_counter()
         data.run(prepared.work)
         prepared.calib_seconds = time.perf_counter() - t0
@@ -68,12 +70,15 @@ class Prepared:
     flow: Optional[Dataflow]
     targets: dict[str, nn.Module]
     rec: PassRecord
+    given: Optional[Recipe] = None  # a recipe to apply instead of calibrating
     observers: Optional[dict[str, Observer]] = None
     handles: list = field(default_factory=list)
     calib_seconds: float = 0.0
+    layers: dict[str, LayerRecipe] = field(default_factory=dict)  # the recipe being made
 
 
-def prepare_model(model: nn.Module, cfg: QuantConfig, first, inplace: bool) -> Prepared:
+def prepare_model(model: nn.Module, cfg: QuantConfig, first, inplace: bool,
+                  recipe: Optional[Recipe] = None) -> Prepared:
     """Copy (unless inplace), fold BatchNorm, pick the layers and observe their inputs."""
     check_model(model, "cpuboost.quantize")
     hw = detect()
@@ -89,13 +94,14 @@ def prepare_model(model: nn.Module, cfg: QuantConfig, first, inplace: bool) -> P
     _timed(report, "transformer_layers",
            lambda r: transformer_layers(work, PassContext(OptimizeConfig(), hw, r, flow)))
     rec = PassRecord("quantize")
-    targets = _targets(work, cfg, rec)
-    if not targets:
+    prepared = Prepared(work, cfg, hw, report, first, reference, flow, {}, rec, recipe)
+    prepared.targets = targets(work, cfg, rec, prepared.layers)
+    if not prepared.targets:
         _nothing_quantized(rec)
-    prepared = Prepared(work, cfg, hw, report, first, reference, flow, targets, rec)
-    if not cfg.dynamic:
+    if not cfg.dynamic and recipe is None:
+        observed = {n: m for n, m in prepared.targets.items() if kind_of(m) not in TABLES}
         prepared.observers, prepared.handles = observe_inputs(
-            prepared.targets, lambda name: make_observer(cfg.observer, name, cfg.percentile))
+            observed, lambda name: make_observer(cfg.observer, name, cfg.percentile))
     return prepared
 
 
@@ -112,7 +118,7 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
     p.report.passes.append(p.rec)
     t0 = time.perf_counter()
     qmax = _activation_qmax(p.hw)
-    floats = _convert(work, p.targets, p.observers, p.cfg, qmax, p.flow, p.rec)
+    floats = _convert(p, qmax)
     if qmax != 255:
         p.rec.notes.append(f"activations use 0..{qmax}: without VNNI, u8 x s8 products "
                            "saturate at full range")
@@ -121,7 +127,9 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
         measured = f" (SQNR {sqnr[name]:.1f} dB)" if name in sqnr else (
             " (not run on the first input)" if p.first is not None else "")
         p.rec.apply(f"{name}: {type(f).__name__} -> int8{measured}")
+        p.layers[name] = replace(p.layers[name], sqnr_db=sqnr.get(name))
     del floats
+    p.report.recipe = Recipe(p.cfg, dict(p.layers))
     p.rec.seconds = time.perf_counter() - t0
     if p.cfg.fuse_activations and p.flow is not None:
         _timed(p.report, "fuse_activations",
@@ -135,6 +143,15 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
     if _env.verbose():
         print(p.report)
     return work
+
+
+def _config_for(config, recipe: Optional[Recipe]) -> QuantConfig:
+    if recipe is None:
+        return resolve(config)
+    if config is not None and config != recipe.config:
+        raise ConfigError("pass config= or recipe=, not both: the recipe carries its config "
+                          f"({recipe.config}).")
+    return recipe.config
 
 
 def resolve(config) -> QuantConfig:
@@ -172,40 +189,6 @@ def _timed(report: OptimizationReport, name: str, run) -> None:
     rec.seconds = time.perf_counter() - t0
 
 
-def _kind(m: nn.Module) -> Optional[str]:
-    if isinstance(m, (FusedLinear, nn.Linear)) or is_hf_conv1d(m):
-        return "linear"
-    if isinstance(m, (FusedConv,) + _CONVS):
-        return "conv"
-    if isinstance(m, (FusedConvTranspose, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return "transposed"
-    return None
-
-
-def _targets(model: nn.Module, cfg: QuantConfig, rec: PassRecord) -> dict[str, nn.Module]:
-    """Modules to quantize, by name (a module registered twice is taken once)."""
-    parents, found, seen = module_parents(model), {}, set()
-    for name, m in model.named_modules():
-        kind = _kind(m)
-        if kind is None or id(m) in seen:
-            continue
-        seen.add(id(m))
-        pattern = next((p for p in cfg.skip if fnmatch.fnmatchcase(name, p)), None)
-        if pattern is not None:
-            rec.skip(name, f"kept in float: matches skip pattern {pattern!r}")
-        elif kind == "transposed":
-            rec.skip(name, "kept in float: torch has no oneDNN int8 ConvTranspose kernel")
-        elif cfg.dynamic and kind == "conv":
-            rec.skip(name, "dynamic int8 covers Linear layers; convs need static calibration")
-        elif isinstance(m, _Fused) and m.backend != "aten":
-            rec.skip(name, "already packed by cpuboost.optimize: quantize the original model")
-        elif (why := why_not_packable(model, m, parents)) is not None:
-            rec.skip(name, why)
-        else:
-            found[name] = m
-    return found
-
-
 def _calibration_notes(observers: dict[str, Observer], cfg: StaticInt8Config,
                        rec: PassRecord) -> None:
     if not any(o.seen for o in observers.values()):
@@ -221,48 +204,50 @@ def _calibration_notes(observers: dict[str, Observer], cfg: StaticInt8Config,
                              f"over [{lo:.3g}, {hi:.3g}] ({cfg.observer})")
 
 
-def _float_parts(m: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Weight (out, in, ...) and bias of a float Linear/Conv (BatchNorm folded if it was)."""
-    if isinstance(m, _Fused):
-        w, b = m._folded_dense()
-        return (w.t() if isinstance(m, FusedConv1DLinear) else w), b
-    w = m.weight.detach()
-    return (w.t() if is_hf_conv1d(m) else w), (None if m.bias is None else m.bias.detach())
+def _act_qparams(p: Prepared, name: str, qmax: int):
+    """(scale, zero point) for a layer's input, None for dynamic or weight-only, or a str: why
+    it stays float."""
+    weight_only = kind_of(p.targets[name]) in TABLES
+    if p.given is not None:
+        r = p.given.layers.get(name)
+        if r is None:
+            return "not in the recipe"
+        if r.dtype != "int8":
+            return r.reason or f"{r.dtype} in the recipe"
+        return None if p.cfg.dynamic or weight_only else (r.input_scale, r.input_zero_point)
+    if p.observers is None or weight_only:
+        return None
+    obs = p.observers[name]
+    if not obs.seen:
+        return "did not run during calibration, so its input range is unknown"
+    return affine_qparams(*obs.clip_range(), qmax, p.cfg.activation_symmetric)
 
 
-def _int8_module(m, act, cfg, qmax: int, input_shape) -> _Int8:
-    w, b = _float_parts(m)
-    per_channel = cfg.weight_granularity == "per_channel"
-    if _kind(m) == "linear":
-        return Int8Linear(w, b, act, qmax, per_channel)
-    padding = m.padding if isinstance(m, FusedConv) else _conv_padding(m)
-    return Int8Conv(w, b, act, m.stride, padding, m.dilation, m.groups, qmax, per_channel,
-                    input_shape=input_shape)
-
-
-def _convert(model, targets, observers, cfg, qmax: int, flow: Optional[Dataflow],
-             rec: PassRecord) -> dict[str, tuple[_Int8, nn.Module]]:
+def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
     """Swap each target for its int8 module. Returns name -> (int8, float module it replaced)."""
     done = {}
-    for name, m in targets.items():
-        act = None
-        if observers is not None:
-            obs = observers[name]
-            if not obs.seen:
-                rec.skip(name, "did not run during calibration, so its input range is unknown")
-                continue
-            act = affine_qparams(*obs.clip_range(), qmax, cfg.activation_symmetric)
-        shape = flow.first_shape(m) if flow is not None else None
-        q = _int8_module(m, act, cfg, qmax, shape)
-        replace_module(model, m, q)
-        if flow is not None:
-            flow.rebind(m, q)
+    for name, m in p.targets.items():
+        act = _act_qparams(p, name, qmax)
+        if isinstance(act, str):
+            p.rec.skip(name, act)
+            p.layers[name] = LayerRecipe(kind_of(m), "fp32", reason=act)
+            continue
+        shape = p.flow.first_shape(m) if p.flow is not None else None
+        q = int8_module(m, act, p.cfg, qmax, shape)
+        replace_module(p.work, m, q)
+        if p.flow is not None:
+            p.flow.rebind(m, q)
         bn = m.__dict__.get("_folded_bn")
         if bn is not None:  # the folded BatchNorm now belongs to the int8 module
             object.__setattr__(bn, "_producer", q)
+        seen = p.observers.get(name) if p.observers is not None else None
+        p.layers[name] = LayerRecipe(
+            kind_of(m), "int8", getattr(q, "x_scale", None), getattr(q, "x_zp", None),
+            (seen.lo, seen.hi) if seen is not None else (
+                p.given.layers[name].observed_range if p.given is not None else None))
         done[name] = (q, m)
     if not done:
-        _nothing_quantized(rec)
+        _nothing_quantized(p.rec)
     return done
 
 
@@ -278,10 +263,10 @@ def _layer_sqnr(model, converted, first) -> dict[str, float]:
     results: dict[str, float] = {}
     handles = []
     for name, (q, f) in converted.items():
-        def hook(mod, args, out, name=name, f=f):
+        def hook(mod, args, kwargs, out, name=name, f=f):
             if name not in results:
-                results[name] = sqnr_db(f(*args), out)
-        handles.append(q.register_forward_hook(hook))
+                results[name] = sqnr_db(f(*args, **kwargs), out)
+        handles.append(q.register_forward_hook(hook, with_kwargs=True))
     try:
         run_sample(model, first, _FIRST)
     finally:

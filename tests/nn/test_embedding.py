@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import cpuboost
-from cpuboost.nn.embedding import HeldEmbedding, HeldEmbeddingBag
+from cpuboost.nn.embedding import HeldEmbedding, HeldEmbeddingBag, Int8Embedding, Int8EmbeddingBag
+from cpuboost.verify import sqnr_db
 from tests.conftest import rel_err, run, toy
 
 
@@ -135,3 +136,67 @@ def test_tied_lm_head_reads_the_same_bf16_table():
     assert set(opt.state_dict()) == set(model.state_dict())
     report = cpuboost.report_of(opt)
     assert report.weight_bytes_after < 0.6 * report.weight_bytes_before
+
+
+# -- int8 tables -------------------------------------------------------------------------
+
+
+INT8_TABLE_SQNR = 35.0  # dB: 8 bits per row with its own scale and offset
+
+
+def _bags(rows, sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, rows, (sum(sizes),), generator=g)
+    offsets = torch.tensor([0] + list(sizes[:-1])).cumsum(0)
+    return ids, offsets
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean"])
+@pytest.mark.parametrize("sizes", [(1, 1, 1), (20,) * 8, (3, 0, 41, 7, 20)], ids=["1", "20", "mixed"])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("last_offset", [False, True])
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_int8_embedding_bag_matches_float(mode, sizes, weighted, last_offset, padding_idx):
+    if weighted and mode != "sum":
+        pytest.skip("torch takes per_sample_weights only with mode='sum'")
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(50, 16, mode=mode, include_last_offset=last_offset,
+                          padding_idx=padding_idx).eval()
+    q = Int8EmbeddingBag(bag)
+    ids, offsets = _bags(50, sizes)
+    ids[::5] = 2  # some padding entries when padding_idx=2
+    if last_offset:
+        offsets = torch.cat([offsets, torch.tensor([ids.numel()])])
+    psw = torch.rand(ids.numel()) if weighted else None
+    y = q(ids, offsets, psw)
+    torch.testing.assert_close(y, q.reference_forward(ids, offsets, psw), atol=1e-5, rtol=1e-5)
+    ref = bag(ids, offsets, per_sample_weights=psw)
+    assert y.shape == ref.shape
+    assert sqnr_db(ref, y) > INT8_TABLE_SQNR
+    assert q.weight_bytes() == 50 * (16 + 8)
+
+
+def test_int8_embedding_bag_2d_input_and_int32_ids():
+    torch.manual_seed(0)
+    bag = nn.EmbeddingBag(30, 8, mode="mean").eval()
+    q = Int8EmbeddingBag(bag)
+    ids = torch.randint(0, 30, (4, 6))
+    assert sqnr_db(bag(ids), q(ids)) > INT8_TABLE_SQNR
+    flat, offsets = ids.reshape(-1), torch.arange(0, 24, 6)
+    torch.testing.assert_close(q(flat.int(), offsets.int()), q(ids))
+
+
+def test_int8_embedding_matches_float():
+    torch.manual_seed(0)
+    emb = nn.Embedding(40, 12, padding_idx=0).eval()
+    q = Int8Embedding(emb)
+    ids = torch.randint(0, 40, (3, 7))
+    y = q(ids)
+    assert y.shape == (3, 7, 12)
+    torch.testing.assert_close(y, q.reference_forward(ids), atol=1e-5, rtol=1e-5)
+    assert sqnr_db(emb(ids), y) > INT8_TABLE_SQNR
+
+
+def test_int8_embedding_bag_refuses_max():
+    with pytest.raises(ValueError, match="sum"):
+        Int8EmbeddingBag(nn.EmbeddingBag(10, 4, mode="max"))

@@ -1,0 +1,104 @@
+"""A quantization recipe: per layer, int8 (with its input scale and zero point) or float (with
+the reason), saved as editable JSON and loaded back (IPEX's qconf_summary idea).
+
+``cpuboost.quantize(model, recipe=...)`` applies a recipe without calibrating again: every layer
+marked ``int8`` uses the recorded scale, every other layer stays in float. Edit the JSON to
+move a layer to float (``"dtype": "fp32"``) or to change a scale.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Union
+
+from cpuboost.errors import ConfigError
+from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Config
+
+FORMAT = "cpuboost-quant-recipe"
+VERSION = 1
+DTYPES = ("int8", "fp32")
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    kind: str  # "linear" | "conv"
+    dtype: str = "int8"  # "int8" | "fp32"
+    input_scale: Optional[float] = None  # None: dynamic (computed per call)
+    input_zero_point: Optional[int] = None
+    observed_range: Optional[tuple[float, float]] = None  # what calibration saw
+    sqnr_db: Optional[float] = None  # the layer's own error when it was measured
+    reason: str = ""  # why it is float, or how it was decided
+
+    def check(self, name: str, dynamic: bool) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"recipe layer {name!r}: dtype {self.dtype!r}; use one of {DTYPES}.")
+        if self.dtype == "int8" and not dynamic and self.kind not in ("embedding",
+                                                                      "embedding_bag"):
+            scale, zp = self.input_scale, self.input_zero_point
+            if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+                raise ConfigError(f"recipe layer {name!r}: input_scale {scale!r} must be a "
+                                  "positive finite number.")
+            if not (isinstance(zp, int) and 0 <= zp <= 255):
+                raise ConfigError(f"recipe layer {name!r}: input_zero_point {zp!r} must be an "
+                                  "integer in 0..255.")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    config: QuantConfig
+    layers: dict[str, LayerRecipe] = field(default_factory=dict)
+
+    def int8_layers(self) -> list[str]:
+        return [n for n, r in self.layers.items() if r.dtype == "int8"]
+
+    def with_float(self, names, reason: str) -> "Recipe":
+        """This recipe with ``names`` moved to fp32 for ``reason``."""
+        layers = dict(self.layers)
+        for n in names:
+            layers[n] = replace(layers[n], dtype="fp32", reason=reason)
+        return Recipe(self.config, layers)
+
+    def to_json(self) -> dict:
+        cfg = asdict(self.config)
+        cfg["type"] = type(self.config).__name__
+        return {"format": FORMAT, "version": VERSION, "config": cfg,
+                "layers": {n: {k: v for k, v in asdict(r).items() if v is not None}
+                           for n, r in self.layers.items()}}
+
+    def save(self, path: Union[str, Path]) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+    @classmethod
+    def from_json(cls, data: dict, source: str = "recipe") -> "Recipe":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ConfigError(f"{source} is not a cpuboost quantization recipe (no "
+                              f"'format': {FORMAT!r}).")
+        if data.get("version") != VERSION:
+            raise ConfigError(f"{source} has recipe version {data.get('version')!r}; this "
+                              f"cpuboost reads version {VERSION}.")
+        cfg = dict(data.get("config") or {})
+        kinds = {"StaticInt8Config": StaticInt8Config, "DynamicInt8Config": DynamicInt8Config}
+        kind = kinds.get(cfg.pop("type", None))
+        if kind is None:
+            raise ConfigError(f"{source}: config type must be one of {sorted(kinds)}.")
+        try:
+            config = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+            layers = {n: LayerRecipe(**{k: tuple(v) if k == "observed_range" else v
+                                        for k, v in r.items()})
+                      for n, r in (data.get("layers") or {}).items()}
+        except TypeError as e:
+            raise ConfigError(f"{source}: unexpected field ({e}); edit only the values of "
+                              "existing fields.") from None
+        for n, r in layers.items():
+            r.check(n, config.dynamic)
+        return cls(config, layers)
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Recipe":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read the recipe {str(path)!r}: {e}") from None
+        return cls.from_json(data, repr(str(path)))

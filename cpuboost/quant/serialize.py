@@ -1,0 +1,207 @@
+"""Save and load int8 models without pickle: a directory holding ``model.safetensors`` (every
+tensor: int8 weights and scales, and the float rest) and ``quantization.json`` (what each
+int8 layer is, which BatchNorms are folded and which activations fused, the recipe, versions,
+and the tensor file's size and SHA-256, so a truncated or altered file is refused).
+
+``load_quantized(model_ctor, path)`` builds the float architecture with ``model_ctor()``
+(its weights are replaced, so random initialization is fine), then swaps in the int8 layers
+and loads the rest. A mismatch between the file and the architecture is a clear error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+from torch import nn
+
+from cpuboost.errors import InvalidModelError, PackageError
+from cpuboost.nn import FoldedBatchNorm
+from cpuboost.nn.folded import fold_into
+from cpuboost.nn.embedding import Int8Embedding, Int8EmbeddingBag, _Int8Table
+from cpuboost.nn.int8 import Int8Conv, Int8Linear, QuantizedWeight, _Int8
+from cpuboost.nn.postops import POST_OPS
+from cpuboost.passes import replace_module
+from cpuboost.passes.fuse_pointwise import FusedAway
+from cpuboost.passes.transformer_layers import ModularTransformerEncoderLayer
+from cpuboost.quant.recipe import Recipe
+from cpuboost.report import OptimizationReport, attach, report_of
+
+FORMAT = "cpuboost-int8-model"
+VERSION = 1
+TENSORS, MANIFEST = "model.safetensors", "quantization.json"
+_INT8 = (_Int8, _Int8Table)
+
+
+def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
+    """Write the int8 ``model`` (returned by quantize/autotune) to the directory ``path``."""
+    recipe = getattr(report_of(model), "recipe", None)
+    if recipe is None:
+        raise InvalidModelError("save_quantized takes a model returned by cpuboost.quantize "
+                                "or autotune; this one carries no quantization recipe.")
+    from safetensors.torch import save_file
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    int8 = {n: m for n, m in model.named_modules() if isinstance(m, _INT8)}
+    tensors = {f"{n}.{k}": t for n, m in int8.items() for k, t in m.tensors().items()}
+    tensors.update({k: v for k, v in model.state_dict().items()
+                    if k.rpartition(".")[0] not in int8})
+    tensors, aliases = _dedup(tensors)
+    save_file(tensors, str(out / TENSORS))
+    manifest = {
+        "format": FORMAT, "version": VERSION, "torch": torch.__version__,
+        "int8": {n: m.describe() for n, m in int8.items()},
+        # BatchNorms folded into an int8 layer; one folded into a float layer (a
+        # ConvTranspose) is saved unfolded by that layer's state_dict and loads as a plain BN
+        "folded_bn": {n: _name_of(model, m.__dict__.get("_producer"))
+                      for n, m in model.named_modules() if isinstance(m, FoldedBatchNorm)
+                      and isinstance(m.__dict__.get("_producer"), _Int8)},
+        "fused_away": {n: {"op": m.what, "into": m.fused_into}
+                       for n, m in model.named_modules() if isinstance(m, FusedAway)},
+        "modular_layers": [n for n, m in model.named_modules()
+                           if isinstance(m, ModularTransformerEncoderLayer)],
+        "aliases": aliases, "recipe": recipe.to_json(),
+        "tensors": {"file": TENSORS, **_digest(out / TENSORS)},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return out
+
+
+def _dedup(tensors: dict) -> tuple[dict, dict]:
+    """safetensors stores no shared storage: one copy of each, the others as aliases."""
+    first: dict[tuple, str] = {}
+    kept, aliases = {}, {}
+    for k, t in tensors.items():
+        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and ident in first:
+            aliases[k] = first[ident]
+        else:
+            first[ident] = k
+            kept[k] = t.detach().contiguous()
+    return kept, aliases
+
+
+def _digest(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def _name_of(model: nn.Module, target) -> str:
+    return next((n for n, m in model.named_modules() if m is target), "")
+
+
+def load_quantized(model_ctor: Callable[[], nn.Module], path: Union[str, Path]) -> nn.Module:
+    """The int8 model saved at ``path``, built on the architecture ``model_ctor()`` returns."""
+    manifest, tensors = _read(Path(path))
+    model = model_ctor()
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"model_ctor returned {type(model).__name__}, not an nn.Module.")
+    model.eval()
+    for name in manifest["modular_layers"]:
+        _module(model, name, path).__class__ = ModularTransformerEncoderLayer
+    for name, spec in manifest["int8"].items():
+        floating = _module(model, name, path)
+        if spec["kind"] in ("embedding", "embedding_bag"):
+            layer = _int8_table(name, spec, floating, tensors, path)
+        else:
+            layer = _int8_layer(name, spec, tensors, path)
+            _check_shape(name, floating, layer, path)
+        replace_module(model, floating, layer)
+    rest = {k: tensors[manifest["aliases"].get(k, k)] for k in
+            list(tensors) + list(manifest["aliases"])
+            if k.rpartition(".")[0] not in manifest["int8"]}
+    result = model.load_state_dict(rest, strict=False)
+    for bn_name, producer in manifest["folded_bn"].items():  # after loading their statistics
+        fold_into(_module(model, bn_name, path), _module(model, producer, path))
+    for name, fused in manifest["fused_away"].items():
+        replace_module(model, _module(model, name, path), FusedAway(fused["op"], fused["into"]))
+    expected_missing = {k for k in result.missing_keys
+                        if k.rpartition(".")[0] in manifest["int8"]}
+    if set(result.missing_keys) - expected_missing or result.unexpected_keys:
+        raise PackageError(
+            f"{path} does not match the model model_ctor builds: missing "
+            f"{sorted(set(result.missing_keys) - expected_missing)[:5]}, unexpected "
+            f"{sorted(result.unexpected_keys)[:5]}. Pass the constructor of the architecture "
+            "that was quantized.")
+    report = OptimizationReport("int8 (loaded)", "O1", "")
+    report.recipe = Recipe.from_json(manifest["recipe"], f"{path}/{MANIFEST}")
+    report.record("load").applied.append(f"{len(manifest['int8'])} int8 layer(s) from {path}")
+    attach(model, report)
+    return model
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PackageError(f"cannot read {path / MANIFEST}: {e}. Pass the directory "
+                           "save_quantized wrote.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise PackageError(f"{path} is not a cpuboost int8 model (no format {FORMAT!r}).")
+    if manifest.get("version") != VERSION:
+        raise PackageError(f"{path} has format version {manifest.get('version')!r}; this "
+                           f"cpuboost reads version {VERSION}.")
+    file = path / TENSORS
+    if not file.exists() or _digest(file) != {k: manifest["tensors"][k]
+                                              for k in ("bytes", "sha256")}:
+        raise PackageError(f"{file} is missing, truncated or altered (its size/SHA-256 differ "
+                           "from what save_quantized recorded); save the model again.")
+    from safetensors.torch import load_file
+    return manifest, load_file(str(file))
+
+
+def _module(model: nn.Module, name: str, path) -> nn.Module:
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        raise PackageError(f"{path} has a layer {name!r} that the model model_ctor builds does "
+                           "not have; pass the constructor of the architecture that was "
+                           "quantized.") from None
+
+
+def _check_shape(name: str, floating: nn.Module, layer: _Int8, path) -> None:
+    w = getattr(floating, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        raise PackageError(f"{path}: layer {name!r} is a {type(floating).__name__} in the model "
+                           "model_ctor builds, not a Linear/Conv.")
+    shape = tuple(layer.qweight.shape)
+    if tuple(w.shape) not in (shape, shape[::-1]):  # transformers' Conv1D stores (in, out)
+        raise PackageError(f"{path}: layer {name!r} has weight shape {shape} in the file but "
+                           f"{tuple(w.shape)} in the model model_ctor builds.")
+
+
+def _int8_table(name: str, spec: dict, floating: nn.Module, tensors: dict, path) -> _Int8Table:
+    kind = {"embedding": nn.Embedding, "embedding_bag": nn.EmbeddingBag}[spec["kind"]]
+    packed = tensors.get(f"{name}.packed_weight")
+    if type(floating) is not kind or packed is None or tuple(packed.shape) != (
+            floating.num_embeddings, floating.embedding_dim + 8):
+        raise PackageError(f"{path}: table {name!r} does not match the model model_ctor builds "
+                           f"({type(floating).__name__}, file rows x bytes "
+                           f"{None if packed is None else tuple(packed.shape)}).")
+    table = (Int8EmbeddingBag if kind is nn.EmbeddingBag else Int8Embedding)(floating)
+    table._w = packed
+    return table
+
+
+def _int8_layer(name: str, spec: dict, tensors: dict, path) -> _Int8:
+    try:
+        weight = QuantizedWeight(tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"])
+        bias = tensors.get(f"{name}.bias")
+    except KeyError as e:
+        raise PackageError(f"{path}: the tensors of int8 layer {name!r} are missing ({e}).") from None
+    act = None if spec["dynamic"] else (spec["input_scale"], spec["input_zero_point"])
+    common = dict(qmax=spec["qmax"], per_channel=spec["per_channel"],
+                  post_op=POST_OPS[spec["post_op"]])
+    if spec["kind"] == "linear":
+        return Int8Linear(weight, bias, act, **common)
+    shape = spec.get("input_shape")
+    return Int8Conv(weight, bias, act, spec["stride"], spec["padding"], spec["dilation"],
+                    spec["groups"], input_shape=None if shape is None else tuple(shape), **common)
+
+
+__all__ = ["load_quantized", "save_quantized"]

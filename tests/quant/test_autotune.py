@@ -1,0 +1,104 @@
+"""autotune: a model whose default int8 recipe misses the tolerance (one layer's input has an
+outlier channel) is brought within it by keeping the fewest layers float; the recipe is saved,
+edited and loaded back."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import cpuboost
+from cpuboost import ConfigError
+from cpuboost.quantization import Recipe, autotune, recipe_of
+from tests.quant.test_accuracy import _digits, _top1, _train
+
+TOLERANCE = 0.01
+
+
+class OutlierMLP(nn.Module):
+    """After training, channel 0 of fc2's input is scaled by 1000 and fc2's weight column by
+    1/1000: the float function is unchanged, but a per-tensor int8 scale for fc2's input now
+    spends its 256 levels on that channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(64, 96), nn.Linear(96, 64), nn.Linear(64, 10)
+        self.register_buffer("gain", torch.ones(96))
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x.flatten(1))) * self.gain
+        return self.fc3(torch.relu(self.fc2(h)))
+
+    def add_outlier(self):
+        with torch.no_grad():
+            self.gain[0] = 1000.0
+            self.fc2.weight[:, 0] /= 1000.0
+        return self
+
+
+@pytest.fixture(scope="module")
+def outlier_case():
+    (xtr, ytr), (xte, yte) = _digits()
+    torch.manual_seed(0)
+    model = _train(OutlierMLP(), xtr, ytr).add_outlier()
+    calib = [xtr[i:i + 64] for i in range(0, 512, 64)]
+    return model, calib, lambda m: _top1(m, xte, yte)
+
+
+def test_default_recipe_misses_and_autotune_meets_the_tolerance(outlier_case, tmp_path):
+    model, calib, top1 = outlier_case
+    base = top1(model)
+    default = cpuboost.quantize(model, calib)
+    assert (base - top1(default)) / base > TOLERANCE  # the constructed failure is real
+    path = tmp_path / "recipe.json"
+    tuned = autotune(model, calib, top1, max_relative_loss=TOLERANCE, save_recipe=path)
+    assert (base - top1(tuned)) / base <= TOLERANCE
+    recipe = recipe_of(tuned)
+    assert [n for n, r in recipe.layers.items() if r.dtype != "int8"] == ["fc2"]
+    notes = cpuboost.report_of(tuned).pass_named("autotune").notes
+    assert any("0 layer(s) in float" in n for n in notes)
+    # the saved recipe rebuilds the same model without tuning or calibration
+    again = cpuboost.quantize(model, recipe=path, example_inputs=calib[0])
+    x = calib[1]
+    assert torch.equal(again(x), tuned(x))
+    saved = json.loads(path.read_text())
+    assert saved["layers"]["fc2"]["dtype"] == "fp32"
+    assert saved["layers"]["fc2"]["reason"].startswith("autotune")
+
+
+def test_edited_recipe_is_applied(outlier_case, tmp_path):
+    model, calib, _ = outlier_case
+    q = cpuboost.quantize(model, calib)
+    path = tmp_path / "r.json"
+    recipe_of(q).save(path)
+    data = json.loads(path.read_text())
+    data["layers"]["fc3"]["dtype"] = "fp32"
+    data["layers"]["fc1"]["input_scale"] *= 2
+    path.write_text(json.dumps(data))
+    edited = cpuboost.quantize(model, recipe=path, example_inputs=calib[0])
+    assert isinstance(edited.fc3, nn.Linear)
+    assert edited.fc1.x_scale == pytest.approx(2 * q.fc1.x_scale)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda d: d.update(format="other"), "not a cpuboost quantization recipe"),
+    (lambda d: d.update(version=99), "version"),
+    (lambda d: d["layers"]["fc1"].update(input_scale=-1.0), "positive finite"),
+    (lambda d: d["layers"]["fc1"].update(dtype="int4"), "dtype"),
+    (lambda d: d["layers"]["fc1"].update(scale=1.0), "unexpected field"),
+])
+def test_bad_recipes_raise_clearly(outlier_case, tmp_path, edit, match):
+    model, calib, _ = outlier_case
+    data = recipe_of(cpuboost.quantize(model, calib)).to_json()
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=match):
+        Recipe.load(path)
+
+
+def test_recipe_and_config_conflict(outlier_case):
+    model, calib, _ = outlier_case
+    recipe = recipe_of(cpuboost.quantize(model, calib))
+    with pytest.raises(ConfigError, match="not both"):
+        cpuboost.quantize(model, config=cpuboost.DynamicInt8Config(), recipe=recipe)
