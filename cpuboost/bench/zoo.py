@@ -103,9 +103,9 @@ def _calib_text(lengths=(128, 96, 128, 64)) -> list:
              "attention_mask": torch.ones_like(ids)} for n in lengths]
 
 
-def _calib_dlrm() -> list:
+def _calib_dlrm(bag: int = 4) -> list:
     torch.manual_seed(1)
-    return [_dlrm_inputs(256)]
+    return [_dlrm_inputs(256, bag)]
 
 
 def _bert_dynamic(lengths=(17, 45, 64, 99, 128)):
@@ -135,6 +135,8 @@ CASES = {c.name: c for c in [
     BenchCase("bert_base_bs1_s128", lambda: _bert(1), calib=_calib_text),
     BenchCase("bert_base_bs8_s128", lambda: _bert(8), quick=False, calib=_calib_text),
     BenchCase("dlrm_bs256", lambda: _dlrm(256), calib=_calib_dlrm),
+    BenchCase("dlrm_bs256_bag20", lambda: _dlrm(256, bag=20), quick=False,
+              calib=lambda: _calib_dlrm(20)),
     BenchCase("bert_base_dynamic_lengths", _bert_dynamic, quick=False, calib=_calib_text),
     BenchCase("gpt2_generate_32", _gpt2_generate, quick=False, int8=False),
 ]}

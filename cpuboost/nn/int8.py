@@ -85,6 +85,9 @@ class _Int8(nn.Module):
         self.dynamic = act is None
         self.x_scale, self.x_zp = (None, None) if act is None else (float(act[0]), int(act[1]))
         self.qmax = qmax
+        # (scale, zero point) of the next int8 layer's input, when this layer hands its output
+        # straight to it as uint8 (set by quantize's hand-off pass): no float round trip
+        self.out_q: Optional[tuple[float, int]] = None
         self.post_op = post_op
         self.orig_dtype = torch.float32 if isinstance(weight, QuantizedWeight) else weight.dtype
         self.training = False
@@ -94,7 +97,8 @@ class _Int8(nn.Module):
         """The constructor's non-tensor arguments, as JSON-ready values (for saving)."""
         return {"dynamic": self.dynamic, "input_scale": self.x_scale,
                 "input_zero_point": self.x_zp, "qmax": self.qmax,
-                "per_channel": self.per_channel, "post_op": self.post_op_name}
+                "per_channel": self.per_channel, "post_op": self.post_op_name,
+                "output_qparams": None if self.out_q is None else list(self.out_q)}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"weight": self.qweight, "weight_scale": self.w_scale}
@@ -155,8 +159,33 @@ class _Int8(nn.Module):
         q = x.float().mul(1.0 / scale) if x.dtype != torch.float32 else x.mul(1.0 / scale)
         return q.round_().add_(zp).clamp_(0, self.qmax).to(torch.uint8)
 
+    def _kernel_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """uint8 input and its qparams: as handed over by the previous int8 layer, or
+        quantized here."""
+        if x.dtype == torch.uint8:
+            return x, self.x_scale, self.x_zp
+        scale, zp = self._act_qparams(x)
+        return self._quantize(x, scale, zp), scale, zp
+
+    def _kernel_output(self, x: torch.Tensor) -> tuple[float, int, Optional[torch.dtype]]:
+        """(output scale, zero point, dtype) for oneDNN: uint8 for the next int8 layer, else
+        the input's float dtype (fp32 when the input came in as uint8)."""
+        if self.out_q is not None:
+            return self.out_q[0], self.out_q[1], None  # None: uint8
+        return 1.0, 0, x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+    def _reference_output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = self.post_op.reference(y)
+        if self.out_q is not None:
+            return _qd.quantize_per_tensor.default(y, self.out_q[0], self.out_q[1], 0, 255,
+                                                   torch.uint8)
+        return y.to(x.dtype) if x.dtype == torch.bfloat16 else y
+
     def _qdq_input(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize x as the int8 kernel sees it (the form Inductor matches)."""
+        if x.dtype == torch.uint8:  # handed over quantized by the previous int8 layer
+            return _qd.dequantize_per_tensor.default(x, self.x_scale, self.x_zp, 0, self.qmax,
+                                                     torch.uint8)
         x = x.float()
         if self.dynamic:
             s, z = _qd.choose_qparams.tensor(x, 0, self.qmax, _EPS, torch.uint8)
@@ -217,6 +246,8 @@ class _Int8(nn.Module):
             parts.append(f"input range 0..{self.qmax}")
         if self.post_op_name != "none":
             parts.append(f"post_op={self.post_op_name}")
+        if self.out_q is not None:
+            parts.append("hands uint8 to the next int8 layer")
         return ", ".join(parts)
 
 
@@ -244,17 +275,15 @@ class Int8Linear(_Int8):
         if not self.packed or torch.compiler.is_compiling():
             return self.reference_forward(x)
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (M, K)
-        scale, zp = self._act_qparams(x2)
-        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        y = _qlinear(self._quantize(x2, scale, zp), scale, zp, self._w, self.w_scale, self.w_zp,
-                     self.bias, 1.0, 0, out_dtype, self._attr, self._scalars, self._algo)
+        qx, scale, zp = self._kernel_input(x.reshape(-1, self.in_features))  # (M, K)
+        out_scale, out_zp, out_dtype = self._kernel_output(x)
+        y = _qlinear(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, out_scale,
+                     out_zp, out_dtype, self._attr, self._scalars, self._algo)
         return y.reshape(*shape[:-1], self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(self._qdq_input(x), self._dequantized_weight(), self.bias)
-        y = self.post_op.reference(y)
-        return y if x.dtype == torch.float32 or not x.is_floating_point() else y.to(x.dtype)
+        return self._reference_output(y, x)
 
     def describe(self) -> dict:
         return dict(super().describe(), kind="linear")
@@ -307,10 +336,10 @@ class Int8Conv(_Int8):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed or torch.compiler.is_compiling():
             return self.reference_forward(x)
-        out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-        qx = self._quantize(self._layout(x), self.x_scale, self.x_zp)
-        y = _qconv(qx, self.x_scale, self.x_zp, self._w, self.w_scale, self.w_zp, self.bias,
-                   self._stride, self._padding, self._dilation, self.groups, 1.0, 0, out_dtype,
+        qx, scale, zp = self._kernel_input(self._layout(x))
+        out_scale, out_zp, out_dtype = self._kernel_output(x)
+        y = _qconv(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, self._stride,
+                   self._padding, self._dilation, self.groups, out_scale, out_zp, out_dtype,
                    self._attr, self._scalars, self._algo)
         return y.squeeze(2) if self.nd == 1 else y
 
@@ -318,8 +347,7 @@ class Int8Conv(_Int8):
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
         y = conv(self._qdq_input(x), self._dequantized_weight(), self.bias, self.stride,
                  self.padding, self.dilation, self.groups)
-        y = self.post_op.reference(y)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return self._reference_output(y, x)
 
     def describe(self) -> dict:
         return dict(super().describe(), kind="conv", stride=list(self.stride),

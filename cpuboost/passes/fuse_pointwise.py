@@ -76,6 +76,8 @@ def fuse_pointwise(model: nn.Module, ctx: PassContext) -> nn.Module:
             continue
         for _, fused in producers:
             fused.post_op = op
-        replace_module(model, act, FusedAway(op.name, [n for n, _ in producers]))
+        away = FusedAway(op.name, [n for n, _ in producers])
+        replace_module(model, act, away)
+        flow.rebind(act, away)  # its calls now pass their input through
         ctx.record.apply(f"{' + '.join(n for n, _ in producers)} + {act_name} ({op.name})")
     return model

@@ -21,6 +21,7 @@ from cpuboost.passes import (PassContext, fold_bn, fuse_pointwise, replace_modul
 from cpuboost.passes._dataflow import Dataflow, record
 from cpuboost.quant.calibrate import CalibrationData, observe_inputs
 from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Config
+from cpuboost.quant.handoff import hand_off
 from cpuboost.quant.layers import TABLES, int8_module, kind_of, targets
 from cpuboost.quant.observers import Observer, affine_qparams, make_observer
 from cpuboost.quant.recipe import LayerRecipe, Recipe
@@ -134,6 +135,8 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
     if p.cfg.fuse_activations and p.flow is not None:
         _timed(p.report, "fuse_activations",
                lambda r: fuse_pointwise(work, PassContext(OptimizeConfig(), p.hw, r, p.flow)))
+    if p.flow is not None and not p.cfg.dynamic:
+        _timed(p.report, "int8_hand_off", lambda r: hand_off(work, p.flow, r))
     if graph_mode:
         _compile(work, p.hw, p.report)
     if p.first is not None:

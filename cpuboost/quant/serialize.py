@@ -198,10 +198,15 @@ def _int8_layer(name: str, spec: dict, tensors: dict, path) -> _Int8:
     common = dict(qmax=spec["qmax"], per_channel=spec["per_channel"],
                   post_op=POST_OPS[spec["post_op"]])
     if spec["kind"] == "linear":
-        return Int8Linear(weight, bias, act, **common)
-    shape = spec.get("input_shape")
-    return Int8Conv(weight, bias, act, spec["stride"], spec["padding"], spec["dilation"],
-                    spec["groups"], input_shape=None if shape is None else tuple(shape), **common)
+        layer = Int8Linear(weight, bias, act, **common)
+    else:
+        shape = spec.get("input_shape")
+        layer = Int8Conv(weight, bias, act, spec["stride"], spec["padding"], spec["dilation"],
+                         spec["groups"], input_shape=None if shape is None else tuple(shape),
+                         **common)
+    out_q = spec.get("output_qparams")
+    layer.out_q = None if out_q is None else (float(out_q[0]), int(out_q[1]))
+    return layer
 
 
 __all__ = ["load_quantized", "save_quantized"]

@@ -100,3 +100,28 @@ def test_bf16_input_gives_bf16_output():
     y = q(x.bfloat16())
     assert y.dtype == torch.bfloat16
     assert sqnr_db(lin(x), y.float()) > MIN_SQNR - 5
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_uint8_hand_off_matches_quantizing_in_the_next_layer(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        f1, f2 = nn.Linear(32, 48), nn.Linear(48, 16)
+        x = torch.randn(8, 32)
+        make = lambda f, act, op: Int8Linear(f.weight, f.bias, act, post_op=POST_OPS[op])
+    else:
+        f1, f2 = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+        x = torch.randn(2, 4, 9, 9)
+        make = lambda f, act, op: Int8Conv(f.weight, f.bias, act, f.stride, f.padding,
+                                           f.dilation, f.groups, post_op=POST_OPS[op])
+    a = make(f1, _act(x), "relu")
+    b = make(f2, _act(torch.relu(f1(x))), "none")
+    through_float = b(a(x))
+    a.out_q = (b.x_scale, b.x_zp)
+    handed = a(x)
+    assert handed.dtype == torch.uint8
+    y = b(handed)
+    assert sqnr_db(through_float, y) > 40  # only rounding inside oneDNN differs
+    torch.testing.assert_close(y, b.reference_forward(a.reference_forward(x)), atol=1e-4,
+                               rtol=1e-4)
+    assert sqnr_db(f2(torch.relu(f1(x))), y) > MIN_SQNR - 5
