@@ -88,6 +88,12 @@ class _Int8(nn.Module):
         # (scale, zero point) of the next int8 layer's input, when this layer hands its output
         # straight to it as uint8 (set by quantize's hand-off pass): no float round trip
         self.out_q: Optional[tuple[float, int]] = None
+        # True when the input arrives already on this layer's quantization grid (graph mode's
+        # quantize_shared_outputs): the compiled form then reads it as a dequantized tensor
+        self.input_on_grid = False
+        # graph mode: (scale, zero point) to put the float output on, for a consumer pair
+        # (an int8 layer and a residual add) that reads it as a dequantized tensor
+        self.output_grid: Optional[tuple[float, int]] = None
         self.post_op = post_op
         self.orig_dtype = torch.float32 if isinstance(weight, QuantizedWeight) else weight.dtype
         self.training = False
@@ -179,6 +185,10 @@ class _Int8(nn.Module):
         if self.out_q is not None:
             return _qd.quantize_per_tensor.default(y, self.out_q[0], self.out_q[1], 0, 255,
                                                    torch.uint8)
+        if self.output_grid is not None:
+            s, z = self.output_grid
+            q = _qd.quantize_per_tensor.default(y, s, z, 0, 255, torch.uint8)
+            y = _qd.dequantize_per_tensor.default(q, s, z, 0, 255, torch.uint8)
         return y.to(x.dtype) if x.dtype == torch.bfloat16 else y
 
     def _qdq_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +197,8 @@ class _Int8(nn.Module):
             return _qd.dequantize_per_tensor.default(x, self.x_scale, self.x_zp, 0, self.qmax,
                                                      torch.uint8)
         x = x.float()
+        if self.input_on_grid:  # dequant(quant(.)) with our scale already: do not repeat it
+            return x
         if self.dynamic:
             s, z = _qd.choose_qparams.tensor(x, 0, self.qmax, _EPS, torch.uint8)
             q = _qd.quantize_per_tensor.tensor(x, s, z, 0, self.qmax, torch.uint8)

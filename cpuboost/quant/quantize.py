@@ -25,6 +25,7 @@ from cpuboost.quant.handoff import hand_off
 from cpuboost.quant.layers import TABLES, int8_module, kind_of, targets
 from cpuboost.quant.observers import Observer, affine_qparams, make_observer
 from cpuboost.quant.recipe import LayerRecipe, Recipe
+from cpuboost.quant.shared_qdq import quantize_shared_outputs
 from cpuboost.report import OptimizationReport, PassRecord, attach
 from cpuboost.verify import cosine, sqnr_db
 
@@ -138,7 +139,7 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
     if p.flow is not None and not p.cfg.dynamic:
         _timed(p.report, "int8_hand_off", lambda r: hand_off(work, p.flow, r))
     if graph_mode:
-        _compile(work, p.hw, p.report)
+        _compile(work, p.hw, p.report, None if p.cfg.dynamic else p.flow)
     if p.first is not None:
         p.report.accuracy = _output_check(p.reference, run_sample(work, p.first, _FIRST))
     p.report.weight_bytes_after = weight_bytes(work)
@@ -278,8 +279,12 @@ def _layer_sqnr(model, converted, first) -> dict[str, float]:
     return results
 
 
-def _compile(model: nn.Module, hw: CpuFeatures, report: OptimizationReport) -> None:
+def _compile(model: nn.Module, hw: CpuFeatures, report: OptimizationReport,
+             flow: Optional[Dataflow]) -> None:
     from cpuboost.compile.graph_mode import graph_mode
+    if flow is not None:
+        _timed(report, "quantize_shared_outputs",
+               lambda r: quantize_shared_outputs(model, flow, r))
     for m in model.modules():
         if isinstance(m, _Int8):
             m.for_compile()
