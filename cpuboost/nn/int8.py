@@ -73,8 +73,15 @@ class _Int8(nn.Module):
     """Shared state: the int8 weight (packed or plain), scales, bias, activation qparams."""
 
     def _init_common(self, weight, bias, act: Optional[tuple[float, int]], qmax: int,
-                     per_channel: bool, post_op: PostOp):
+                     per_channel: bool, post_op: PostOp, smooth: Optional[torch.Tensor] = None):
         _register_decomposed_ops()
+        # SmoothQuant: the input is divided by ``smooth`` per input channel (before it is
+        # quantized) and the weight multiplied by it, moving outlier channels' range into the
+        # per-channel-quantized weight. The float product is unchanged.
+        self.smooth = None if smooth is None else smooth.detach().float().contiguous()
+        self._inv_smooth = None if smooth is None else 1.0 / self.smooth
+        if smooth is not None and not isinstance(weight, QuantizedWeight):
+            weight = weight.float() * self.smooth  # (out, in) * (in,)
         if isinstance(weight, QuantizedWeight):
             qw, self.w_scale = weight.q.contiguous(), weight.scale.float().contiguous()
         else:
@@ -110,6 +117,8 @@ class _Int8(nn.Module):
         out = {"weight": self.qweight, "weight_scale": self.w_scale}
         if self.bias is not None:
             out["bias"] = self.bias
+        if self.smooth is not None:
+            out["smooth"] = self.smooth
         return out
 
     @property
@@ -170,6 +179,8 @@ class _Int8(nn.Module):
         quantized here."""
         if x.dtype == torch.uint8:
             return x, self.x_scale, self.x_zp
+        if self.smooth is not None:
+            x = x * self._inv_smooth  # (M, K) / (K,)
         scale, zp = self._act_qparams(x)
         return self._quantize(x, scale, zp), scale, zp
 
@@ -199,6 +210,8 @@ class _Int8(nn.Module):
         x = x.float()
         if self.input_on_grid:  # dequant(quant(.)) with our scale already: do not repeat it
             return x
+        if self.smooth is not None:
+            x = x * self._inv_smooth
         if self.dynamic:
             s, z = _qd.choose_qparams.tensor(x, 0, self.qmax, _EPS, torch.uint8)
             q = _qd.quantize_per_tensor.tensor(x, s, z, 0, self.qmax, torch.uint8)
@@ -212,10 +225,8 @@ class _Int8(nn.Module):
                                                   W_MIN, W_MAX, torch.int8)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        destination[prefix + "weight"] = self.qweight
-        destination[prefix + "weight_scale"] = self.w_scale
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias
+        for k, t in self.tensors().items():
+            destination[prefix + k] = t
         if not self.dynamic:
             destination[prefix + "input_scale"] = torch.tensor(self.x_scale, dtype=torch.float64)
             destination[prefix + "input_zero_point"] = torch.tensor(self.x_zp)
@@ -260,6 +271,8 @@ class _Int8(nn.Module):
             parts.append(f"post_op={self.post_op_name}")
         if self.out_q is not None:
             parts.append("hands uint8 to the next int8 layer")
+        if self.smooth is not None:
+            parts.append("smoothed")
         return ", ".join(parts)
 
 
@@ -272,10 +285,11 @@ class Int8Linear(_Int8):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  act: Optional[tuple[float, int]], qmax: int = 255, per_channel: bool = True,
-                 post_op: PostOp = POST_OPS["none"]):
+                 post_op: PostOp = POST_OPS["none"], smooth: Optional[torch.Tensor] = None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self._w = self._pack(self._init_common(weight, bias, act, qmax, per_channel, post_op))
+        self._w = self._pack(self._init_common(weight, bias, act, qmax, per_channel, post_op,
+                                               smooth))
 
     def _pack(self, qw: torch.Tensor) -> torch.Tensor:
         return _onednn.qlinear_prepack(qw, None)

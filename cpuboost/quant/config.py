@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Union
+from typing import Optional, Union
 
 from cpuboost.errors import ConfigError
 from cpuboost.quant.observers import OBSERVERS
@@ -18,9 +18,12 @@ def _check_common(cfg) -> None:
     if isinstance(cfg.skip, str) or not all(isinstance(s, str) for s in cfg.skip):
         raise ConfigError(f"skip={cfg.skip!r} must be a tuple of module names or glob patterns "
                           "(e.g. skip=('classifier', 'encoder.layer.0.*')).")
-    for name in ("fuse_activations", "embedding_bag", "embedding"):
+    for name in ("fuse_activations", "embedding_bag", "embedding", "smooth_quant", "rnn"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name}={getattr(cfg, name)!r} must be True or False.")
+    if cfg.smooth_alpha is not None and not 0.0 < cfg.smooth_alpha < 1.0:
+        raise ConfigError(f"smooth_alpha={cfg.smooth_alpha} must lie in (0, 1), or be None to "
+                          "search it per layer.")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,9 @@ class StaticInt8Config:
     fuse_activations: bool = True
     embedding_bag: bool = True  # EmbeddingBag tables int8 per row (sum/mean)
     embedding: bool = False  # Embedding tables too (off: token tables are rarely the cost)
+    smooth_quant: bool = False  # SmoothQuant for Linear layers (cpuboost.quant.smooth)
+    smooth_alpha: Optional[float] = None  # None: searched per layer
+    rnn: bool = True  # LSTM/GRU: int8 weights, per-step dynamic activations
 
     def __post_init__(self):
         _check_common(self)
@@ -69,6 +75,9 @@ class DynamicInt8Config:
     fuse_activations: bool = True
     embedding_bag: bool = True
     embedding: bool = False
+    smooth_quant: bool = False  # needs calibration data (per-channel ranges)
+    smooth_alpha: Optional[float] = None
+    rnn: bool = True
 
     def __post_init__(self):
         _check_common(self)

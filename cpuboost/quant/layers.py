@@ -3,6 +3,7 @@
 * Linear (and transformers' Conv1D): int8 weights per output channel, int8 activations.
 * Conv1d/2d/3d (BatchNorm folded first): the same, static activations only.
 * EmbeddingBag (sum/mean) and, when asked, Embedding: weights only, 8-bit per row.
+* LSTM / GRU: int8 weights, activations quantized per step (torch's dynamic int8 RNN modules).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from cpuboost.quant.recipe import LayerRecipe
 from cpuboost.report import PassRecord
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-TABLES = ("embedding", "embedding_bag")  # weight-only kinds: no activation scale
+TABLES = ("embedding", "embedding_bag")
+WEIGHT_ONLY = TABLES + ("rnn",)  # kinds without a calibrated activation scale
 
 
 def kind_of(m: nn.Module) -> Optional[str]:
@@ -37,6 +39,8 @@ def kind_of(m: nn.Module) -> Optional[str]:
         return "embedding_bag"
     if type(m) is nn.Embedding:
         return "embedding"
+    if type(m) in (nn.LSTM, nn.GRU):
+        return "rnn"
     return None
 
 
@@ -49,6 +53,8 @@ def _why_float(model, m, kind: str, cfg: QuantConfig, parents) -> Optional[str]:
         return "kept in float: Embedding int8 is off by default (embedding=True turns it on)"
     if kind == "embedding_bag" and not cfg.embedding_bag:
         return "kept in float: embedding_bag=False"
+    if kind == "rnn":
+        return None if cfg.rnn else "kept in float: rnn=False"
     if kind in TABLES:
         if kind == "embedding_bag" and m.mode not in Int8EmbeddingBag.MODES:
             return f"mode={m.mode!r}: torch's int8 embedding-bag kernel sums (sum/mean only)"
@@ -83,7 +89,7 @@ def targets(model: nn.Module, cfg: QuantConfig, rec: PassRecord,
     return found
 
 
-def _float_parts(m: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def float_parts(m: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Weight (out, in, ...) and bias of a float Linear/Conv (BatchNorm folded if it was)."""
     if isinstance(m, _Fused):
         w, b = m._folded_dense()
@@ -92,19 +98,35 @@ def _float_parts(m: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return (w.t() if is_hf_conv1d(m) else w), (None if m.bias is None else m.bias.detach())
 
 
-def int8_module(m: nn.Module, act, cfg: QuantConfig, qmax: int, input_shape) -> nn.Module:
+def int8_module(m: nn.Module, act, cfg: QuantConfig, qmax: int, input_shape,
+                smooth: Optional[torch.Tensor] = None) -> nn.Module:
     kind = kind_of(m)
+    if kind == "rnn":
+        return int8_rnn(m, cfg.weight_granularity == "per_channel")
     if kind == "embedding_bag":
         return Int8EmbeddingBag(m)
     if kind == "embedding":
         return Int8Embedding(m)
-    w, b = _float_parts(m)
+    w, b = float_parts(m)
     per_channel = cfg.weight_granularity == "per_channel"
     if kind == "linear":
-        return Int8Linear(w, b, act, qmax, per_channel)
+        return Int8Linear(w, b, act, qmax, per_channel, smooth=smooth)
     padding = m.padding if isinstance(m, FusedConv) else _conv_padding(m)
     return Int8Conv(w, b, act, m.stride, padding, m.dilation, m.groups, qmax, per_channel,
                     input_shape=input_shape)
 
 
-__all__ = ["TABLES", "int8_module", "kind_of", "targets"]
+def int8_rnn(m: nn.Module, per_channel: bool) -> nn.Module:
+    """torch's dynamic int8 LSTM/GRU (int8 weights, each step's input quantized as it comes)."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+    from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig
+    cls = nnqd.LSTM if isinstance(m, nn.LSTM) else nnqd.GRU
+    m.qconfig = per_channel_dynamic_qconfig if per_channel else default_dynamic_qconfig
+    try:
+        return cls.from_float(m)
+    finally:
+        del m.qconfig
+
+
+__all__ = ["TABLES", "WEIGHT_ONLY", "float_parts", "int8_module", "int8_rnn", "kind_of",
+           "targets"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from cpuboost import _env
@@ -22,10 +23,11 @@ from cpuboost.passes._dataflow import Dataflow, record
 from cpuboost.quant.calibrate import CalibrationData, observe_inputs
 from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Config
 from cpuboost.quant.handoff import hand_off
-from cpuboost.quant.layers import TABLES, int8_module, kind_of, targets
+from cpuboost.quant.layers import WEIGHT_ONLY, float_parts, int8_module, kind_of, targets
 from cpuboost.quant.observers import Observer, affine_qparams, make_observer
 from cpuboost.quant.recipe import LayerRecipe, Recipe
 from cpuboost.quant.shared_qdq import quantize_shared_outputs
+from cpuboost.quant.smooth import ChannelStats, choose
 from cpuboost.report import OptimizationReport, PassRecord, attach
 from cpuboost.verify import cosine, sqnr_db
 
@@ -53,7 +55,7 @@ def quantize(model: nn.Module, calib_data: Any = None, config: Optional[QuantCon
     if recipe is None:
         _check_data(cfg, data)
     prepared = prepare_model(model, cfg, data.first_call(), inplace, recipe)
-    if prepared.observers is not None:
+    if prepared.observers is not None or prepared.channels:
         t0 = time.perf_counter()
         data.run(prepared.work)
         prepared.calib_seconds = time.perf_counter() - t0
@@ -74,6 +76,7 @@ class Prepared:
     rec: PassRecord
     given: Optional[Recipe] = None  # a recipe to apply instead of calibrating
     observers: Optional[dict[str, Observer]] = None
+    channels: dict[str, ChannelStats] = field(default_factory=dict)  # SmoothQuant statistics
     handles: list = field(default_factory=list)
     calib_seconds: float = 0.0
     layers: dict[str, LayerRecipe] = field(default_factory=dict)  # the recipe being made
@@ -101,9 +104,14 @@ def prepare_model(model: nn.Module, cfg: QuantConfig, first, inplace: bool,
     if not prepared.targets:
         _nothing_quantized(rec)
     if not cfg.dynamic and recipe is None:
-        observed = {n: m for n, m in prepared.targets.items() if kind_of(m) not in TABLES}
+        observed = {n: m for n, m in prepared.targets.items()
+                    if kind_of(m) not in WEIGHT_ONLY}
         prepared.observers, prepared.handles = observe_inputs(
             observed, lambda name: make_observer(cfg.observer, name, cfg.percentile))
+    if cfg.smooth_quant and recipe is None:
+        linears = {n: m for n, m in prepared.targets.items() if kind_of(m) == "linear"}
+        prepared.channels, handles = observe_inputs(linears, lambda name: ChannelStats())
+        prepared.handles += handles
     return prepared
 
 
@@ -168,6 +176,9 @@ def resolve(config) -> QuantConfig:
 
 
 def _check_data(cfg: QuantConfig, data: CalibrationData) -> None:
+    if cfg.smooth_quant and not data.given:
+        raise ConfigError("smooth_quant=True needs calib_data: SmoothQuant divides each input "
+                          "channel by a factor computed from the ranges calibration sees.")
     if not cfg.dynamic and not data.given:
         raise ConfigError(
             "static int8 needs calibration data to fix activation ranges: pass calib_data= (a "
@@ -211,7 +222,7 @@ def _calibration_notes(observers: dict[str, Observer], cfg: StaticInt8Config,
 def _act_qparams(p: Prepared, name: str, qmax: int):
     """(scale, zero point) for a layer's input, None for dynamic or weight-only, or a str: why
     it stays float."""
-    weight_only = kind_of(p.targets[name]) in TABLES
+    weight_only = kind_of(p.targets[name]) in WEIGHT_ONLY
     if p.given is not None:
         r = p.given.layers.get(name)
         if r is None:
@@ -227,6 +238,28 @@ def _act_qparams(p: Prepared, name: str, qmax: int):
     return affine_qparams(*obs.clip_range(), qmax, p.cfg.activation_symmetric)
 
 
+def _smoothing(p: Prepared, name: str, m: nn.Module, act, qmax: int):
+    """(act qparams, (smoothing vector or None, alpha or None)) for a layer: SmoothQuant's
+    choice when it was asked for and beats no smoothing, or what the recipe says."""
+    if p.given is not None:
+        r = p.given.layers[name]
+        if r.smoothing is None:
+            return act, (None, None)
+        return act, (torch.tensor(r.smoothing, dtype=torch.float32), r.smooth_alpha)
+    stats = p.channels.get(name)
+    if stats is None or stats.sample is None:
+        return act, (None, None)
+    weight, _ = float_parts(m)
+    cfg = p.cfg
+    sm = choose(stats, weight, qmax, getattr(cfg, "activation_symmetric", False),
+                cfg.weight_granularity == "per_channel", cfg.smooth_alpha)
+    if sm.scale is None:
+        return act, (None, None)
+    p.rec.notes.append(f"{name}: smoothed (alpha {sm.alpha}), int8 error on its calibration "
+                       f"sample x{sm.error_ratio:.2f} of unsmoothed")
+    return (None if cfg.dynamic else sm.qparams), (sm.scale, sm.alpha)
+
+
 def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
     """Swap each target for its int8 module. Returns name -> (int8, float module it replaced)."""
     done = {}
@@ -236,8 +269,9 @@ def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
             p.rec.skip(name, act)
             p.layers[name] = LayerRecipe(kind_of(m), "fp32", reason=act)
             continue
+        act, smoothing = _smoothing(p, name, m, act, qmax)
         shape = p.flow.first_shape(m) if p.flow is not None else None
-        q = int8_module(m, act, p.cfg, qmax, shape)
+        q = int8_module(m, act, p.cfg, qmax, shape, smooth=smoothing[0])
         replace_module(p.work, m, q)
         if p.flow is not None:
             p.flow.rebind(m, q)
@@ -248,7 +282,9 @@ def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
         p.layers[name] = LayerRecipe(
             kind_of(m), "int8", getattr(q, "x_scale", None), getattr(q, "x_zp", None),
             (seen.lo, seen.hi) if seen is not None else (
-                p.given.layers[name].observed_range if p.given is not None else None))
+                p.given.layers[name].observed_range if p.given is not None else None),
+            smooth_alpha=smoothing[1],
+            smoothing=None if smoothing[0] is None else tuple(smoothing[0].tolist()))
         done[name] = (q, m)
     if not done:
         _nothing_quantized(p.rec)

@@ -30,12 +30,14 @@ class LayerRecipe:
     observed_range: Optional[tuple[float, float]] = None  # what calibration saw
     sqnr_db: Optional[float] = None  # the layer's own error when it was measured
     reason: str = ""  # why it is float, or how it was decided
+    smooth_alpha: Optional[float] = None  # SmoothQuant strength chosen for this layer
+    smoothing: Optional[tuple] = None  # its per-input-channel divisor s (see quant.smooth)
 
     def check(self, name: str, dynamic: bool) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"recipe layer {name!r}: dtype {self.dtype!r}; use one of {DTYPES}.")
         if self.dtype == "int8" and not dynamic and self.kind not in ("embedding",
-                                                                      "embedding_bag"):
+                                                                      "embedding_bag", "rnn"):
             scale, zp = self.input_scale, self.input_zero_point
             if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
                 raise ConfigError(f"recipe layer {name!r}: input_scale {scale!r} must be a "
@@ -85,8 +87,8 @@ class Recipe:
             raise ConfigError(f"{source}: config type must be one of {sorted(kinds)}.")
         try:
             config = kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-            layers = {n: LayerRecipe(**{k: tuple(v) if k == "observed_range" else v
-                                        for k, v in r.items()})
+            layers = {n: LayerRecipe(**{k: tuple(v) if k in ("observed_range", "smoothing")
+                                        else v for k, v in r.items()})
                       for n, r in (data.get("layers") or {}).items()}
         except TypeError as e:
             raise ConfigError(f"{source}: unexpected field ({e}); edit only the values of "

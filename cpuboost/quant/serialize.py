@@ -32,7 +32,41 @@ from cpuboost.report import OptimizationReport, attach, report_of
 FORMAT = "cpuboost-int8-model"
 VERSION = 1
 TENSORS, MANIFEST = "model.safetensors", "quantization.json"
-_INT8 = (_Int8, _Int8Table)
+
+
+
+def _rnn_classes() -> tuple:
+    import torch.ao.nn.quantized.dynamic as nnqd
+    return (nnqd.LSTM, nnqd.GRU)
+
+
+def _rnn_tensors(m: nn.Module) -> dict[str, torch.Tensor]:
+    """A dynamic int8 LSTM/GRU's weights as plain tensors: int8 values, scales, zero points."""
+    wb = m._weight_bias()
+    out = {f"{k}.bias": b for k, b in wb["bias"].items() if b is not None}
+    for k, w in wb["weight"].items():
+        per_channel = w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+        out[f"{k}.int8"] = w.int_repr()
+        out[f"{k}.scales"] = (w.q_per_channel_scales() if per_channel
+                              else torch.tensor([w.q_scale()], dtype=torch.float64))
+        out[f"{k}.zero_points"] = (w.q_per_channel_zero_points() if per_channel
+                                   else torch.tensor([w.q_zero_point()]))
+    return out
+
+
+def _rnn_from(tensors: dict, prefix: str, floating: nn.Module, per_channel: bool) -> nn.Module:
+    from cpuboost.quant.layers import int8_rnn
+    q = int8_rnn(floating, per_channel)
+    params = {}
+    for key in [k[len(prefix):-len(".int8")] for k in tensors
+                if k.startswith(prefix) and k.endswith(".int8")]:
+        q8, scales, zps = (tensors[f"{prefix}{key}.{x}"] for x in ("int8", "scales", "zero_points"))
+        params[key] = (torch._make_per_channel_quantized_tensor(q8, scales, zps, 0) if per_channel
+                       else torch._make_per_tensor_quantized_tensor(q8, float(scales[0]),
+                                                                    int(zps[0])))
+        params[key.replace("weight", "bias")] = tensors.get(f"{prefix}{key.replace('weight', 'bias')}.bias")
+    q.set_weight_bias(params)
+    return q
 
 
 def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
@@ -44,15 +78,17 @@ def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
     from safetensors.torch import save_file
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    int8 = {n: m for n, m in model.named_modules() if isinstance(m, _INT8)}
-    tensors = {f"{n}.{k}": t for n, m in int8.items() for k, t in m.tensors().items()}
-    tensors.update({k: v for k, v in model.state_dict().items()
-                    if k.rpartition(".")[0] not in int8})
+    rnn = _rnn_classes()
+    int8 = {n: m for n, m in model.named_modules() if isinstance(m, (_Int8, _Int8Table) + rnn)}
+    tensors = {f"{n}.{k}": t for n, m in int8.items()
+               for k, t in (_rnn_tensors(m) if isinstance(m, rnn) else m.tensors()).items()}
+    tensors.update({k: v for k, v in model.state_dict().items() if not _inside(k, int8)})
     tensors, aliases = _dedup(tensors)
     save_file(tensors, str(out / TENSORS))
     manifest = {
         "format": FORMAT, "version": VERSION, "torch": torch.__version__,
-        "int8": {n: m.describe() for n, m in int8.items()},
+        "int8": {n: {"kind": "rnn", "per_channel": _rnn_per_channel(m)} if isinstance(m, rnn)
+                 else m.describe() for n, m in int8.items()},
         # BatchNorms folded into an int8 layer; one folded into a float layer (a
         # ConvTranspose) is saved unfolded by that layer's state_dict and loads as a plain BN
         "folded_bn": {n: _name_of(model, m.__dict__.get("_producer"))
@@ -67,6 +103,17 @@ def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
+
+
+def _inside(key: str, layers) -> bool:
+    """Whether a state_dict key belongs to one of the int8 layers (named in ``layers``)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in layers for i in range(1, len(parts)))
+
+
+def _rnn_per_channel(m: nn.Module) -> bool:
+    w = next(iter(m._weight_bias()["weight"].values()))
+    return w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
 
 
 def _dedup(tensors: dict) -> tuple[dict, dict]:
@@ -104,8 +151,15 @@ def load_quantized(model_ctor: Callable[[], nn.Module], path: Union[str, Path]) 
     model.eval()
     for name in manifest["modular_layers"]:
         _module(model, name, path).__class__ = ModularTransformerEncoderLayer
+    rnns = []
     for name, spec in manifest["int8"].items():
         floating = _module(model, name, path)
+        if spec["kind"] == "rnn":
+            if type(floating) not in (nn.LSTM, nn.GRU):
+                raise PackageError(f"{path}: layer {name!r} is an int8 LSTM/GRU in the file but "
+                                   f"a {type(floating).__name__} in the model model_ctor builds.")
+            rnns.append((name, floating, spec))  # swapped after loading: its packed params
+            continue  # cannot take part in load_state_dict
         if spec["kind"] in ("embedding", "embedding_bag"):
             layer = _int8_table(name, spec, floating, tensors, path)
         else:
@@ -113,15 +167,16 @@ def load_quantized(model_ctor: Callable[[], nn.Module], path: Union[str, Path]) 
             _check_shape(name, floating, layer, path)
         replace_module(model, floating, layer)
     rest = {k: tensors[manifest["aliases"].get(k, k)] for k in
-            list(tensors) + list(manifest["aliases"])
-            if k.rpartition(".")[0] not in manifest["int8"]}
+            list(tensors) + list(manifest["aliases"]) if not _inside(k, manifest["int8"])}
     result = model.load_state_dict(rest, strict=False)
+    for name, floating, spec in rnns:
+        replace_module(model, floating, _rnn_from(tensors, f"{name}.", floating,
+                                                  spec["per_channel"]))
     for bn_name, producer in manifest["folded_bn"].items():  # after loading their statistics
         fold_into(_module(model, bn_name, path), _module(model, producer, path))
     for name, fused in manifest["fused_away"].items():
         replace_module(model, _module(model, name, path), FusedAway(fused["op"], fused["into"]))
-    expected_missing = {k for k in result.missing_keys
-                        if k.rpartition(".")[0] in manifest["int8"]}
+    expected_missing = {k for k in result.missing_keys if _inside(k, manifest["int8"])}
     if set(result.missing_keys) - expected_missing or result.unexpected_keys:
         raise PackageError(
             f"{path} does not match the model model_ctor builds: missing "
@@ -198,7 +253,7 @@ def _int8_layer(name: str, spec: dict, tensors: dict, path) -> _Int8:
     common = dict(qmax=spec["qmax"], per_channel=spec["per_channel"],
                   post_op=POST_OPS[spec["post_op"]])
     if spec["kind"] == "linear":
-        layer = Int8Linear(weight, bias, act, **common)
+        layer = Int8Linear(weight, bias, act, smooth=tensors.get(f"{name}.smooth"), **common)
     else:
         shape = spec.get("input_shape")
         layer = Int8Conv(weight, bias, act, spec["stride"], spec["padding"], spec["dilation"],

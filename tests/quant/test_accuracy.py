@@ -50,8 +50,9 @@ def _embed(model, batches) -> torch.Tensor:
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("config", [StaticInt8Config(), DynamicInt8Config()],
-                         ids=["static", "dynamic"])
+@pytest.mark.parametrize("config", [StaticInt8Config(), DynamicInt8Config(),
+                                    StaticInt8Config(smooth_quant=True)],
+                         ids=["static", "dynamic", "static-smoothquant"])
 def test_minilm_int8_embeddings_keep_cosine(minilm, config):
     model, tok = minilm
     sentences = _sentences()

@@ -193,3 +193,31 @@ def test_graph_mode_compiles_the_int8_model():
         "stem: output quantized once for blocks.0.conv1 and the residual add"]
     assert compiled.stem.output_grid == (compiled.blocks[0].conv1.x_scale,
                                          compiled.blocks[0].conv1.x_zp)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.rnn = kind(16, 32, num_layers=2, batch_first=True)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)  # (B, T, 32)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("config", [DynamicInt8Config(),
+                                    DynamicInt8Config(weight_granularity="per_tensor")])
+def test_lstm_and_gru_become_dynamic_int8_and_round_trip(kind, config, tmp_path):
+    torch.manual_seed(0)
+    model = _Recurrent(kind).eval()
+    x = torch.randn(3, 12, 16)
+    q = cpuboost.quantize(model, config=config, example_inputs=x)
+    assert type(q.rnn).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert sqnr_db(model(x), q(x)) > MIN_TOY_SQNR
+    assert any(a.startswith("rnn:") and "SQNR" in a
+               for a in cpuboost.report_of(q).applied("quantize"))
+    cpuboost.save_quantized(q, tmp_path / "m")
+    loaded = cpuboost.load_quantized(lambda: _Recurrent(kind).eval(), tmp_path / "m")
+    assert torch.equal(loaded(x), q(x))
