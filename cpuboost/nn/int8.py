@@ -169,9 +169,10 @@ class _Int8(nn.Module):
     def _act_qparams(self, x: torch.Tensor) -> tuple[float, int]:
         return dynamic_qparams(x, self.qmax) if self.dynamic else (self.x_scale, self.x_zp)
 
-    def _quantize(self, x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
+    def _quantize(self, x: torch.Tensor, scale: float, zp: int, inv=None) -> torch.Tensor:
         # The formula of quantized_decomposed.quantize_per_tensor, in place to save passes.
-        q = x.float().mul(1.0 / scale) if x.dtype != torch.float32 else x.mul(1.0 / scale)
+        inv = 1.0 / scale if inv is None else inv
+        q = x.float().mul(inv) if x.dtype != torch.float32 else x.mul(inv)
         return q.round_().add_(zp).clamp_(0, self.qmax).to(torch.uint8)
 
     def _kernel_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
@@ -180,7 +181,10 @@ class _Int8(nn.Module):
         if x.dtype == torch.uint8:
             return x, self.x_scale, self.x_zp
         if self.smooth is not None:
-            x = x * self._inv_smooth  # (M, K) / (K,)
+            if not self.dynamic:  # x / s / scale in the quantize step's one multiply
+                inv = self._inv_smooth / self.x_scale  # (K,)
+                return self._quantize(x, self.x_scale, self.x_zp, inv), self.x_scale, self.x_zp
+            x = x * self._inv_smooth  # (M, K) / (K,): the range per call is that of x / s
         scale, zp = self._act_qparams(x)
         return self._quantize(x, scale, zp), scale, zp
 
