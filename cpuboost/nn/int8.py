@@ -75,6 +75,7 @@ class _Int8(nn.Module):
     def _init_common(self, weight, bias, act: Optional[tuple[float, int]], qmax: int,
                      per_channel: bool, post_op: PostOp, smooth: Optional[torch.Tensor] = None):
         _register_decomposed_ops()
+        self.orig_dtype = torch.float32 if isinstance(weight, QuantizedWeight) else weight.dtype
         # SmoothQuant: the input is divided by ``smooth`` per input channel (before it is
         # quantized) and the weight multiplied by it, moving outlier channels' range into the
         # per-channel-quantized weight. The float product is unchanged.
@@ -102,7 +103,6 @@ class _Int8(nn.Module):
         # (an int8 layer and a residual add) that reads it as a dequantized tensor
         self.output_grid: Optional[tuple[float, int]] = None
         self.post_op = post_op
-        self.orig_dtype = torch.float32 if isinstance(weight, QuantizedWeight) else weight.dtype
         self.training = False
         return qw
 
@@ -143,7 +143,8 @@ class _Int8(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantized weight, a fresh float copy in the original dtype, for code that
         reads ``.weight`` (its dtype, its shape). Writing to it changes nothing."""
-        return self._dequantized_weight().to(self.orig_dtype)
+        w = self._dequantized_weight()
+        return (w if self.smooth is None else w / self.smooth).to(self.orig_dtype)
 
     def for_compile(self) -> None:
         """Hold the weight plain, so a compiler can trace the module (it cannot see into a

@@ -31,7 +31,6 @@ from cpuboost.quant.smooth import ChannelStats, choose
 from cpuboost.report import OptimizationReport, PassRecord, attach
 from cpuboost.verify import cosine, sqnr_db
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _HUGE = 1e6  # an activation range beyond +-this is reported
 _FIRST = "example_inputs (or the first calibration item)"
 
@@ -294,8 +293,8 @@ def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
 def _nothing_quantized(rec: PassRecord):
     reasons = "; ".join(f"{w}: {why}" for w, why in rec.skipped[:3]) or "none found"
     raise UnsupportedRequestError(
-        f"quantize found no Linear/Conv layer it could make int8 ({reasons}). Nothing was "
-        "quantized; the model passed in was not changed.")
+        f"quantize found no layer it could make int8 ({reasons}). Nothing was quantized; the "
+        "model passed in was not changed (with inplace=True its BatchNorms may be folded).")
 
 
 def _layer_sqnr(model, converted, first) -> dict[str, float]:
