@@ -38,13 +38,13 @@ def _register_decomposed_ops() -> None:
 
 def quantize_weight(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 weight (dim 0 = output channels) and its fp32 scale per output channel."""
-    w = w.detach().float()
+    w = w.detach().float().contiguous()  # a transposed view (transformers' Conv1D) too
     flat = w.reshape(w.shape[0], -1)
     amax = flat.abs().amax(dim=1) if per_channel else flat.abs().amax().expand(w.shape[0])
     scale = (amax / W_MAX).clamp(min=_EPS).contiguous()
     view = (-1,) + (1,) * (w.dim() - 1)
     q = torch.round(w / scale.view(view)).clamp(W_MIN, W_MAX).to(torch.int8)
-    return q, scale
+    return q.contiguous(), scale
 
 
 def dynamic_qparams(x: torch.Tensor, qmax: int) -> tuple[float, int]:

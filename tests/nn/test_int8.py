@@ -125,3 +125,17 @@ def test_uint8_hand_off_matches_quantizing_in_the_next_layer(kind):
     torch.testing.assert_close(y, b.reference_forward(a.reference_forward(x)), atol=1e-4,
                                rtol=1e-4)
     assert sqnr_db(f2(torch.relu(f1(x))), y) > MIN_SQNR - 5
+
+
+def test_transposed_weight_view_is_quantized_by_value_not_by_memory_layout():
+    """transformers' Conv1D stores (in, out); its weight reaches Int8Linear as a transposed
+    view. Packing the strided int8 tensor as if it were contiguous scrambled the weight."""
+    torch.manual_seed(0)
+    stored = torch.randn(48, 24)  # (in, out)
+    bias = torch.randn(24)
+    x = torch.randn(5, 48)
+    act = _act(x)
+    from_view = Int8Linear(stored.t(), bias, act)
+    from_copy = Int8Linear(stored.t().contiguous(), bias, act)
+    assert torch.equal(from_view(x), from_copy(x))
+    assert sqnr_db(x @ stored + bias, from_view(x)) > MIN_SQNR

@@ -12,7 +12,7 @@ from cpuboost.errors import UnsupportedRequestError
 from cpuboost.nn.embedding import Int8Embedding, Int8EmbeddingBag
 from cpuboost.nn.int8 import Int8Conv, Int8Linear, _Int8
 from cpuboost.testing import TOY_MODELS
-from cpuboost.verify import sqnr_db
+from cpuboost.verify import cosine, sqnr_db
 from tests.conftest import run, toy
 
 MIN_TOY_SQNR = 20.0  # dB at the model output: random toy weights, 8-bit everywhere
@@ -221,3 +221,22 @@ def test_lstm_and_gru_become_dynamic_int8_and_round_trip(kind, config, tmp_path)
     cpuboost.save_quantized(q, tmp_path / "m")
     loaded = cpuboost.load_quantized(lambda: _Recurrent(kind).eval(), tmp_path / "m")
     assert torch.equal(loaded(x), q(x))
+
+
+@pytest.mark.parametrize("config", [StaticInt8Config(), DynamicInt8Config()],
+                         ids=["static", "dynamic"])
+def test_transformers_conv1d_layers_quantize_accurately(config):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=500, bos_token_id=0,
+        eos_token_id=0)).eval()
+    ids = torch.randint(0, 500, (2, 12))
+    calib = [{"input_ids": torch.randint(0, 500, (2, 12))} for _ in range(3)]
+    q = cpuboost.quantize(model, None if config.dynamic else calib, config,
+                          example_inputs={"input_ids": ids})
+    applied = cpuboost.report_of(q).applied("quantize")
+    assert len(applied) == 8  # c_attn, c_proj, c_fc, c_proj per block; lm_head is tied
+    assert all(float(a.split("SQNR ")[1].split(" dB")[0]) > 30 for a in applied)
+    with torch.no_grad():
+        assert cosine(model(input_ids=ids).logits, q(input_ids=ids).logits) > 0.999
