@@ -251,7 +251,8 @@ def _smoothing(p: Prepared, name: str, m: nn.Module, act, qmax: int):
     weight, _ = float_parts(m)
     cfg = p.cfg
     sm = choose(stats, weight, qmax, getattr(cfg, "activation_symmetric", False),
-                cfg.weight_granularity == "per_channel", cfg.smooth_alpha)
+                cfg.weight_granularity == "per_channel", cfg.smooth_alpha,
+                unsmoothed=act)
     if sm.scale is None:
         return act, (None, None)
     p.rec.notes.append(f"{name}: smoothed (alpha {sm.alpha}), int8 error on its calibration "
