@@ -9,6 +9,7 @@ from cpuboost.errors import (CalibrationError, ConfigError, CpuBoostError, Expor
 from cpuboost.quant import (DynamicInt8Config, StaticInt8Config, load_quantized, quantize,
                             save_quantized)
 from cpuboost.report import OptimizationReport, report_of
+from cpuboost import quantization  # noqa: E402  (IPEX's `ipex.quantization.prepare` spelling)
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = ["CalibrationError", "ConfigError", "CpuBoostError", "DynamicInt8Confi
            "ExportedModel", "InvalidModelError", "OptimizationReport", "OptimizeConfig",
            "PackageError", "SampleInputError", "StaticInt8Config", "TrainingModeError",
            "UnsupportedDeviceError", "UnsupportedDtypeError", "UnsupportedRequestError", "export",
-           "load", "load_quantized", "optimize", "quantize", "report_of", "save_quantized"]
+           "load", "load_quantized", "optimize", "quantization", "quantize", "report_of",
+           "save_quantized"]

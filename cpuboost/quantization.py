@@ -72,8 +72,9 @@ def qconfig_to_config(configure: Any) -> QuantConfig:
     if activation is None or weight is None:
         raise ConfigError(
             f"cannot read a qconfig from {type(configure).__name__}; pass "
-            "cpuboost.quantization.default_static_qconfig_mapping / default_dynamic_qconfig_mapping, "
-            "a StaticInt8Config / DynamicInt8Config, or a torch.ao QConfigMapping.")
+            "cpuboost.quantization.default_static_qconfig_mapping or "
+            "default_dynamic_qconfig_mapping, a StaticInt8Config / DynamicInt8Config, or a "
+            "torch.ao QConfigMapping.")
     skip = tuple(name for name, q in getattr(configure, "module_name_qconfigs", {}).items()
                  if q is None)
     act_cls, act_kw = _observer(activation)

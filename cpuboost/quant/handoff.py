@@ -45,8 +45,8 @@ def hand_off(model: nn.Module, flow: Dataflow, rec: PassRecord) -> None:
         if not isinstance(nxt, ModuleCall) or not isinstance(nxt.module, _Int8):
             continue
         b = nxt.module
-        if (b.dynamic or b.qmax != 255 or b.smooth is not None or has_user_hooks(b) or len(flow.calls_of(a)) != 1
-                or not nxt.in_keys or nxt.in_keys[0] != key):
+        if (b.dynamic or b.qmax != 255 or b.smooth is not None or has_user_hooks(b)
+                or len(flow.calls_of(a)) != 1 or not nxt.in_keys or nxt.in_keys[0] != key):
             continue
         a.out_q = (b.x_scale, b.x_zp)
         rec.apply(f"{names.get(id(a), call.name)} -> {names.get(id(b), nxt.name)}")

@@ -34,7 +34,6 @@ VERSION = 1
 TENSORS, MANIFEST = "model.safetensors", "quantization.json"
 
 
-
 def _rnn_classes() -> tuple:
     import torch.ao.nn.quantized.dynamic as nnqd
     return (nnqd.LSTM, nnqd.GRU)
@@ -59,13 +58,15 @@ def _rnn_from(tensors: dict, prefix: str, floating: nn.Module, per_channel: bool
     q = int8_rnn(floating, per_channel)
     params = {}
     for key in [k[len(prefix):-len(".int8")] for k in tensors
-                if k.startswith(prefix) and k.endswith(".int8")]:
-        q8, scales, zps = (tensors[f"{prefix}{key}.{x}"] for x in ("int8", "scales", "zero_points"))
+                if k.startswith(prefix) and k.endswith(".int8")]:  # weight_ih_l0, ...
+        q8, scales, zps = (tensors[f"{prefix}{key}.{x}"]
+                           for x in ("int8", "scales", "zero_points"))
         params[key] = (torch._make_per_channel_quantized_tensor(q8, scales, zps, 0) if per_channel
                        else torch._make_per_tensor_quantized_tensor(q8, float(scales[0]),
                                                                     int(zps[0])))
-        params[key.replace("weight", "bias")] = tensors.get(f"{prefix}{key.replace('weight', 'bias')}.bias")
-    q.set_weight_bias(params)
+        bias = key.replace("weight", "bias")  # bias_ih_l0, ...
+        params[bias] = tensors.get(f"{prefix}{bias}.bias")
+    q.set_weight_bias(params)  # the int8 weights exactly as saved (no re-quantization)
     return q
 
 
@@ -248,7 +249,8 @@ def _int8_layer(name: str, spec: dict, tensors: dict, path) -> _Int8:
         weight = QuantizedWeight(tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"])
         bias = tensors.get(f"{name}.bias")
     except KeyError as e:
-        raise PackageError(f"{path}: the tensors of int8 layer {name!r} are missing ({e}).") from None
+        raise PackageError(f"{path}: the tensors of int8 layer {name!r} are missing "
+                           f"({e}).") from None
     act = None if spec["dynamic"] else (spec["input_scale"], spec["input_zero_point"])
     common = dict(qmax=spec["qmax"], per_channel=spec["per_channel"],
                   post_op=POST_OPS[spec["post_op"]])

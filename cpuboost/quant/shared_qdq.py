@@ -5,8 +5,8 @@ In a ResNet block the input ``x`` feeds ``conv1`` (int8) and the residual add
 ``conv3(...) + x``. Inductor fuses an add into an int8 conv (one oneDNN call, uint8 out) only
 when the add's other operand is a dequantized int8 tensor, as PT2E quantization leaves it. So
 the module producing ``x`` (the block's last ReLU, or an int8 conv) returns
-``dequant(quant(x))`` with ``conv1``'s input scale: ``conv1`` reads the same uint8 tensor, the add reads it
-dequantized, and nothing is quantized twice. Numerically the residual is now int8 too (as with
+``dequant(quant(x))`` with ``conv1``'s input scale: ``conv1`` reads the same uint8 tensor, the
+add reads it dequantized, and nothing is quantized twice. Numerically the residual is now int8 too (as with
 PT2E); the eager int8 model keeps it float.
 """
 from __future__ import annotations
