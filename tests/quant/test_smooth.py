@@ -10,7 +10,6 @@ from cpuboost.nn.int8 import Int8Linear
 from cpuboost.quant.smooth import ChannelStats, choose
 from cpuboost.quantization import recipe_of
 from cpuboost.verify import sqnr_db
-from tests.quant.test_autotune import outlier_case  # noqa: F401  (fixture)
 
 TOLERANCE = 0.01
 
