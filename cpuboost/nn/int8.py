@@ -183,8 +183,10 @@ class _Int8(nn.Module):
             return x, self.x_scale, self.x_zp
         if self.smooth is not None:
             if not self.dynamic:  # x / s / scale in the quantize step's one multiply
-                inv = self._inv_smooth / self.x_scale  # (K,)
-                return self._quantize(x, self.x_scale, self.x_zp, inv), self.x_scale, self.x_zp
+                if self.__dict__.get("_smooth_mul") is None:
+                    self._smooth_mul = self._inv_smooth / self.x_scale  # (K,), made once
+                return (self._quantize(x, self.x_scale, self.x_zp, self._smooth_mul),
+                        self.x_scale, self.x_zp)
             x = x * self._inv_smooth  # (M, K) / (K,): the range per call is that of x / s
         scale, zp = self._act_qparams(x)
         return self._quantize(x, scale, zp), scale, zp
