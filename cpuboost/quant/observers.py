@@ -88,7 +88,7 @@ class HistogramObserver(Observer):
     def _grow(self) -> None:
         pairs = self.counts.view(BINS // 2, 2).sum(dim=1)
         new = torch.zeros(BINS, dtype=torch.int64)
-        # grow towards the side that overflowed (both, if the batch went past both ends)
+        # grow towards one side that overflowed; observe() repeats until the batch fits
         if self.lo < self.left:
             new[BINS // 2:] = pairs
             self.left -= self.width
