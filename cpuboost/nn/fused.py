@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpuboost.nn._state import incoming
-from cpuboost.nn.postops import POST_OPS, PostOp
+from cpuboost.nn.postops import POST_OPS, PostOpHolder
 
 _mkldnn = torch.ops.mkldnn
 # Resolved overloads: calling these skips the overload lookup torch.ops does per call.
@@ -29,7 +29,7 @@ def _autocast_dtype() -> Optional[torch.dtype]:
     return None
 
 
-class _Fused(nn.Module):
+class _Fused(PostOpHolder, nn.Module):
     """Shared machinery: weight storage (packed or dense), folding, dtype policy, state_dict."""
 
     out_dim = 0  # which dim of the *original* weight indexes output channels
@@ -49,15 +49,6 @@ class _Fused(nn.Module):
         self._b: Optional[torch.Tensor] = None
         self.training = False
 
-    @property
-    def post_op(self) -> PostOp:
-        return POST_OPS[self.post_op_name]
-
-    @post_op.setter
-    def post_op(self, op: PostOp) -> None:
-        self.post_op_name = op.name
-        # plain attributes for the per-call path (no property or dict lookups there)
-        self._attr, self._scalars, self._algo = op.attr, list(op.scalars), op.algorithm
 
     # -- weight storage -------------------------------------------------------------------
     def _to_kernel_layout(self, w: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpuboost.nn.postops import POST_OPS, PostOp
+from cpuboost.nn.postops import POST_OPS, PostOp, PostOpHolder
 
 _qd = torch.ops.quantized_decomposed
 _onednn = torch.ops.onednn
@@ -69,7 +69,7 @@ class QuantizedWeight(NamedTuple):
         return self.q.dim()
 
 
-class _Int8(nn.Module):
+class _Int8(PostOpHolder, nn.Module):
     """Shared state: the int8 weight (packed or plain), scales, bias, activation qparams."""
 
     def _init_common(self, weight, bias, act: Optional[tuple[float, int]], qmax: int,
@@ -121,14 +121,6 @@ class _Int8(nn.Module):
             out["smooth"] = self.smooth
         return out
 
-    @property
-    def post_op(self) -> PostOp:
-        return POST_OPS[self.post_op_name]
-
-    @post_op.setter
-    def post_op(self, op: PostOp) -> None:
-        self.post_op_name = op.name
-        self._attr, self._scalars, self._algo = op.attr, list(op.scalars), op.algorithm or ""
 
     @property
     def packed(self) -> bool:

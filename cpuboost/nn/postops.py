@@ -40,6 +40,20 @@ POST_OPS = {
     "hardswish": PostOp("hardswish", "hardswish", reference=F.hardswish),
 }
 
+class PostOpHolder:
+    """Mixin for modules applying a fused post-op: stored by name (so the module pickles),
+    unpacked into plain attributes for the per-call path (no property or dict lookups there)."""
+
+    @property
+    def post_op(self) -> PostOp:
+        return POST_OPS[self.post_op_name]
+
+    @post_op.setter
+    def post_op(self, op: PostOp) -> None:
+        self.post_op_name = op.name
+        self._attr, self._scalars, self._algo = op.attr, list(op.scalars), op.algorithm
+
+
 _BY_CLASS = {nn.ReLU: "relu", nn.SiLU: "silu", nn.Sigmoid: "sigmoid", nn.Tanh: "tanh",
              nn.Hardswish: "hardswish"}
 
