@@ -28,6 +28,16 @@ def test_run_case_reports_every_variant():
     assert rows["cpuboost_bf16"]["max_rel_diff"] <= 5e-2
 
 
+def test_int8_variants_report_speed_and_the_accuracy_proxy():
+    case = user_case("tests.bench.test_bench:tiny_factory")  # calibrates on the sample
+    variants = ("eager_fp32", "cpuboost_int8", "cpuboost_int8_dynamic")
+    rows = {r["variant"]: r for r in run_case(case, variants, rounds=2, round_s=0.02)["rows"]}
+    assert set(rows) == set(variants)
+    assert rows["eager_fp32"]["cosine"] == 1.0
+    assert rows["cpuboost_int8"]["cosine"] > 0.999
+    assert rows["cpuboost_int8_dynamic"]["cosine"] > 0.999
+
+
 def test_cli_writes_json_and_plot(tmp_path):
     plot = tmp_path / "speed.png"
     out = subprocess.run(
