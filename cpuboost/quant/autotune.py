@@ -39,15 +39,18 @@ def recipe_of(model: nn.Module) -> Recipe:
 
 def autotune(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], float],
              max_relative_loss: float = 0.01, config=None, *, example_inputs: Any = None,
-             higher_is_better: bool = True,
+             higher_is_better: bool = True, fallback_dtype: str = "fp32",
              save_recipe: Union[str, Path, None] = None) -> nn.Module:
     """The int8 model with the fewest float layers whose ``eval_fn`` score is within
     ``max_relative_loss`` of the float model's (``eval_fn(model) -> float``, higher is better
-    unless ``higher_is_better=False``). Its recipe is ``recipe_of(result)``, also written to
-    ``save_recipe`` if given; ``quantize(model, recipe=path)`` rebuilds it without tuning."""
+    unless ``higher_is_better=False``). Layers fall back to ``fallback_dtype``: "fp32", or
+    "bf16" (Linear/Conv; others fall back to fp32). Its recipe is ``recipe_of(result)``, also
+    written to ``save_recipe`` if given; ``quantize(model, recipe=path)`` rebuilds it."""
     if not 0 <= max_relative_loss < 1:
         raise ConfigError(f"max_relative_loss={max_relative_loss} must lie in [0, 1), e.g. "
                           "0.01 for 1%.")
+    if fallback_dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"fallback_dtype={fallback_dtype!r}; use 'fp32' or 'bf16'.")
     cfg = resolve(config)
     data = CalibrationData(calib_data, example_inputs)
     _check_data(cfg, data)
@@ -63,7 +66,8 @@ def autotune(model: nn.Module, calib_data: Any, eval_fn: Callable[[nn.Module], f
     if loss(trials[0][1]) > max_relative_loss:
         first = data.first_call()
         order = _ranked(model, recipe, first)
-        best = _search(model, recipe, order, first, (eval_fn, loss, max_relative_loss), trials)
+        goal = (eval_fn, loss, max_relative_loss, fallback_dtype)
+        best = _search(model, recipe, order, first, goal, trials)
         recipe = recipe_of(best)
     _note(best, baseline, trials, max_relative_loss, loss)
     if save_recipe is not None:
@@ -92,14 +96,14 @@ def _ranked(model, recipe: Recipe, first) -> list[str]:
 
 def _search(model, recipe, order, first, goal, trials) -> nn.Module:
     """Fewest of ``order``'s leading layers to keep float so that ``eval_fn`` passes."""
-    eval_fn, loss, tolerance = goal
-    reason = f"autotune: float keeps the metric within {tolerance:.2%}"
+    eval_fn, loss, tolerance, dtype = goal
+    reason = f"autotune: {dtype} keeps the metric within {tolerance:.2%}"
     args, kwargs = first
     example = kwargs if not args else args  # example_inputs as the user would pass it
     made: dict[int, nn.Module] = {}
 
     def passes(k: int) -> bool:
-        made[k] = quantize(model, recipe=recipe.with_float(order[:k], reason),
+        made[k] = quantize(model, recipe=recipe.with_float(order[:k], reason, dtype),
                            example_inputs=example)
         trials.append((k, float(eval_fn(made[k]))))
         return loss(trials[-1][1]) <= tolerance
@@ -123,7 +127,7 @@ def _note(model, baseline, trials, tolerance, loss) -> None:
     rec.notes.append(f"float model scores {baseline:.6g}; tolerance {tolerance:.2%}")
     for k, score in trials:
         rec.notes.append(f"{k} layer(s) in float: {score:.6g} (loss {loss(score):.2%})")
-    rec.applied += [f"{n}: float ({r.reason})" for n, r in recipe_of(model).layers.items()
+    rec.applied += [f"{n}: {r.dtype} ({r.reason})" for n, r in recipe_of(model).layers.items()
                     if r.dtype != "int8" and r.reason.startswith("autotune")]
 
 

@@ -116,6 +116,33 @@ def int8_module(m: nn.Module, act, cfg: QuantConfig, qmax: int, input_shape,
                     input_shape=input_shape)
 
 
+class Bf16Layer(nn.Module):
+    """A Linear/Conv kept in bf16 inside an int8 model (a bf16 fallback): its input is cast to
+    bf16 and its output back to the input's dtype, so the layers around it see what they saw."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(torch.bfloat16)).to(x.dtype)
+
+
+def bf16_module(m: nn.Module) -> Bf16Layer:
+    """A bf16 copy of a float Linear/Conv (BatchNorm folded in if it was)."""
+    w, b = float_parts(m)
+    if kind_of(m) == "linear":
+        new = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    else:
+        padding = m.padding if isinstance(m, FusedConv) else _conv_padding(m)
+        new = _CONVS[w.dim() - 3](w.shape[1] * m.groups, w.shape[0], tuple(w.shape[2:]),
+                                  m.stride, padding, m.dilation, m.groups, bias=b is not None)
+    new.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=False)
+    if b is not None:
+        new.bias = nn.Parameter(b.detach().to(torch.bfloat16), requires_grad=False)
+    return Bf16Layer(new.eval())
+
+
 def int8_rnn(m: nn.Module, per_channel: bool) -> nn.Module:
     """torch's dynamic int8 LSTM/GRU (int8 weights, each step's input quantized as it comes)."""
     import torch.ao.nn.quantized.dynamic as nnqd
@@ -128,5 +155,5 @@ def int8_rnn(m: nn.Module, per_channel: bool) -> nn.Module:
         del m.qconfig
 
 
-__all__ = ["TABLES", "WEIGHT_ONLY", "float_parts", "int8_module", "int8_rnn", "kind_of",
+__all__ = ["Bf16Layer", "TABLES", "WEIGHT_ONLY", "bf16_module", "float_parts", "int8_module", "int8_rnn", "kind_of",
            "targets"]

@@ -23,7 +23,8 @@ from cpuboost.passes._dataflow import Dataflow, record
 from cpuboost.quant.calibrate import CalibrationData, observe_inputs
 from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Config
 from cpuboost.quant.handoff import hand_off
-from cpuboost.quant.layers import WEIGHT_ONLY, float_parts, int8_module, kind_of, targets
+from cpuboost.quant.layers import (WEIGHT_ONLY, bf16_module, float_parts, int8_module,
+                                   kind_of, targets)
 from cpuboost.quant.observers import Observer, affine_qparams, make_observer
 from cpuboost.quant.recipe import LayerRecipe, Recipe
 from cpuboost.quant.shared_qdq import quantize_shared_outputs
@@ -266,8 +267,12 @@ def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
     for name, m in p.targets.items():
         act = _act_qparams(p, name, qmax)
         if isinstance(act, str):
-            p.rec.skip(name, act)
-            p.layers[name] = LayerRecipe(kind_of(m), "fp32", reason=act)
+            dtype = "fp32"
+            if p.given is not None and p.given.layers.get(name, LayerRecipe("")).dtype == "bf16":
+                dtype = "bf16"
+                replace_module(p.work, m, bf16_module(m))
+            p.rec.skip(name, f"kept in {dtype}: {act}")
+            p.layers[name] = LayerRecipe(kind_of(m), dtype, reason=act)
             continue
         act, smoothing = _smoothing(p, name, m, act, qmax)
         shape = p.flow.first_shape(m) if p.flow is not None else None

@@ -18,13 +18,13 @@ from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Conf
 
 FORMAT = "cpuboost-quant-recipe"
 VERSION = 1
-DTYPES = ("int8", "fp32")
+DTYPES = ("int8", "fp32", "bf16")  # bf16: Linear/Conv only (see quant.layers.Bf16Layer)
 
 
 @dataclass(frozen=True)
 class LayerRecipe:
     kind: str  # "linear" | "conv"
-    dtype: str = "int8"  # "int8" | "fp32"
+    dtype: str = "int8"  # "int8" | "fp32" | "bf16"
     input_scale: Optional[float] = None  # None: dynamic (computed per call)
     input_zero_point: Optional[int] = None
     observed_range: Optional[tuple[float, float]] = None  # what calibration saw
@@ -36,6 +36,9 @@ class LayerRecipe:
     def check(self, name: str, dynamic: bool) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"recipe layer {name!r}: dtype {self.dtype!r}; use one of {DTYPES}.")
+        if self.dtype == "bf16" and self.kind not in ("linear", "conv"):
+            raise ConfigError(f"recipe layer {name!r}: bf16 applies to Linear/Conv layers; a "
+                              f"{self.kind} layer can be int8 or fp32.")
         if self.dtype == "int8" and not dynamic and self.kind not in ("embedding",
                                                                       "embedding_bag", "rnn"):
             scale, zp = self.input_scale, self.input_zero_point
@@ -55,11 +58,13 @@ class Recipe:
     def int8_layers(self) -> list[str]:
         return [n for n, r in self.layers.items() if r.dtype == "int8"]
 
-    def with_float(self, names, reason: str) -> "Recipe":
-        """This recipe with ``names`` moved to fp32 for ``reason``."""
+    def with_float(self, names, reason: str, dtype: str = "fp32") -> "Recipe":
+        """This recipe with ``names`` moved to ``dtype`` (fp32, or bf16 where the layer is a
+        Linear/Conv) for ``reason``."""
         layers = dict(self.layers)
         for n in names:
-            layers[n] = replace(layers[n], dtype="fp32", reason=reason)
+            to = dtype if layers[n].kind in ("linear", "conv") else "fp32"
+            layers[n] = replace(layers[n], dtype=to, reason=reason)
         return Recipe(self.config, layers)
 
     def to_json(self) -> dict:

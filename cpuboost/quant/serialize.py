@@ -76,6 +76,13 @@ def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
     if recipe is None:
         raise InvalidModelError("save_quantized takes a model returned by cpuboost.quantize "
                                 "or autotune; this one carries no quantization recipe.")
+    from cpuboost.quant.layers import Bf16Layer
+    bf16 = [n for n, m in model.named_modules() if isinstance(m, Bf16Layer)]
+    if bf16:
+        raise InvalidModelError(
+            f"save_quantized does not store bf16 fallback layers yet ({bf16[:3]}); save the "
+            "recipe instead (recipe_of(model).save(path)) and rebuild with "
+            "quantize(model, recipe=path).")
     from safetensors.torch import save_file
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,10 @@ from torch import nn
 
 import cpuboost
 from cpuboost import ConfigError
+from cpuboost.quant.layers import Bf16Layer
 from cpuboost.quantization import Recipe, autotune, recipe_of
+from cpuboost.verify import sqnr_db
+from tests.conftest import run, toy
 
 TOLERANCE = 0.01
 
@@ -71,3 +74,34 @@ def test_recipe_and_config_conflict(outlier_case):
     recipe = recipe_of(cpuboost.quantize(model, calib))
     with pytest.raises(ConfigError, match="not both"):
         cpuboost.quantize(model, config=cpuboost.DynamicInt8Config(), recipe=recipe)
+
+
+def test_bf16_fallback_keeps_the_layer_in_bf16(outlier_case, tmp_path):
+    model, calib, top1 = outlier_case
+    base = top1(model)
+    tuned = autotune(model, calib, top1, max_relative_loss=TOLERANCE, fallback_dtype="bf16")
+    assert (base - top1(tuned)) / base <= TOLERANCE
+    recipe = recipe_of(tuned)
+    assert [(n, r.dtype) for n, r in recipe.layers.items() if r.dtype != "int8"] == [
+        ("fc2", "bf16")]
+    assert tuned.fc2.inner.weight.dtype == torch.bfloat16
+    x = calib[0]
+    assert tuned(x).dtype == torch.float32  # the layers around it see what they saw
+    recipe.save(tmp_path / "r.json")
+    again = cpuboost.quantize(model, recipe=tmp_path / "r.json", example_inputs=x)
+    assert torch.equal(again(x), tuned(x))
+    with pytest.raises(cpuboost.InvalidModelError, match="bf16 fallback"):
+        cpuboost.save_quantized(tuned, tmp_path / "m")
+    with pytest.raises(ConfigError, match="fallback_dtype"):
+        autotune(model, calib, top1, fallback_dtype="fp16")
+
+
+def test_recipe_can_put_a_folded_conv_in_bf16():
+    case, model = toy("conv_bn")  # conv_a: groups=2, padding="same", BatchNorm folded
+    torch.manual_seed(1)
+    calib = [case.inputs(4) for _ in range(3)]
+    recipe = recipe_of(cpuboost.quantize(model, calib)).with_float(["conv_a"], "test", "bf16")
+    q = cpuboost.quantize(model, recipe=recipe, example_inputs=calib[0])
+    assert isinstance(q.conv_a, Bf16Layer) and q.conv_a.inner.groups == 2
+    x = case.inputs(4)
+    assert sqnr_db(run(model, case, x), run(q, case, x)) > 20
