@@ -127,6 +127,11 @@ class Bf16Layer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.to(torch.bfloat16)).to(x.dtype)
 
+    def refold(self) -> None:
+        """Called when a BatchNorm folded into this layer loads new statistics."""
+        raise RuntimeError("a bf16 fallback layer holds weights with its BatchNorm folded in; "
+                           "load new weights into the float model and quantize it again.")
+
 
 def bf16_module(m: nn.Module) -> Bf16Layer:
     """A bf16 copy of a float Linear/Conv (BatchNorm folded in if it was)."""

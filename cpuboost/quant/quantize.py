@@ -270,19 +270,14 @@ def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
             dtype = "fp32"
             if p.given is not None and p.given.layers.get(name, LayerRecipe("")).dtype == "bf16":
                 dtype = "bf16"
-                replace_module(p.work, m, bf16_module(m))
+                _swap(p, m, bf16_module(m))
             p.rec.skip(name, f"kept in {dtype}: {act}")
             p.layers[name] = LayerRecipe(kind_of(m), dtype, reason=act)
             continue
         act, smoothing = _smoothing(p, name, m, act, qmax)
         shape = p.flow.first_shape(m) if p.flow is not None else None
         q = int8_module(m, act, p.cfg, qmax, shape, smooth=smoothing[0])
-        replace_module(p.work, m, q)
-        if p.flow is not None:
-            p.flow.rebind(m, q)
-        bn = m.__dict__.get("_folded_bn")
-        if bn is not None:  # the folded BatchNorm now belongs to the int8 module
-            object.__setattr__(bn, "_producer", q)
+        _swap(p, m, q)
         seen = p.observers.get(name) if p.observers is not None else None
         p.layers[name] = LayerRecipe(
             kind_of(m), "int8", getattr(q, "x_scale", None), getattr(q, "x_zp", None),
@@ -294,6 +289,15 @@ def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
     if not done:
         _nothing_quantized(p.rec)
     return done
+
+
+def _swap(p: Prepared, old: nn.Module, new: nn.Module) -> None:
+    replace_module(p.work, old, new)
+    if p.flow is not None:
+        p.flow.rebind(old, new)
+    bn = old.__dict__.get("_folded_bn")
+    if bn is not None:  # the folded BatchNorm now belongs to the new module
+        object.__setattr__(bn, "_producer", new)
 
 
 def _nothing_quantized(rec: PassRecord):

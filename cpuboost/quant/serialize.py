@@ -26,6 +26,7 @@ from cpuboost.nn.postops import POST_OPS
 from cpuboost.passes import replace_module
 from cpuboost.passes.fuse_pointwise import FusedAway
 from cpuboost.passes.transformer_layers import ModularTransformerEncoderLayer
+from cpuboost.quant.layers import Bf16Layer, bf16_module, kind_of
 from cpuboost.quant.recipe import Recipe
 from cpuboost.report import OptimizationReport, attach, report_of
 
@@ -76,13 +77,6 @@ def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
     if recipe is None:
         raise InvalidModelError("save_quantized takes a model returned by cpuboost.quantize "
                                 "or autotune; this one carries no quantization recipe.")
-    from cpuboost.quant.layers import Bf16Layer
-    bf16 = [n for n, m in model.named_modules() if isinstance(m, Bf16Layer)]
-    if bf16:
-        raise InvalidModelError(
-            f"save_quantized does not store bf16 fallback layers yet ({bf16[:3]}); save the "
-            "recipe instead (recipe_of(model).save(path)) and rebuild with "
-            "quantize(model, recipe=path).")
     from safetensors.torch import save_file
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +95,9 @@ def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
         # ConvTranspose) is saved unfolded by that layer's state_dict and loads as a plain BN
         "folded_bn": {n: _name_of(model, m.__dict__.get("_producer"))
                       for n, m in model.named_modules() if isinstance(m, FoldedBatchNorm)
-                      and isinstance(m.__dict__.get("_producer"), _Int8)},
+                      and isinstance(m.__dict__.get("_producer"), (_Int8, Bf16Layer))},
+        # Linear/Conv kept in bf16 (their weights are in the tensors, under <name>.inner.*)
+        "bf16": [n for n, m in model.named_modules() if isinstance(m, Bf16Layer)],
         "fused_away": {n: {"op": m.what, "into": m.fused_into}
                        for n, m in model.named_modules() if isinstance(m, FusedAway)},
         "modular_layers": [n for n, m in model.named_modules()
@@ -174,6 +170,12 @@ def load_quantized(model_ctor: Callable[[], nn.Module], path: Union[str, Path]) 
             layer = _int8_layer(name, spec, tensors, path)
             _check_shape(name, floating, layer, path)
         replace_module(model, floating, layer)
+    for name in manifest.get("bf16", []):  # before loading: their weights load into them
+        floating = _module(model, name, path)
+        if kind_of(floating) not in ("linear", "conv"):
+            raise PackageError(f"{path}: layer {name!r} is a bf16 Linear/Conv in the file but "
+                               f"a {type(floating).__name__} in the model model_ctor builds.")
+        replace_module(model, floating, bf16_module(floating))
     rest = {k: tensors[manifest["aliases"].get(k, k)] for k in
             list(tensors) + list(manifest["aliases"]) if not _inside(k, manifest["int8"])}
     result = model.load_state_dict(rest, strict=False)
