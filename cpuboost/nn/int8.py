@@ -26,7 +26,7 @@ _onednn = torch.ops.onednn
 _qlinear = _onednn.qlinear_pointwise.default
 _qconv = _onednn.qconv_pointwise.default
 W_MIN, W_MAX = -128, 127
-_EPS = torch.finfo(torch.float32).eps
+_EPS = float(torch.finfo(torch.float32).eps)
 
 
 def _register_decomposed_ops() -> None:
@@ -47,12 +47,22 @@ def quantize_weight(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Te
     return q.contiguous(), scale
 
 
+def affine_qparams(lo: float, hi: float, qmax: int, symmetric: bool = False
+                   ) -> tuple[float, int]:
+    """uint8 scale and zero point for the clip range [lo, hi] (0 is always representable; the
+    scale is at least float32 eps, so an all-zero input still has a finite reciprocal).
+    Symmetric: zero point at the middle and the range +-max|x|."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        return max(2 * max(-lo, hi) / qmax, _EPS), (qmax + 1) // 2
+    scale = max((hi - lo) / qmax, _EPS)
+    return scale, int(min(max(round(-lo / scale), 0), qmax))
+
+
 def dynamic_qparams(x: torch.Tensor, qmax: int) -> tuple[float, int]:
     """Per-tensor uint8 scale and zero point covering x's range (and 0)."""
     lo, hi = torch.aminmax(x)
-    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
-    scale = max((hi - lo) / qmax, _EPS)
-    return scale, int(min(max(round(-lo / scale), 0), qmax))
+    return affine_qparams(float(lo), float(hi), qmax)
 
 
 class QuantizedWeight(NamedTuple):

@@ -22,8 +22,6 @@ from cpuboost.errors import CalibrationError
 
 BINS = 2048
 _GRID = 128  # candidate clip points per side in the histogram search
-# An all-zero input still needs a scale whose reciprocal is finite in float32.
-_MIN_SCALE = float(torch.finfo(torch.float32).eps)
 
 
 class Observer:
@@ -160,15 +158,3 @@ def make_observer(kind: str, name: str, percentile: float) -> Observer:
     if kind == "percentile":
         return PercentileObserver(name, percentile)
     return OBSERVERS[kind](name)
-
-
-def affine_qparams(lo: float, hi: float, qmax: int, symmetric: bool) -> tuple[float, int]:
-    """uint8 scale and zero point for the clip range [lo, hi] (0 is always representable).
-    Symmetric: zero point at the middle and the range +-max|x|."""
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    if symmetric:
-        amax = max(-lo, hi)
-        scale = max(2 * amax / qmax, _MIN_SCALE)
-        return scale, (qmax + 1) // 2
-    scale = max((hi - lo) / qmax, _MIN_SCALE)
-    return scale, int(min(max(round(-lo / scale), 0), qmax))

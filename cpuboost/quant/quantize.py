@@ -16,7 +16,7 @@ from cpuboost.checks import check_model, run_sample
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import CalibrationError, ConfigError, UnsupportedRequestError
 from cpuboost.hw import CpuFeatures, detect
-from cpuboost.nn.int8 import _Int8
+from cpuboost.nn.int8 import _Int8, affine_qparams
 from cpuboost.passes import (PassContext, fold_bn, fuse_pointwise, replace_module,
                              transformer_layers, weight_bytes)
 from cpuboost.passes._dataflow import Dataflow, record
@@ -25,7 +25,7 @@ from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Conf
 from cpuboost.quant.handoff import hand_off
 from cpuboost.quant.layers import (WEIGHT_ONLY, bf16_module, float_parts, int8_module,
                                    kind_of, targets)
-from cpuboost.quant.observers import Observer, affine_qparams, make_observer
+from cpuboost.quant.observers import Observer, make_observer
 from cpuboost.quant.recipe import LayerRecipe, Recipe
 from cpuboost.quant.shared_qdq import quantize_shared_outputs
 from cpuboost.quant.smooth import ChannelStats, choose
@@ -267,9 +267,9 @@ def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
     for name, m in p.targets.items():
         act = _act_qparams(p, name, qmax)
         if isinstance(act, str):
-            dtype = "fp32"
-            if p.given is not None and p.given.layers.get(name, LayerRecipe("")).dtype == "bf16":
-                dtype = "bf16"
+            given = p.given.layers.get(name) if p.given is not None else None
+            dtype = "bf16" if given is not None and given.dtype == "bf16" else "fp32"
+            if dtype == "bf16":
                 _swap(p, m, bf16_module(m))
             p.rec.skip(name, f"kept in {dtype}: {act}")
             p.layers[name] = LayerRecipe(kind_of(m), dtype, reason=act)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from cpuboost.nn.int8 import quantize_weight
-from cpuboost.quant.observers import affine_qparams
+from cpuboost.nn.int8 import affine_qparams
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 _SAMPLE_ROWS = 256  # rows of the first calibration input kept per layer for the search

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cpuboost.errors import CalibrationError
-from cpuboost.quant.observers import (HistogramObserver, MinMaxObserver, PercentileObserver,
-                                      affine_qparams)
+from cpuboost.nn.int8 import affine_qparams
+from cpuboost.quant.observers import HistogramObserver, MinMaxObserver, PercentileObserver
 
 
 def _qdq_mse(x: torch.Tensor, lo: float, hi: float) -> float:
