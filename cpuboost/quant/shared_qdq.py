@@ -68,6 +68,8 @@ def quantize_shared_outputs(model: nn.Module, flow: Dataflow, rec: PassRecord) -
             continue
         if isinstance(m, _Int8):  # the compiled form quantizes the conv's output itself
             m.output_grid = (reader.x_scale, reader.x_zp)
+        elif any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+            continue  # wrapping would rename its state_dict keys (name.inner.*)
         else:
             replace_module(model, m, QuantizedOutput(m, reader.x_scale, reader.x_zp))
         reader.input_on_grid = True
