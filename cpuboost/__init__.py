@@ -13,9 +13,17 @@ from cpuboost import quantization  # noqa: E402  (IPEX's `ipex.quantization.prep
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # `cpuboost.llm` needs transformers: imported on first use, not by `import cpuboost`
+    if name == "llm":
+        import importlib
+        return importlib.import_module("cpuboost.llm")
+    raise AttributeError(f"module 'cpuboost' has no attribute {name!r}")
+
 __all__ = ["CalibrationError", "ConfigError", "CpuBoostError", "DynamicInt8Config", "ExportError",
            "ExportedModel", "InvalidModelError", "OptimizationReport", "OptimizeConfig",
            "PackageError", "SampleInputError", "StaticInt8Config", "TrainingModeError",
            "UnsupportedDeviceError", "UnsupportedDtypeError", "UnsupportedRequestError", "export",
-           "load", "load_quantized", "optimize", "quantization", "quantize", "report_of",
+           "llm", "load", "load_quantized", "optimize", "quantization", "quantize", "report_of",
            "save_quantized"]

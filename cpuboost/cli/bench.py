@@ -25,6 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--rounds", type=int, help="timing rounds per variant (median is reported)")
     p.add_argument("--no-compile", action="store_true",
                    help="skip the compiled variants (stock Inductor and the cpuboost backend)")
+    p.add_argument("--llm", action="store_true",
+                   help="LLM generation bench (Llama-style ~1B model; small one with --quick)")
     p.add_argument("--plot", metavar="OUT.png", help="draw the speedups to this file")
     p.add_argument("--out", help="results directory (default benchmarks/results)")
     p.set_defaults(func=run)
@@ -33,6 +35,7 @@ def add_parser(sub) -> None:
     w.add_argument("--variants", required=True)
     w.add_argument("--rounds", type=int, required=True)
     w.add_argument("--memory", action="store_true")
+    w.add_argument("--llm", metavar="SIZE", help="LLM bench of this model size")
     w.set_defaults(func=worker)
 
 
@@ -46,6 +49,12 @@ def _case(name: str):
 
 
 def worker(args) -> int:
+    if args.llm:
+        from cpuboost.bench import llm
+        result = llm.memory_llm(args.llm) if args.memory else llm.run_llm(
+            args.llm, args.variants.split(","), args.rounds)
+        print("CPUBOOST_RESULT " + json.dumps(result))
+        return 0
     from cpuboost.bench.harness import memory_check, run_case
     case = _case(args.case)
     result = memory_check(case) if args.memory else run_case(
@@ -54,9 +63,10 @@ def worker(args) -> int:
     return 0
 
 
-def _spawn(case: str, variants, rounds: int, memory=False) -> dict:
+def _spawn(case: str, variants, rounds: int, memory=False, llm=None) -> dict:
     cmd = [sys.executable, "-m", "cpuboost.cli.main", "bench-worker", case,
            "--variants", ",".join(variants), "--rounds", str(rounds)] + (["--memory"] if memory else [])
+    cmd += ["--llm", llm] if llm else []
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("CPUBOOST_RESULT "):
@@ -111,7 +121,41 @@ def _plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def run_llm(args) -> int:
+    """The LLM bench: eager variants in one process, stock torch.compile in another (each with
+    its own stock baseline), and the optimize-memory check in a third."""
+    from cpuboost.bench import llm
+    size = "small" if args.quick else "1b"
+    variants = args.variants.split(",") if args.variants else list(llm.EAGER + llm.COMPILED)
+    rounds = args.rounds or (2 if args.quick else 3)
+    groups = [["stock_bf16"] + [v for v in variants if v in llm.EAGER and v != "stock_bf16"]]
+    if not (args.quick or args.no_compile) and any(v in llm.COMPILED for v in variants):
+        groups.append(["stock_bf16"] + [v for v in variants if v in llm.COMPILED])
+    parts = [_spawn(f"llama_{size}", g, rounds, llm=size) for g in groups]
+    memory = _spawn(f"llama_{size}", ["cpuboost_woq_int8"], 1, memory=True, llm=size)
+    for part in parts[1:]:
+        for row in part["rows"]:
+            if row["variant"] == "stock_bf16":
+                row["variant"] = "stock_bf16 (compile proc)"
+    failed = [p for p in parts + [memory] if p.get("error")]
+    for part in parts:
+        if part["rows"]:
+            llm.print_llm(part, memory if part is parts[0] and "peak_ratio" in memory else None)
+    out_dir = Path(args.out or _env.results_dir(str(RESULTS)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"bench-llm-{stamp}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps({"date": stamp, "cpu": _cpu(), "results": parts,
+                                "memory": memory}, indent=1))
+    print(f"\nresults written to {path}")
+    for p in failed:
+        print(f"ERROR in {p['case']}: {p['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def run(args) -> int:
+    if args.llm:
+        return run_llm(args)
     from cpuboost.bench.harness import COMPILED, VARIANTS
     from cpuboost.bench.zoo import CASES
     if args.model:

@@ -1,0 +1,117 @@
+"""`cpuboost.llm.optimize`: validate, copy modules (not weights) unless inplace, run the
+rewrites, report. ``generate()`` and ``forward`` keep working unchanged."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from cpuboost._memory import release_freed_memory
+from cpuboost.checks import check_model
+from cpuboost.errors import ConfigError, UnsupportedRequestError
+from cpuboost.hw import detect
+from cpuboost.llm import rewrites
+from cpuboost.llm.cache import use_preallocated_cache
+from cpuboost.llm.config import LlmConfig, WoqConfig, woq_config
+from cpuboost.llm.structure import structure_of
+from cpuboost.passes import weight_bytes
+from cpuboost.report import OptimizationReport, attach
+
+API = "cpuboost.llm.optimize"
+
+
+def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
+             quantization: Union[None, str, WoqConfig] = None, inplace: bool = False,
+             max_seq_len: Optional[int] = None, *, quantization_config=None,
+             optimizer=None, device: str = "cpu", deployment_mode: bool = True,
+             low_precision_checkpoint=None, **ipex_only) -> nn.Module:
+    """Return ``model`` made fast for generation on this CPU (a copy unless ``inplace``).
+
+    ``quantization``: None, ``"woq_int8"``, ``"woq_int4"`` or a `WoqConfig` (IPEX's spelling,
+    ``quantization_config=``, is accepted too). The copy shares the tensors no rewrite touches
+    with ``model`` (no weight is duplicated); ``inplace=True`` releases each float weight as its
+    layer is replaced, so peak memory stays near the model's own size.
+    ``cpuboost.report_of(result)`` lists what was applied, skipped and why.
+    """
+    check_model(model, API)
+    _check_ipex_arguments(optimizer, device, low_precision_checkpoint, ipex_only)
+    if quantization is not None and quantization_config is not None:
+        raise ConfigError("pass quantization= or quantization_config= (its IPEX name), not "
+                          "both.")
+    cfg = LlmConfig(dtype=dtype, woq=woq_config(quantization or quantization_config),
+                    inplace=inplace, max_seq_len=max_seq_len)
+    hw = detect()
+    if cfg.dtype == torch.bfloat16 and not hw.native_bf16:
+        # correct everywhere (oneDNN emulates), just not faster: say so, do not refuse
+        warning = "this CPU has no native bf16: bf16 runs correctly but slower than on one that has"
+    else:
+        warning = None
+    report = OptimizationReport(dtype=str(cfg.dtype).replace("torch.", ""),
+                                level=cfg.woq.name if cfg.woq else "llm",
+                                hardware=hw.summary())
+    report.weight_bytes_before = weight_bytes(model)
+    if warning:
+        report.warnings.append(warning)
+    if not deployment_mode:
+        report.warnings.append("deployment_mode=False has no effect: cpuboost does not trace")
+    if not cfg.inplace:
+        model = _copy_modules(model)
+    _run(model, cfg, report)
+    release_freed_memory()
+    report.weight_bytes_after = weight_bytes(model)
+    attach(model, report)
+    return model
+
+
+def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
+    rec = report.record("structure")
+    rec.notes += structure_of(model).lines()
+    steps = [("linears", lambda r: rewrites.linears(model, cfg, r)),
+             ("cast", lambda r: rewrites.cast_floats(model, cfg, r)),
+             ("attention", lambda r: rewrites.use_sdpa(model, r)),
+             ("kv_cache", lambda r: _kv_cache(model, cfg, r))]
+    for name, step in steps:
+        rec = report.record(name)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            step(rec)
+        rec.seconds = time.perf_counter() - t0
+
+
+def _kv_cache(model: nn.Module, cfg: LlmConfig, rec) -> None:
+    if use_preallocated_cache(model, cfg.max_seq_len):
+        size = f"{cfg.max_seq_len} tokens" if cfg.max_seq_len else "each call's total length"
+        rec.apply(f"generate() uses a preallocated KV cache ({size}; no per-token copy)")
+    else:
+        rec.skip(type(model).__name__, "no transformers generate(): KV cache left as is")
+
+
+def _copy_modules(model: nn.Module) -> nn.Module:
+    """A copy of the module tree that shares every parameter and buffer with ``model``."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _check_ipex_arguments(optimizer, device, low_precision_checkpoint, extra) -> None:
+    if optimizer is not None:
+        raise UnsupportedRequestError(
+            f"{API} prepares inference; training with an optimizer is not supported. Call it "
+            "without optimizer= on a model in eval() mode.")
+    if device != "cpu":
+        raise UnsupportedRequestError(f"{API} optimizes for the CPU; got device={device!r}.")
+    if low_precision_checkpoint is not None:
+        raise UnsupportedRequestError(
+            "low_precision_checkpoint (GPTQ/AWQ weights) is not supported; load the float "
+            "model and pass quantization='woq_int4', or load a checkpoint saved by "
+            "cpuboost.llm.save_quantized with cpuboost.llm.load_quantized.")
+    accepted = {"qconfig_summary_file", "sym_quant_output", "cache_weight_for_large_batch"}
+    unknown = sorted(set(extra) - accepted)
+    if unknown:
+        raise ConfigError(f"{API} got unexpected argument(s) {unknown}.")
+    if any(extra.get(k) for k in accepted):
+        raise UnsupportedRequestError(
+            f"{sorted(k for k in accepted if extra.get(k))}: IPEX static-int8 LLM options are "
+            "not supported by cpuboost.llm.optimize; use quantization='woq_int8'.")

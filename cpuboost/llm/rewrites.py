@@ -1,0 +1,116 @@
+"""The rewrites `cpuboost.llm.optimize` runs, each ``(model, cfg, rec) -> None`` on the copy.
+
+They never modify a tensor in place: the copy shares its tensors with the original model
+(`optimize` copies modules, not weights), so every change is a new tensor or a new module.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Optional
+
+import torch
+from torch import nn
+
+from cpuboost.llm.config import LlmConfig, WoqConfig
+from cpuboost.llm.structure import is_linear
+from cpuboost.nn.fused import FusedConv1DLinear, FusedLinear, is_hf_conv1d
+from cpuboost.nn.woq import WoqLinear, why_not_woq
+from cpuboost.passes._context import replace_module
+from cpuboost.report import PassRecord
+
+
+def cast_floats(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
+    """Floating parameters and buffers to ``cfg.dtype`` (what ``model.to(dtype)`` does), as new
+    tensors so the original model keeps its own."""
+    changed = 0
+    for m in model.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != cfg.dtype:
+                m._parameters[name] = nn.Parameter(p.detach().to(cfg.dtype),
+                                                   requires_grad=False)
+                changed += 1
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_floating_point() and b.dtype != cfg.dtype:
+                m._buffers[name] = b.to(cfg.dtype)
+                changed += 1
+    if changed:
+        rec.apply(f"{changed} floating tensors cast to {cfg.dtype}")
+
+
+def use_sdpa(model: nn.Module, rec: PassRecord) -> None:
+    """Attention through torch's scaled_dot_product_attention (its CPU flash kernel)."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current is None:
+        rec.skip("attention", "the model has no transformers config: its attention is kept")
+        return
+    if current == "sdpa":
+        rec.apply("attention already runs through torch's SDPA (CPU flash kernel)")
+        return
+    try:
+        model.set_attn_implementation("sdpa")
+    except (AttributeError, ValueError) as e:
+        rec.skip("attention", f"kept {current!r}: transformers cannot switch it to sdpa ({e})")
+        return
+    rec.apply(f"attention: {current!r} -> 'sdpa' (torch's CPU flash kernel)")
+
+
+def _output_projection(model: nn.Module) -> Optional[nn.Module]:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError):
+        return None
+
+
+def _dense(m: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight (out, in), bias) of a Linear or transformers' Conv1D (stored (in, out))."""
+    w = m.weight.detach()
+    return (w.t() if is_hf_conv1d(m) else w), (None if m.bias is None else m.bias.detach())
+
+
+def _packed(m: nn.Module, dtype: torch.dtype) -> nn.Module:
+    cls = FusedConv1DLinear if is_hf_conv1d(m) else FusedLinear
+    return cls(m, dtype, "onednn")
+
+
+def _woq_reason(name: str, m: nn.Module, woq: WoqConfig, head) -> Optional[str]:
+    if any(fnmatch.fnmatchcase(name, p) for p in woq.skip):
+        return "matches WoqConfig.skip"
+    if m is head and not woq.lm_head:
+        return "output projection (WoqConfig.lm_head=False)"
+    w, _ = _dense(m)
+    return why_not_woq(w.shape[0], w.shape[1], woq.bits, woq.group_size)
+
+
+def linears(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
+    """Each Linear becomes a weight-only quantized linear (``cfg.woq``) or a linear on a
+    weight packed for oneDNN. The float weight is released as each layer is replaced."""
+    head = _output_projection(model)
+    tied = head is not None and any(
+        p is head.weight for m in model.modules() if m is not head
+        for p in m.parameters(recurse=False))
+    done: dict[str, int] = {}
+    # by name, fetching each module when its turn comes: holding them all in a list would
+    # keep every float weight alive until the end (peak memory = float + quantized model)
+    for name in [n for n, m in model.named_modules() if is_linear(m)]:
+        m = model.get_submodule(name)
+        reason = _woq_reason(name, m, cfg.woq, head) if cfg.woq else "no quantization asked"
+        if cfg.woq and reason is None:
+            w, b = _dense(m)
+            new = WoqLinear.from_float(w, b, cfg.woq.bits, cfg.woq.group_size,
+                                       cfg.woq.symmetric, cfg.dtype)
+            kind = cfg.woq.name
+        else:
+            new = _packed(m, cfg.dtype)
+            kind = f"packed {str(cfg.dtype).replace('torch.', '')}"
+            if cfg.woq:
+                rec.skip(name, f"kept float ({reason}); packed for oneDNN instead")
+        replace_module(model, m, new)
+        del m
+        done[kind] = done.get(kind, 0) + 1
+    for kind, n in done.items():
+        rec.apply(f"{n} linear layers -> {kind}")
+    if tied:
+        rec.notes.append("the output projection shares its weight with the input embedding; "
+                         "its packed/quantized copy is held beside the embedding table")

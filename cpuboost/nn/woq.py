@@ -1,0 +1,253 @@
+"""Weight-only quantized Linear: int8 per output channel or int4 per group, float activations.
+
+Decode at batch 1 reads every weight once per token, so it runs at memory speed: fewer weight
+bytes is the whole gain. torch's CPU kernels do the work:
+
+- int8: ``torch._weight_int8pack_mm(x, q, scale)`` computes ``x @ (q * scale).T`` reading the
+  int8 weight as is (symmetric, one scale per output channel).
+- int4: ``torch._weight_int4pack_mm_for_cpu`` on a weight packed by
+  ``torch._convert_weight_to_int4pack_for_cpu``; per group of ``group_size`` input channels,
+  ``w = (q - 8) * scale + zero`` with ``q`` in 0..15 (asymmetric, or symmetric with zero 0).
+
+Both kernels loop over rows, so they are slower than a bf16 GEMM for long prompts (measured
+here at 512 rows: int8 3.2x, int4 2.5x the time of a packed bf16 GEMM). An int8 layer fed more
+than ``_DEQUANT_ROWS`` rows therefore converts its weight to the activation dtype (exact: int8
+values are exact in bf16) and runs a GEMM, scaling the output per channel.
+
+Each module holds its quantized weight once. ``state_dict()`` stores a portable form (int8
+weight, or int4 nibbles two per byte with the low nibble the even input channel, plus scales and
+zero points), independent of the CPU the kernel packed for.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cpuboost.nn._state import incoming
+
+# Measured on AVX-512 (bf16): the int8 kernel reads garbage (or crashes) when the number of
+# input channels is not a multiple of 16; the int4 packer needs output channels in multiples
+# of 16 and input channels in whole groups.
+K_MULTIPLE = 16
+N_MULTIPLE_INT4 = 16
+_DEQUANT_ROWS = 32  # from this many rows on, dequantize + GEMM beats the int8 row kernel
+_EPS = float(torch.finfo(torch.float32).eps)
+
+
+def why_not_woq(out_features: int, in_features: int, bits: int, group_size: int) -> Optional[str]:
+    """None if torch's kernel takes this shape, else the reason it does not."""
+    if in_features % K_MULTIPLE:
+        return f"in_features {in_features} is not a multiple of {K_MULTIPLE} (kernel limit)"
+    if bits == 4:
+        if out_features % N_MULTIPLE_INT4:
+            return (f"out_features {out_features} is not a multiple of {N_MULTIPLE_INT4} "
+                    "(int4 packing limit)")
+        if in_features % group_size:
+            return f"in_features {in_features} is not a multiple of group_size {group_size}"
+    return None
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: (q int8 (N, K), scale fp32 (N,))."""
+    w = w.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=_EPS)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.contiguous(), scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group-wise int4: (q int32 (N, K) in 0..15, scale (N, K/g), zero (N, K/g)), fp32, with
+    ``w ~= (q - 8) * scale + zero`` (torch's int4 kernel convention)."""
+    n, k = w.shape
+    g = w.detach().float().reshape(n, k // group_size, group_size)
+    if symmetric:
+        scale = (g.abs().amax(dim=-1) / 7).clamp(min=_EPS)  # q - 8 in -8..7
+        zero = torch.zeros_like(scale)
+        q = torch.round(g / scale[..., None]) + 8
+    else:
+        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+        scale = ((hi - lo) / 15).clamp(min=_EPS)
+        zero = lo + 8 * scale  # q = 0 is the group minimum
+        q = torch.round((g - lo[..., None]) / scale[..., None])
+    q = q.clamp(0, 15).to(torch.int32).reshape(n, k)
+    return q, scale, zero
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) values 0..15 -> (N, K/2) uint8, low nibble = even column."""
+    q = q.to(torch.uint8)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``pack_nibbles``: (N, K/2) uint8 -> (N, K) int32."""
+    lo, hi = (p & 15).to(torch.int32), (p >> 4).to(torch.int32)
+    return torch.stack([lo, hi], dim=-1).reshape(p.shape[0], -1)
+
+
+@lru_cache(maxsize=64)
+def _kernel_order(n: int, k: int) -> torch.Tensor:
+    """For a weight of shape (n, k): the flat index ``row * k + col`` each nibble of torch's
+    CPU int4 pack came from (low nibble first). Learned by packing the digits of the index
+    itself, so it follows whatever layout this torch build packs into."""
+    index = torch.arange(n * k, dtype=torch.int64)
+    order = torch.zeros(n * k, dtype=torch.int64)
+    for shift in range(0, max(1, (n * k - 1).bit_length()), 4):
+        digit = ((index >> shift) & 15).to(torch.int32).reshape(n, k)
+        packed = torch._convert_weight_to_int4pack_for_cpu(digit, 1).reshape(-1)
+        nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(torch.int64)
+        order |= nibbles << shift
+    return order
+
+
+class WoqLinear(nn.Module):
+    """``y = x @ W.T + b`` with W held in int8 (``bits=8``) or int4 (``bits=4``)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 8,
+                 group_size: int = 0, symmetric: bool = True, bias: bool = True,
+                 compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        assert bits in (4, 8), bits
+        reason = why_not_woq(out_features, in_features, bits, group_size)
+        if reason:
+            raise ValueError(f"WoqLinear({in_features}, {out_features}, bits={bits}): {reason}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.compute_dtype = compute_dtype
+        self.has_bias = bias
+        self._b: Optional[torch.Tensor] = None
+        self._q: Optional[torch.Tensor] = None  # int8 (N, K), or the kernel's int4 pack
+        self._scale: Optional[torch.Tensor] = None  # int8: (N,); int4: (K/g, N, 2) scale+zero
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int,
+                   group_size: int = 0, symmetric: bool = True,
+                   compute_dtype: torch.dtype = torch.bfloat16) -> "WoqLinear":
+        """Quantize ``weight`` (out_features, in_features); the float weight is not kept."""
+        n, k = weight.shape
+        m = cls(k, n, bits, group_size, symmetric, bias is not None, compute_dtype)
+        if bits == 8:
+            m._set_int8(*quantize_int8(weight))
+        else:
+            m._set_int4(*quantize_int4(weight, group_size, symmetric))
+        m._b = None if bias is None else bias.detach().to(compute_dtype).clone()
+        return m
+
+    # -- storage ----------------------------------------------------------------------------
+    def _set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
+        self._q = q.to(torch.int8).contiguous()
+        self._scale = scale.to(self.compute_dtype).contiguous()
+
+    def _set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
+        self._q = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        sz = torch.stack([scale.float(), zero.float()], dim=-1)  # (N, K/g, 2)
+        self._scale = sz.transpose(0, 1).contiguous().to(self.compute_dtype)  # (K/g, N, 2)
+
+    def _int4_codes(self) -> torch.Tensor:
+        """The int4 values (N, K) in 0..15, read back from the kernel's pack."""
+        packed = self._q.reshape(-1)
+        nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(torch.int32)
+        q = torch.empty(self.out_features * self.in_features, dtype=torch.int32)
+        q[_kernel_order(self.out_features, self.in_features)] = nibbles
+        return q.reshape(self.out_features, self.in_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, (out_features, in_features) fp32."""
+        if self.bits == 8:
+            return self._q.float() * self._scale.float()[:, None]
+        g = self.group_size
+        q = self._int4_codes().float().reshape(self.out_features, -1, g)
+        scale, zero = self._scale.float().transpose(0, 1).unbind(-1)  # (N, K/g) each
+        return ((q - 8) * scale[..., None] + zero[..., None]).reshape(self.out_features, -1)
+
+    def weight_bytes(self) -> int:
+        tensors = [t for t in (self._q, self._scale, self._b) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    # -- compute ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (rows, K)
+        if x2.dtype != self.compute_dtype:
+            x2 = x2.to(self.compute_dtype)
+        x2 = x2.contiguous()
+        if self.bits == 8:
+            if x2.shape[0] >= _DEQUANT_ROWS:
+                # exact int8 -> float copy, one GEMM, per-channel scale on the output
+                y = F.linear(x2, self._q.to(self.compute_dtype)) * self._scale
+            else:
+                y = torch._weight_int8pack_mm(x2, self._q, self._scale)
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(x2, self._q, self.group_size, self._scale)
+        if self._b is not None:
+            y = y + self._b
+        return y.reshape(*lead, self.out_features)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain PyTorch in fp32 on the dequantized weight: the test oracle."""
+        b = None if self._b is None else self._b.float()
+        return F.linear(x.float(), self.dequantized(), b)
+
+    # -- state_dict: the portable quantized form ---------------------------------------------
+    def _portable(self) -> dict[str, torch.Tensor]:
+        if self.bits == 8:
+            state = {"qweight": self._q, "scales": self._scale.float()}
+        else:
+            scale, zero = self._scale.float().transpose(0, 1).unbind(-1)
+            state = {"qweight": pack_nibbles(self._int4_codes()),
+                     "scales": scale.contiguous(), "zeros": zero.contiguous()}
+        if self._b is not None:
+            state["bias"] = self._b
+        return state
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, t in self._portable().items():
+            destination[prefix + name] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        current = self._portable() if self._q is not None else self._empty_portable()
+        new = {}
+        for name, cur in current.items():
+            value = incoming(state_dict, prefix + name, cur, strict, missing_keys, error_msgs)
+            if value is None:
+                return  # missing or wrong shape: recorded, nothing changed
+            new[name] = value
+        if self.bits == 8:
+            self._set_int8(new["qweight"], new["scales"])
+        else:
+            self._set_int4(unpack_nibbles(new["qweight"]), new["scales"], new["zeros"])
+        if "bias" in new:
+            self._b = new["bias"].to(self.compute_dtype).clone()
+
+    def _empty_portable(self) -> dict[str, torch.Tensor]:
+        n, k = self.out_features, self.in_features
+        if self.bits == 8:
+            state = {"qweight": torch.zeros(n, k, dtype=torch.int8), "scales": torch.zeros(n)}
+        else:
+            groups = k // self.group_size
+            state = {"qweight": torch.zeros(n, k // 2, dtype=torch.uint8),
+                     "scales": torch.zeros(n, groups), "zeros": torch.zeros(n, groups)}
+        if self.has_bias:
+            state["bias"] = torch.zeros(n, dtype=self.compute_dtype)
+        return state
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.zeros(1, dtype=self.compute_dtype))
+        if probe.dtype != self.compute_dtype or probe.device.type != "cpu":
+            raise RuntimeError(
+                f"WoqLinear holds an int{self.bits} weight for the CPU computing in "
+                f"{self.compute_dtype}; it cannot be moved or cast. Run cpuboost.llm.optimize "
+                "on the original model with the dtype you want instead.")
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        kind = "int8 per-channel" if self.bits == 8 else (
+            f"int4 group {self.group_size} {'symmetric' if self.symmetric else 'asymmetric'}")
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {kind}, "
+                f"compute={self.compute_dtype}, bias={self.has_bias}")

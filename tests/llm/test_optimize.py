@@ -1,0 +1,137 @@
+"""cpuboost.llm.optimize on every architecture family: generate() output identical to stock
+transformers of the same dtype (greedy, beam search, sampling, a padded batch); weight-only
+quantization within stated logit tolerances; the report; the original left untouched."""
+import copy
+
+import pytest
+import torch
+
+import cpuboost
+from cpuboost.errors import ConfigError, TrainingModeError, UnsupportedRequestError
+from cpuboost.llm import WoqConfig
+from cpuboost.nn.woq import WoqLinear
+from tests.llm.conftest import prompts, tiny_model
+from tests.nn.test_woq import sqnr
+
+
+def generate(model, ids, mask, **kw):
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32,
+                              min_new_tokens=32, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_identical_to_stock(arch, dtype):
+    model = tiny_model(arch)
+    stock = copy.deepcopy(model).to(dtype)
+    fast = cpuboost.llm.optimize(model, dtype=dtype)
+    ids, mask = prompts()
+    assert torch.equal(generate(fast, ids, mask, do_sample=False),
+                       generate(stock, ids, mask, do_sample=False))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_beam_search_and_sampling_identical_to_stock(arch):
+    model = tiny_model(arch)
+    fast = cpuboost.llm.optimize(model, dtype=torch.float32)
+    ids, mask = prompts()
+    assert torch.equal(generate(fast, ids, mask, num_beams=3, do_sample=False),
+                       generate(model, ids, mask, num_beams=3, do_sample=False))
+    torch.manual_seed(7)
+    sampled = generate(model, ids, mask, do_sample=True, top_k=20)
+    torch.manual_seed(7)
+    assert torch.equal(generate(fast, ids, mask, do_sample=True, top_k=20), sampled)
+
+
+# logit tolerance vs the unquantized model in the same dtype, by SQNR (dB) over the batch
+WOQ = [("woq_int8", 30.0), (WoqConfig(bits=4, group_size=32, symmetric=False), 14.0)]
+
+
+@pytest.mark.parametrize("quantization,floor", WOQ, ids=["int8", "int4_g32"])
+def test_woq_logits_close(arch, quantization, floor):
+    model = tiny_model(arch)
+    ids, mask = prompts()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        got = cpuboost.llm.optimize(model, dtype=torch.float32, quantization=quantization)(
+            input_ids=ids, attention_mask=mask).logits
+    keep = mask.bool()  # padded positions carry no meaning
+    assert sqnr(want[keep], got[keep]) > floor
+
+
+def test_woq_generate_runs_in_bf16_and_report_says_what_was_done(arch):
+    model = tiny_model(arch)
+    fast = cpuboost.llm.optimize(model, quantization="woq_int8")
+    ids, mask = prompts()
+    out = generate(fast, ids, mask, do_sample=False)
+    assert out.shape == (2, 12 + 32)
+    report = cpuboost.report_of(fast)
+    woq = sum(isinstance(m, WoqLinear) for m in fast.modules())
+    assert woq > 0 and f"{woq} linear layers -> woq_int8" in str(report)
+    assert report.applied("kv_cache") and report.pass_named("structure").notes
+    assert report.weight_bytes_after < report.weight_bytes_before
+
+
+def test_original_model_untouched_and_weights_shared_not_copied():
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = cpuboost.llm.optimize(model, dtype=torch.float32, quantization="woq_int8")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(type(m).__name__ != "WoqLinear" for m in model.modules())
+    assert fast.model.embed_tokens.weight is model.model.embed_tokens.weight  # shared
+    same = cpuboost.llm.optimize(model, dtype=torch.float32, inplace=True)
+    assert same is model
+
+
+def test_unsupported_shapes_fall_back_and_are_reported():
+    model = tiny_model("llama")  # hidden 64: only down_proj (in 128) takes groups of 128
+    fast = cpuboost.llm.optimize(model, quantization="woq_int4")
+    rec = cpuboost.report_of(fast).pass_named("linears")
+    assert rec.skipped and all("group_size 128" in why for _, why in rec.skipped)
+    woq = [n for n, m in fast.named_modules() if isinstance(m, WoqLinear)]
+    assert woq == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+
+
+def test_lm_head_and_skip_options():
+    model = tiny_model("llama")
+    fast = cpuboost.llm.optimize(model, quantization=WoqConfig(lm_head=False,
+                                                               skip=("model.layers.0.*",)))
+    assert not isinstance(fast.lm_head, WoqLinear)
+    assert not isinstance(fast.model.layers[0].self_attn.q_proj, WoqLinear)
+    assert isinstance(fast.model.layers[1].self_attn.q_proj, WoqLinear)
+
+
+def test_ipex_spelling_quantization_config():
+    model = tiny_model("gpt2")
+    fast = cpuboost.llm.optimize(model, dtype=torch.float32,
+                                 quantization_config=WoqConfig(bits=8), deployment_mode=True)
+    assert any(isinstance(m, WoqLinear) for m in fast.modules())
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(quantization="int3"), ConfigError, "woq_int8"),
+    (dict(quantization=WoqConfig(bits=8), quantization_config="woq_int4"), ConfigError, "both"),
+    (dict(dtype=torch.float16), ConfigError, "float32 or torch.bfloat16"),
+    (dict(optimizer=object()), UnsupportedRequestError, "optimizer"),
+    (dict(low_precision_checkpoint="x.pt"), UnsupportedRequestError, "GPTQ"),
+    (dict(device="xpu"), UnsupportedRequestError, "device"),
+    (dict(max_seq_len=0), ConfigError, "max_seq_len"),
+])
+def test_bad_arguments_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cpuboost.llm.optimize(tiny_model("llama"), **kwargs)
+
+
+def test_training_mode_refused():
+    with pytest.raises(TrainingModeError, match="eval"):
+        cpuboost.llm.optimize(tiny_model("llama").train())
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(bits=3), "8 or 4"),
+                                          (dict(bits=8, group_size=64), "per output channel"),
+                                          (dict(bits=8, symmetric=False), "symmetric"),
+                                          (dict(bits=4, group_size=48), "group_size"),
+                                          (dict(skip="model.*"), "tuple")])
+def test_woq_config_validation(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        WoqConfig(**kwargs)

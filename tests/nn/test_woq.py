@@ -1,0 +1,84 @@
+"""WoqLinear: torch's int8/int4 weight-only kernels against the module's own fp32 reference,
+and the quantization error against the float weight, by SQNR in dB."""
+import pytest
+import torch
+
+from cpuboost.nn.woq import WoqLinear, pack_nibbles, quantize_int4, unpack_nibbles, why_not_woq
+
+
+def sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
+    ref, got = ref.float(), got.float()
+    return float(10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean().clamp(min=1e-30)))
+
+
+CASES = [(8, 0, True), (4, 32, False), (4, 64, True), (4, 128, False)]
+
+
+@pytest.mark.parametrize("bits,group,symmetric", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 40])  # 40: int8 takes the dequantize + GEMM path
+def test_kernel_matches_reference(bits, group, symmetric, dtype, rows):
+    torch.manual_seed(0)
+    w, b = torch.randn(96, 256), torch.randn(96)
+    m = WoqLinear.from_float(w, b, bits, group, symmetric, dtype)
+    x = torch.randn(2, rows, 256)
+    got = m(x.to(dtype))
+    assert got.shape == (2, rows, 96) and got.dtype == dtype
+    # fp32 activations: only summation order differs; bf16: activations rounded to bf16
+    assert sqnr(m.reference_forward(x), got) > (90 if dtype == torch.float32 else 40)
+
+
+@pytest.mark.parametrize("bits,group,symmetric,floor", [(8, 0, True, 38), (4, 32, False, 19),
+                                                        (4, 128, True, 15)])
+def test_quantization_error_vs_float_weight(bits, group, symmetric, floor):
+    torch.manual_seed(1)
+    w = torch.randn(128, 512)
+    m = WoqLinear.from_float(w, None, bits, group, symmetric, torch.float32)
+    assert sqnr(w, m.dequantized()) > floor
+
+
+@pytest.mark.parametrize("bits,group,symmetric", CASES)
+def test_state_dict_round_trip_is_exact(bits, group, symmetric):
+    torch.manual_seed(2)
+    m = WoqLinear.from_float(torch.randn(64, 128), torch.randn(64), bits, group, symmetric,
+                             torch.bfloat16)
+    state = m.state_dict()
+    assert state["qweight"].dtype == (torch.int8 if bits == 8 else torch.uint8)
+    fresh = WoqLinear(128, 64, bits, group, symmetric, True, torch.bfloat16)
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 128).bfloat16()
+    assert torch.equal(fresh(x), m(x))
+    assert torch.equal(fresh.dequantized(), m.dequantized())
+
+
+def test_int4_codes_survive_the_kernel_pack():
+    torch.manual_seed(3)
+    q, scale, zero = quantize_int4(torch.randn(48, 256), 64, symmetric=False)
+    m = WoqLinear(256, 48, 4, 64, False, False, torch.float32)
+    m._set_int4(q, scale, zero)
+    assert torch.equal(m._int4_codes(), q)
+    assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
+
+
+def test_wrong_shapes_are_refused_with_the_reason():
+    assert "multiple of 16" in why_not_woq(64, 100, 8, 0)
+    assert "out_features 50" in why_not_woq(50, 128, 4, 32)
+    assert "group_size 128" in why_not_woq(64, 96, 4, 128)
+    assert why_not_woq(50, 128, 8, 0) is None
+    with pytest.raises(ValueError, match="multiple of 16"):
+        WoqLinear(100, 64, 8)
+
+
+def test_load_with_wrong_shape_reports_and_keeps_weights():
+    m = WoqLinear.from_float(torch.randn(32, 64), None, 8, compute_dtype=torch.float32)
+    before = m.dequantized().clone()
+    bad = {"qweight": torch.zeros(16, 64, dtype=torch.int8), "scales": torch.ones(16)}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        m.load_state_dict(bad)
+    assert torch.equal(m.dequantized(), before)
+
+
+def test_cast_or_move_is_refused():
+    m = WoqLinear.from_float(torch.randn(32, 64), None, 8, compute_dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="cannot be moved or cast"):
+        m.half()
