@@ -47,10 +47,19 @@ def use_sdpa(model: nn.Module, rec: PassRecord) -> None:
     if current == "sdpa":
         rec.apply("attention already runs through torch's SDPA (CPU flash kernel)")
         return
+    import transformers.utils.logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warning is our skip reason below
     try:
         model.set_attn_implementation("sdpa")
     except (AttributeError, ValueError) as e:
         rec.skip("attention", f"kept {current!r}: transformers cannot switch it to sdpa ({e})")
+        return
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if model.config._attn_implementation != "sdpa":
+        rec.skip("attention", f"kept {current!r}: this architecture does not dispatch "
+                              "attention through transformers' attention interface")
         return
     rec.apply(f"attention: {current!r} -> 'sdpa' (torch's CPU flash kernel)")
 
@@ -71,7 +80,9 @@ def _dense(m: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
 
 def _packed(m: nn.Module, dtype: torch.dtype) -> nn.Module:
     cls = FusedConv1DLinear if is_hf_conv1d(m) else FusedLinear
-    return cls(m, dtype, "onednn")
+    packed = cls(m, dtype, "onednn")
+    packed.orig_dtype = dtype  # the model is cast to dtype: its state_dict says so too
+    return packed
 
 
 def _woq_reason(name: str, m: nn.Module, woq: WoqConfig, head) -> Optional[str]:
@@ -87,9 +98,9 @@ def linears(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
     """Each Linear becomes a weight-only quantized linear (``cfg.woq``) or a linear on a
     weight packed for oneDNN. The float weight is released as each layer is replaced."""
     head = _output_projection(model)
-    tied = head is not None and any(
-        p is head.weight for m in model.modules() if m is not head
-        for p in m.parameters(recurse=False))
+    head_w = head._parameters.get("weight") if head is not None else None
+    tied = head_w is not None and any(p is head_w for m in model.modules() if m is not head
+                                      for p in m.parameters(recurse=False))
     done: dict[str, int] = {}
     # by name, fetching each module when its turn comes: holding them all in a list would
     # keep every float weight alive until the end (peak memory = float + quantized model)

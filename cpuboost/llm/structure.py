@@ -32,8 +32,15 @@ def is_linear(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or is_hf_conv1d(m)
 
 
+def is_projection(m: nn.Module) -> bool:
+    """A linear layer: float, or one cpuboost already replaced (packed or quantized)."""
+    from cpuboost.nn.fused import FusedLinear
+    from cpuboost.nn.woq import WoqLinear
+    return is_linear(m) or isinstance(m, (FusedLinear, WoqLinear))
+
+
 def _linear_children(m: nn.Module) -> set[str]:
-    return {name for name, c in m.named_children() if is_linear(c)}
+    return {name for name, c in m.named_children() if is_projection(c)}
 
 
 def attention_kind(m: nn.Module) -> str | None:
@@ -109,5 +116,5 @@ def structure_of(model: nn.Module) -> Structure:
             s.norms["RMSNorm"] += 1
         if isinstance(getattr(m, "inv_freq", None), torch.Tensor):
             s.rotary += 1
-        s.linears += is_linear(m)
+        s.linears += is_projection(m)
     return s

@@ -38,6 +38,13 @@ _DEQUANT_ROWS = 32  # from this many rows on, dequantize + GEMM beats the int8 r
 _EPS = float(torch.finfo(torch.float32).eps)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous and 64-byte aligned: the bf16 kernels' vector loads assume it (measured: a
+    weight sliced out of a loaded file, or an input sliced from a longer one, crashes them)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 64 == 0 else t.clone()
+
+
 def why_not_woq(out_features: int, in_features: int, bits: int, group_size: int) -> Optional[str]:
     """None if torch's kernel takes this shape, else the reason it does not."""
     if in_features % K_MULTIPLE:
@@ -140,13 +147,14 @@ class WoqLinear(nn.Module):
 
     # -- storage ----------------------------------------------------------------------------
     def _set_int8(self, q: torch.Tensor, scale: torch.Tensor) -> None:
-        self._q = q.to(torch.int8).contiguous()
-        self._scale = scale.to(self.compute_dtype).contiguous()
+        self._q = _aligned(q.to(torch.int8))
+        self._scale = _aligned(scale.to(self.compute_dtype))
 
     def _set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
-        self._q = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 1)
+        self._q = _aligned(torch._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).contiguous(), 1))
         sz = torch.stack([scale.float(), zero.float()], dim=-1)  # (N, K/g, 2)
-        self._scale = sz.transpose(0, 1).contiguous().to(self.compute_dtype)  # (K/g, N, 2)
+        self._scale = _aligned(sz.transpose(0, 1).to(self.compute_dtype))  # (K/g, N, 2)
 
     def _int4_codes(self) -> torch.Tensor:
         """The int4 values (N, K) in 0..15, read back from the kernel's pack."""
@@ -175,7 +183,7 @@ class WoqLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (rows, K)
         if x2.dtype != self.compute_dtype:
             x2 = x2.to(self.compute_dtype)
-        x2 = x2.contiguous()
+        x2 = _aligned(x2)  # e.g. the last position of a sequence, sliced for the lm_head
         if self.bits == 8:
             if x2.shape[0] >= _DEQUANT_ROWS:
                 # exact int8 -> float copy, one GEMM, per-channel scale on the output

@@ -9,7 +9,6 @@ and loads the rest. A mismatch between the file and the architecture is a clear 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Union
@@ -17,6 +16,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from cpuboost._files import dedup_tensors, file_digest
 from cpuboost.errors import InvalidModelError, PackageError
 from cpuboost.nn import FoldedBatchNorm
 from cpuboost.nn.folded import fold_into
@@ -85,7 +85,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
     tensors = {f"{n}.{k}": t for n, m in int8.items()
                for k, t in (_rnn_tensors(m) if isinstance(m, rnn) else m.tensors()).items()}
     tensors.update({k: v for k, v in model.state_dict().items() if not _inside(k, int8)})
-    tensors, aliases = _dedup(tensors)
+    tensors, aliases = dedup_tensors(tensors)
     save_file(tensors, str(out / TENSORS))
     manifest = {
         "format": FORMAT, "version": VERSION, "torch": torch.__version__,
@@ -103,7 +103,7 @@ def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
         "modular_layers": [n for n, m in model.named_modules()
                            if isinstance(m, ModularTransformerEncoderLayer)],
         "aliases": aliases, "recipe": recipe.to_json(),
-        "tensors": {"file": TENSORS, **_digest(out / TENSORS)},
+        "tensors": {"file": TENSORS, **file_digest(out / TENSORS)},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return out
@@ -118,28 +118,6 @@ def _inside(key: str, layers) -> bool:
 def _rnn_per_channel(m: nn.Module) -> bool:
     w = next(iter(m._weight_bias()["weight"].values()))
     return w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
-
-
-def _dedup(tensors: dict) -> tuple[dict, dict]:
-    """safetensors stores no shared storage: one copy of each, the others as aliases."""
-    first: dict[tuple, str] = {}
-    kept, aliases = {}, {}
-    for k, t in tensors.items():
-        ident = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype)
-        if t.numel() and ident in first:
-            aliases[k] = first[ident]
-        else:
-            first[ident] = k
-            kept[k] = t.detach().contiguous()
-    return kept, aliases
-
-
-def _digest(path: Path) -> dict:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
 def _name_of(model: nn.Module, target) -> str:
@@ -212,7 +190,7 @@ def _read(path: Path) -> tuple[dict, dict]:
         raise PackageError(f"{path} has format version {manifest.get('version')!r}; this "
                            f"cpuboost reads version {VERSION}.")
     file = path / TENSORS
-    if not file.exists() or _digest(file) != {k: manifest["tensors"][k]
+    if not file.exists() or file_digest(file) != {k: manifest["tensors"][k]
                                               for k in ("bytes", "sha256")}:
         raise PackageError(f"{file} is missing, truncated or altered (its size/SHA-256 differ "
                            "from what save_quantized recorded); save the model again.")

@@ -82,3 +82,19 @@ def test_cast_or_move_is_refused():
     m = WoqLinear.from_float(torch.randn(32, 64), None, 8, compute_dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="cannot be moved or cast"):
         m.half()
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_inputs_and_weights(bits, group, dtype):
+    """A view starting mid-buffer (a sliced position, a tensor inside a loaded file) crashed
+    the bf16 kernels before inputs and weights were realigned."""
+    torch.manual_seed(4)
+    m = WoqLinear.from_float(torch.randn(64, 96), None, bits, group, True, dtype)
+    state = {k: torch.cat([torch.zeros(1, dtype=v.dtype), v.flatten()])[1:].view(v.shape)
+             for k, v in m.state_dict().items()}  # every tensor off its allocation's start
+    m.load_state_dict(state)
+    big = torch.randn(8 * 96 + 8).to(dtype)
+    for offset in range(1, 8):
+        x = big[offset:offset + 3 * 96].view(3, 96)
+        assert sqnr(m.reference_forward(x), m(x)) > (90 if dtype == torch.float32 else 40)
