@@ -19,11 +19,13 @@ from cpuboost.bench.zoo import Cycle, Generate
 from cpuboost.verify import compare, cosine
 
 VARIANTS = ("eager_fp32", "cpuboost_fp32", "eager_bf16", "cpuboost_bf16", "cpuboost_int8",
-            "cpuboost_int8_dynamic", "compile_fp32", "cpuboost_compile_fp32",
-            "cpuboost_compile_bf16", "cpuboost_compile_int8")
+            "cpuboost_int8_dynamic", "cpuboost_llm_bf16", "cpuboost_llm_woq_int8",
+            "compile_fp32", "cpuboost_compile_fp32", "cpuboost_compile_bf16",
+            "cpuboost_compile_int8")
 COMPILED = ("compile_fp32", "cpuboost_compile_fp32", "cpuboost_compile_bf16",
             "cpuboost_compile_int8")
 INT8 = ("cpuboost_int8", "cpuboost_int8_dynamic", "cpuboost_compile_int8")
+LLM = ("cpuboost_llm_bf16", "cpuboost_llm_woq_int8")  # cpuboost.llm.optimize: generation cases
 
 
 def call(model, inputs):
@@ -100,6 +102,11 @@ def _variant(name: str, model, inputs, case) -> Callable[[], object]:
     if name in INT8:
         q = _int8(name, model, sample, case)
         return lambda: call(q, inputs)
+    if name in LLM:
+        import cpuboost.llm
+        fast = cpuboost.llm.optimize(model, dtype=torch.bfloat16,
+                                     quantization="woq_int8" if name.endswith("int8") else None)
+        return lambda: call(fast, inputs)
     if name in ("cpuboost_compile_fp32", "cpuboost_compile_bf16"):
         dtype = torch.bfloat16 if name.endswith("bf16") else None
         opt = cpuboost.optimize(model, dtype=dtype, graph_mode=True, sample_input=sample)
@@ -120,7 +127,8 @@ def _progress(case: str, done: int, total: int, text: str) -> None:
 
 
 def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> dict:
-    variants = [v for v in variants if case.int8 or v not in INT8]
+    variants = [v for v in variants
+                if (case.int8 or v not in INT8) and (case.llm or v not in LLM)]
     model, inputs = case.build()
     fns, setup_s, rss, outputs, compiles = {}, {}, {}, {}, {}
     total, done = len(variants) * (rounds + 1), 0
@@ -189,4 +197,4 @@ def memory_check(case) -> dict:
             "ratio": after / before}
 
 
-__all__ = ["INT8", "VARIANTS", "call", "memory_check", "run_case"]
+__all__ = ["INT8", "LLM", "VARIANTS", "call", "memory_check", "run_case"]

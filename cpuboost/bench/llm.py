@@ -24,6 +24,8 @@ SIZES = {  # Llama-style configs; "1b" has TinyLlama-1.1B's shapes
                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,  # tests
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=32000),
 }
 
 

@@ -44,6 +44,7 @@ class BenchCase:
     # int8 calibration inputs, other than the timed ones (None: the timed sample itself)
     calib: Optional[Callable[[], list]] = None
     int8: bool = True  # run the int8 variants (LLM generation has its own weight-only path)
+    llm: bool = False  # a causal LM's generate(): run the cpuboost.llm.optimize variants
 
 
 def _resnet50(batch: int):
@@ -138,7 +139,7 @@ CASES = {c.name: c for c in [
     BenchCase("dlrm_bs256_bag20", lambda: _dlrm(256, bag=20), quick=False,
               calib=lambda: _calib_dlrm(20)),
     BenchCase("bert_base_dynamic_lengths", _bert_dynamic, quick=False, calib=_calib_text),
-    BenchCase("gpt2_generate_32", _gpt2_generate, quick=False, int8=False),
+    BenchCase("gpt2_generate_32", _gpt2_generate, quick=False, int8=False, llm=True),
 ]}
 
 

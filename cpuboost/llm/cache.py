@@ -46,7 +46,7 @@ class PreallocatedLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        n = self.get_seq_length()
+        n = self._filled()
         total = n + key_states.shape[-2]  # keys: (batch, kv_heads, total, head_dim)
         if not self._owns(n, total, key_states):
             self._reallocate(n, total, key_states, value_states)
@@ -55,10 +55,16 @@ class PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, :total], self._v[:, :, :total]
         return self.keys, self.values
 
+    def _filled(self) -> int:
+        """Positions held in this layer's own buffers."""
+        if not self.is_initialized or self.keys is None or self.keys.dim() != 4:
+            return 0
+        return self.keys.shape[-2]
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: gather the chosen beams' rows back into the same buffers (no new
         allocation beyond the gathered rows)."""
-        if self.get_seq_length() == 0:
+        if self._filled() == 0:
             return
         idx = beam_idx.to(self.keys.device)
         n = self.keys.shape[-2]
@@ -72,14 +78,21 @@ class PreallocatedLayer(DynamicLayer):
 
 class PreallocatedCache(DynamicCache):
     """``DynamicCache`` (same layer structure from the model config) whose full-attention
-    layers are ``PreallocatedLayer``s; sliding-window layers keep transformers' own."""
+    layers are ``PreallocatedLayer``s (or ``beam.BeamLayer``s for beam search with
+    ``beams > 1``); sliding-window layers keep transformers' own."""
 
-    def __init__(self, config=None, capacity: int = 0):
+    def __init__(self, config=None, capacity: int = 0, beams: int = 1):
         super().__init__(config=config)
+
+        def make():
+            if beams > 1:
+                from cpuboost.llm.beam import BeamLayer
+                return BeamLayer(capacity, beams)
+            return PreallocatedLayer(capacity)
+
         if self.layer_class_to_replicate is DynamicLayer:
-            self.layer_class_to_replicate = lambda: PreallocatedLayer(capacity)
-        self.layers = [PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer
-                       for layer in self.layers]
+            self.layer_class_to_replicate = make
+        self.layers = [make() if type(layer) is DynamicLayer else layer for layer in self.layers]
 
 
 def _prepare_cache(self, generation_config, model_kwargs, generation_mode, batch_size,
@@ -91,16 +104,19 @@ def _prepare_cache(self, generation_config, model_kwargs, generation_mode, batch
     cache = model_kwargs.get("cache")
     if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
         capacity = max(max_cache_length, self._cpuboost_max_seq_len or 0)
+        beams = generation_config.num_beams if self._cpuboost_beam_cache else 1
         model_kwargs["cache"] = PreallocatedCache(
-            config=self.config.get_text_config(decoder=True), capacity=capacity)
+            config=self.config.get_text_config(decoder=True), capacity=capacity,
+            beams=beams or 1)
 
 
-def use_preallocated_cache(model, max_seq_len) -> bool:
-    """Make ``model.generate`` use PreallocatedCache; False if the model's generate() does not
-    build transformers caches."""
+def use_preallocated_cache(model, max_seq_len, beam_cache: bool = False) -> bool:
+    """Make ``model.generate`` use PreallocatedCache (with the prompt held once per request
+    in beam search if ``beam_cache``); False if its generate() builds no transformers cache."""
     if not hasattr(type(model), "_prepare_cache_for_generation"):
         return False
     object.__setattr__(model, "_cpuboost_max_seq_len", max_seq_len)
+    object.__setattr__(model, "_cpuboost_beam_cache", beam_cache)
     object.__setattr__(model, "_prepare_cache_for_generation",
                        types.MethodType(_prepare_cache, model))
     return True

@@ -76,6 +76,7 @@ class LlmConfig:
     inplace: bool = False
     max_seq_len: Optional[int] = None
     kv_cache: bool = True
+    beam_cache: bool = True  # beam search holds the prompt's KV once per request (beam.py)
 
     def __post_init__(self):
         if self.dtype not in (torch.float32, torch.bfloat16):

@@ -25,7 +25,8 @@ API = "cpuboost.llm.optimize"
 
 def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
              quantization: Union[None, str, WoqConfig] = None, inplace: bool = False,
-             max_seq_len: Optional[int] = None, *, quantization_config=None,
+             max_seq_len: Optional[int] = None, *, beam_cache: bool = True,
+             quantization_config=None,
              optimizer=None, device: str = "cpu", deployment_mode: bool = True,
              low_precision_checkpoint=None, **ipex_only) -> nn.Module:
     """Return ``model`` made fast for generation on this CPU (a copy unless ``inplace``).
@@ -42,7 +43,7 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
         raise ConfigError("pass quantization= or quantization_config= (its IPEX name), not "
                           "both.")
     cfg = LlmConfig(dtype=dtype, woq=woq_config(quantization or quantization_config),
-                    inplace=inplace, max_seq_len=max_seq_len)
+                    inplace=inplace, max_seq_len=max_seq_len, beam_cache=beam_cache)
     hw = detect()
     if cfg.dtype == torch.bfloat16 and not hw.native_bf16:
         # correct everywhere (oneDNN emulates), just not faster: say so, do not refuse
@@ -72,6 +73,7 @@ def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
     steps = [("linears", lambda r: rewrites.linears(model, cfg, r)),
              ("cast", lambda r: rewrites.cast_floats(model, cfg, r)),
              ("attention", lambda r: rewrites.use_sdpa(model, r)),
+             ("beam_cache", lambda r: _beam_cache(model, cfg, r)),
              ("kv_cache", lambda r: _kv_cache(model, cfg, r))]
     for name, step in steps:
         rec = report.record(name)
@@ -81,8 +83,33 @@ def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
         rec.seconds = time.perf_counter() - t0
 
 
+def _beam_cache(model: nn.Module, cfg: LlmConfig, rec) -> None:
+    """Beam search keeps the prompt's KV once per request: needs attention through
+    transformers' interface (switched to our registered function, then probed)."""
+    from cpuboost.llm import beam
+    if not cfg.beam_cache:
+        rec.skip("beam search", "beam_cache=False")
+        return
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        rec.skip("beam search", "attention is not SDPA through transformers' interface: "
+                                "beams keep a full cache each (reordered by copying)")
+        return
+    beam.register()
+    model.set_attn_implementation(beam.NAME)
+    why_not = beam.probe(model)
+    if why_not:
+        model.set_attn_implementation("sdpa")
+        rec.skip("beam search", f"{why_not}: beams keep a full cache each")
+        return
+    object.__setattr__(model, "_cpuboost_beam_ready", True)
+    rec.apply("beam search: the prompt's keys/values are held once per request, beam "
+              "reordering moves only generated positions (attention 'cpuboost_sdpa')")
+
+
 def _kv_cache(model: nn.Module, cfg: LlmConfig, rec) -> None:
-    if use_preallocated_cache(model, cfg.max_seq_len):
+    beams = getattr(model, "_cpuboost_beam_ready", False)
+    if use_preallocated_cache(model, cfg.max_seq_len, beam_cache=beams):
         size = f"{cfg.max_seq_len} tokens" if cfg.max_seq_len else "each call's total length"
         rec.apply(f"generate() uses a preallocated KV cache ({size}; no per-token copy)")
     else:

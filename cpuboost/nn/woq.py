@@ -35,6 +35,7 @@ from cpuboost.nn._state import incoming
 K_MULTIPLE = 16
 N_MULTIPLE_INT4 = 16
 _DEQUANT_ROWS = 32  # from this many rows on, dequantize + GEMM beats the int8 row kernel
+_DEQUANT_ROWS_INT4 = 128  # ... and the int4 one (its unpacking costs more)
 _EPS = float(torch.finfo(torch.float32).eps)
 
 
@@ -58,12 +59,20 @@ def why_not_woq(out_features: int, in_features: int, bits: int, group_size: int)
     return None
 
 
+_ROWS = 1024  # rows quantized at a time: fp32 temporaries stay small for any layer size
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: (q int8 (N, K), scale fp32 (N,))."""
-    w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=_EPS)
-    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
-    return q.contiguous(), scale
+    w = w.detach()
+    q = torch.empty(w.shape, dtype=torch.int8)
+    scale = torch.empty(w.shape[0])
+    for r in range(0, w.shape[0], _ROWS):
+        rows = w[r:r + _ROWS].float()
+        s = (rows.abs().amax(dim=1) / 127).clamp(min=_EPS)
+        q[r:r + _ROWS] = torch.round(rows / s[:, None]).clamp(-127, 127)
+        scale[r:r + _ROWS] = s
+    return q, scale
 
 
 def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool
@@ -71,17 +80,21 @@ def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool
     """Group-wise int4: (q int32 (N, K) in 0..15, scale (N, K/g), zero (N, K/g)), fp32, with
     ``w ~= (q - 8) * scale + zero`` (torch's int4 kernel convention)."""
     n, k = w.shape
-    g = w.detach().float().reshape(n, k // group_size, group_size)
-    if symmetric:
-        scale = (g.abs().amax(dim=-1) / 7).clamp(min=_EPS)  # q - 8 in -8..7
-        zero = torch.zeros_like(scale)
-        q = torch.round(g / scale[..., None]) + 8
-    else:
-        lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-        scale = ((hi - lo) / 15).clamp(min=_EPS)
-        zero = lo + 8 * scale  # q = 0 is the group minimum
-        q = torch.round((g - lo[..., None]) / scale[..., None])
-    q = q.clamp(0, 15).to(torch.int32).reshape(n, k)
+    q = torch.empty(n, k, dtype=torch.int32)
+    scale, zero = torch.empty(n, k // group_size), torch.empty(n, k // group_size)
+    for r in range(0, n, _ROWS):
+        g = w[r:r + _ROWS].detach().float().reshape(-1, k // group_size, group_size)
+        if symmetric:
+            s = (g.abs().amax(dim=-1) / 7).clamp(min=_EPS)  # q - 8 in -8..7
+            z = torch.zeros_like(s)
+            codes = torch.round(g / s[..., None]) + 8
+        else:
+            lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+            s = ((hi - lo) / 15).clamp(min=_EPS)
+            z = lo + 8 * s  # q = 0 is the group minimum
+            codes = torch.round((g - lo[..., None]) / s[..., None])
+        q[r:r + _ROWS] = codes.clamp(0, 15).reshape(-1, k)
+        scale[r:r + _ROWS], zero[r:r + _ROWS] = s, z
     return q, scale, zero
 
 
@@ -97,7 +110,7 @@ def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).reshape(p.shape[0], -1)
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=4)
 def _kernel_order(n: int, k: int) -> torch.Tensor:
     """For a weight of shape (n, k): the flat index ``row * k + col`` each nibble of torch's
     CPU int4 pack came from (low nibble first). Learned by packing the digits of the index
@@ -110,6 +123,26 @@ def _kernel_order(n: int, k: int) -> torch.Tensor:
         nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(torch.int64)
         order |= nibbles << shift
     return order
+
+
+def _blocked64(packed: torch.Tensor, rows: slice, k: int) -> torch.Tensor:
+    """Rows ``rows`` (multiples of 64) of the int4 codes from a pack laid out in blocks of 64
+    output channels, each input channel a run of 32 bytes: low nibbles rows 0..31, high
+    nibbles rows 32..63 of the block."""
+    blocks = packed.view(-1, k, 32)[rows.start // 64:rows.stop // 64]  # (nb, K, 32)
+    codes = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (nb, K, 64)
+    return codes.transpose(1, 2).reshape(-1, k)  # (nb * 64, K)
+
+
+@lru_cache(maxsize=1)
+def _layout_is_blocked64() -> bool:
+    """Whether this torch build packs int4 weights in the layout ``_blocked64`` reads
+    (checked once against the learned order; AVX-512 builds do)."""
+    n, k = 128, 64
+    codes = torch.arange(n * k).remainder(16).reshape(n, k).to(torch.int32)
+    codes = codes ^ (torch.arange(n)[:, None] % 7).to(torch.int32)  # rows differ too
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    return torch.equal(_blocked64(packed, slice(0, n), k).to(torch.int32), codes)
 
 
 class WoqLinear(nn.Module):
@@ -156,8 +189,17 @@ class WoqLinear(nn.Module):
         sz = torch.stack([scale.float(), zero.float()], dim=-1)  # (N, K/g, 2)
         self._scale = _aligned(sz.transpose(0, 1).to(self.compute_dtype))  # (K/g, N, 2)
 
-    def _int4_codes(self) -> torch.Tensor:
-        """The int4 values (N, K) in 0..15, read back from the kernel's pack."""
+    def _int4_codes(self, rows: Optional[slice] = None) -> torch.Tensor:
+        """The int4 values (N, K) in 0..15 (of ``rows`` only, if given), read back from the
+        kernel's pack."""
+        n, k = self.out_features, self.in_features
+        rows = rows or slice(0, n)
+        if n % 64 == 0 and rows.start % 64 == 0 and rows.stop % 64 == 0 \
+                and _layout_is_blocked64():
+            return _blocked64(self._q, rows, k)
+        return self._int4_codes_gathered()[rows]
+
+    def _int4_codes_gathered(self) -> torch.Tensor:
         packed = self._q.reshape(-1)
         nibbles = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(-1).to(torch.int32)
         q = torch.empty(self.out_features * self.in_features, dtype=torch.int32)
@@ -190,11 +232,29 @@ class WoqLinear(nn.Module):
                 y = F.linear(x2, self._q.to(self.compute_dtype)) * self._scale
             else:
                 y = torch._weight_int8pack_mm(x2, self._q, self._scale)
+        elif x2.shape[0] >= _DEQUANT_ROWS_INT4 and self._fast_unpack():
+            y = self._int4_gemm(x2)
         else:
             y = torch._weight_int4pack_mm_for_cpu(x2, self._q, self.group_size, self._scale)
         if self._b is not None:
             y = y + self._b
         return y.reshape(*lead, self.out_features)
+
+    def _fast_unpack(self) -> bool:
+        return self.out_features % 64 == 0 and _layout_is_blocked64()
+
+    def _int4_gemm(self, x2: torch.Tensor) -> torch.Tensor:
+        """Many rows: dequantize ``_ROWS`` output channels at a time to the activation dtype
+        and run a GEMM on each (the int4 row kernel costs ~2.5x a bf16 GEMM at 512 rows)."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        scale, zero = (t.t().contiguous() for t in self._scale.unbind(-1))  # (N, K/g) each
+        y = torch.empty(x2.shape[0], n, dtype=self.compute_dtype)
+        for r in range(0, n, _ROWS):
+            rows = slice(r, min(r + _ROWS, n))
+            w = self._int4_codes(rows).to(self.compute_dtype).view(-1, k // g, g)  # (R, K/g, g)
+            w.sub_(8).mul_(scale[rows, :, None]).add_(zero[rows, :, None])  # in place: fastest
+            y[:, rows] = F.linear(x2, w.view(-1, k))
+        return y
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Plain PyTorch in fp32 on the dequantized weight: the test oracle."""

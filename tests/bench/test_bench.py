@@ -91,7 +91,7 @@ def test_compiled_variants_get_their_own_process(monkeypatch, tmp_path):
     from cpuboost.cli.main import main
     spawned = []
 
-    def fake_spawn(case, variants, rounds, memory=False):
+    def fake_spawn(case, variants, rounds, memory=False, llm=None):
         spawned.append(list(variants))
         rows = [{"case": case, "variant": v, "median_ms": 1.0, "speedup": 1.0, "setup_s": 0.0,
                  "peak_rss_mb": 1.0, "setup_added_mb": 0.0, "max_rel_diff": 0.0} for v in variants]
@@ -119,7 +119,47 @@ def test_generate_requests_time_generate():
                                                         min_new_tokens=6, do_sample=False,
                                                         pad_token_id=0))
 
-    result = run_case(BenchCase("tiny_generate", build), ("eager_fp32", "cpuboost_fp32"),
+    result = run_case(BenchCase("tiny_generate", build, llm=True),
+                      ("eager_fp32", "cpuboost_fp32", "cpuboost_llm_bf16", "cpuboost_int8"),
                       rounds=1, round_s=0.01)
     rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"eager_fp32", "cpuboost_fp32", "cpuboost_llm_bf16"}  # int8: not LLM
     assert rows["cpuboost_fp32"]["max_rel_diff"] == 0  # the same 11 tokens
+
+
+def test_llm_bench_measures_every_variant():
+    from cpuboost.bench.llm import EAGER, run_llm
+    result = run_llm("tiny", EAGER, rounds=1, prompt=8, tokens=4)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == set(EAGER) and result["copy_bandwidth_gb_s"] > 0
+    assert rows["stock_bf16"]["speedup_bs1"] == 1.0
+    for r in rows.values():
+        assert r["prefill_ms"] > 0 and r["decode_tok_s_bs1"] > 0 and r["decode_tok_s_bs8"] > 0
+    # weight-only int4 reads fewer bytes per token than int8, which reads fewer than bf16
+    assert (rows["cpuboost_woq_int4"]["decode_bytes"] < rows["cpuboost_woq_int8"]["decode_bytes"]
+            < rows["cpuboost_bf16"]["decode_bytes"])
+
+
+def test_llm_cli_spawns_eager_compile_and_memory_workers(monkeypatch, tmp_path):
+    from cpuboost.cli import bench as cli_bench
+    from cpuboost.cli.main import main
+    spawned = []
+
+    def fake_spawn(case, variants, rounds, memory=False, llm=None):
+        spawned.append((list(variants), memory, llm))
+        if memory:
+            return {"case": case, "model_mb": 2.0, "peak_added_mb": 2.2, "after_added_mb": 1.0,
+                    "peak_ratio": 1.1}
+        rows = [{"variant": v, "prefill_ms": 1.0, "prefill_speedup": 1.0, "setup_s": 0.0,
+                 "decode_tok_s_bs1": 1.0, "decode_tok_s_bs8": 1.0, "speedup_bs1": 1.0,
+                 "speedup_bs8": 1.0, "decode_bytes": 1e9, "bandwidth_gb_s": 1.0}
+                for v in variants]
+        return {"case": case, "params": 1e9, "copy_bandwidth_gb_s": 20.0, "threads": 2,
+                "rows": rows}
+
+    monkeypatch.setattr(cli_bench, "_spawn", fake_spawn)
+    assert main(["bench", "--llm", "--out", str(tmp_path)]) == 0
+    assert spawned[0][0][0] == "stock_bf16" and "cpuboost_woq_int4" in spawned[0][0]
+    assert spawned[1][0] == ["stock_bf16", "stock_compile_bf16"]
+    assert spawned[2][1] and all(s[2] == "1b" for s in spawned)
+    assert len(list(tmp_path.glob("bench-llm-*.json"))) == 1

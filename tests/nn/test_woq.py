@@ -16,14 +16,14 @@ CASES = [(8, 0, True), (4, 32, False), (4, 64, True), (4, 128, False)]
 
 @pytest.mark.parametrize("bits,group,symmetric", CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 5, 40])  # 40: int8 takes the dequantize + GEMM path
+@pytest.mark.parametrize("rows", [1, 5, 40, 160])  # 40 (int8), 160 (int4): dequantize + GEMM
 def test_kernel_matches_reference(bits, group, symmetric, dtype, rows):
     torch.manual_seed(0)
-    w, b = torch.randn(96, 256), torch.randn(96)
+    w, b = torch.randn(128, 256), torch.randn(128)
     m = WoqLinear.from_float(w, b, bits, group, symmetric, dtype)
     x = torch.randn(2, rows, 256)
     got = m(x.to(dtype))
-    assert got.shape == (2, rows, 96) and got.dtype == dtype
+    assert got.shape == (2, rows, 128) and got.dtype == dtype
     # fp32 activations: only summation order differs; bf16: activations rounded to bf16
     assert sqnr(m.reference_forward(x), got) > (90 if dtype == torch.float32 else 40)
 
@@ -51,12 +51,14 @@ def test_state_dict_round_trip_is_exact(bits, group, symmetric):
     assert torch.equal(fresh.dequantized(), m.dequantized())
 
 
-def test_int4_codes_survive_the_kernel_pack():
+@pytest.mark.parametrize("rows", [48, 192])  # 48: read back by the learned order only
+def test_int4_codes_survive_the_kernel_pack(rows):
     torch.manual_seed(3)
-    q, scale, zero = quantize_int4(torch.randn(48, 256), 64, symmetric=False)
-    m = WoqLinear(256, 48, 4, 64, False, False, torch.float32)
+    q, scale, zero = quantize_int4(torch.randn(rows, 256), 64, symmetric=False)
+    m = WoqLinear(256, rows, 4, 64, False, False, torch.float32)
     m._set_int4(q, scale, zero)
     assert torch.equal(m._int4_codes(), q)
+    assert torch.equal(m._int4_codes_gathered(), q)
     assert torch.equal(unpack_nibbles(pack_nibbles(q)), q)
 
 

@@ -1,0 +1,92 @@
+"""The preallocated KV cache and the beam-search cache that holds the prompt once."""
+import pytest
+import torch
+
+import cpuboost
+from cpuboost.llm.beam import BeamLayer, PrefixNotConsumed
+from cpuboost.llm.cache import PreallocatedCache, PreallocatedLayer
+from tests.llm.conftest import prompts, tiny_model
+
+
+def kv(batch, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 2, length, 4, generator=g), torch.randn(batch, 2, length, 4,
+                                                                      generator=g)
+
+
+def test_layer_writes_in_place_and_grows_past_capacity():
+    layer = PreallocatedLayer(capacity=6)
+    parts = [kv(2, 4, 0), kv(2, 1, 1), kv(2, 1, 2)]
+    keys, _ = layer.update(*parts[0])
+    storage = layer._k
+    for k, v in parts[1:]:
+        keys, values = layer.update(k, v)
+    assert layer._k is storage and storage.shape[-2] == 6  # no reallocation within capacity
+    assert torch.equal(keys, torch.cat([p[0] for p in parts], dim=-2))
+    keys, _ = layer.update(*kv(2, 1, 3))  # 7 > 6: grows once, keeps the content
+    assert layer._k.shape[-2] >= 7 and torch.equal(keys[:, :, :6], storage)
+    layer.crop(-2)
+    assert layer.get_seq_length() == 5
+    keys, _ = layer.update(*kv(2, 1, 4))
+    assert torch.equal(keys[:, :, 5], kv(2, 1, 4)[0][:, :, 0])
+
+
+def test_reorder_and_batch_select():
+    layer = PreallocatedLayer(capacity=8)
+    k, v = kv(3, 4, 0)
+    layer.update(k, v)
+    layer.reorder_cache(torch.tensor([2, 2, 0]))
+    assert torch.equal(layer.keys, k[[2, 2, 0]])
+    layer.batch_select_indices(torch.tensor([0, 2]))
+    keys, _ = layer.update(*kv(2, 1, 1))
+    assert torch.equal(keys[:, :, :4], k[[2, 0]])
+
+
+def test_beam_layer_holds_the_prompt_once_and_refuses_unconsumed_prefix():
+    layer = BeamLayer(capacity=8, beams=3)
+    k, v = kv(1, 5, 0)
+    layer.update(k.repeat_interleave(3, 0), v.repeat_interleave(3, 0))  # prompt, 3 beams
+    assert layer.prefix[0].shape == (1, 2, 5, 4)
+    keys, _ = layer.update(*kv(3, 1, 1))
+    assert keys.shape == (3, 2, 1, 4) and layer.get_seq_length() == 6
+    with pytest.raises(PrefixNotConsumed, match="beam_cache=False"):
+        layer.update(*kv(3, 1, 2))  # nothing attended over the prompt part
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt"])
+def test_beam_search_uses_the_prompt_once_cache(arch):
+    model = tiny_model(arch)
+    fast = cpuboost.llm.optimize(model, dtype=torch.float32)
+    assert cpuboost.report_of(fast).applied("beam_cache")
+    assert model.config._attn_implementation == "sdpa"  # the original is untouched
+    seen = []
+    original = PreallocatedCache.__init__
+
+    def spy(self, *a, **kw):
+        original(self, *a, **kw)
+        seen.append(self)
+
+    ids, mask = prompts()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
+              num_beams=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        PreallocatedCache.__init__ = spy
+        try:
+            got = fast.generate(**kw)
+        finally:
+            PreallocatedCache.__init__ = original
+        want = model.generate(**kw)
+    assert torch.equal(got, want)
+    layers = [layer for layer in seen[0].layers if isinstance(layer, BeamLayer)]
+    assert layers and all(layer.prefix[0].shape[0] == 2 for layer in layers)  # 2 requests
+
+
+def test_beam_cache_not_applied_where_attention_is_the_models_own():
+    fast = cpuboost.llm.optimize(tiny_model("bloom"), dtype=torch.float32)
+    rec = cpuboost.report_of(fast).pass_named("beam_cache")
+    assert not rec.applied and "not SDPA" in rec.skipped[0][1]
+    ids, mask = prompts()
+    with torch.no_grad():
+        out = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3,
+                            do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 18)
