@@ -103,7 +103,6 @@ def _variant(name: str, model, inputs, case) -> Callable[[], object]:
         q = _int8(name, model, sample, case)
         return lambda: call(q, inputs)
     if name in LLM:
-        import cpuboost.llm
         fast = cpuboost.llm.optimize(model, dtype=torch.bfloat16,
                                      quantization="woq_int8" if name.endswith("int8") else None)
         return lambda: call(fast, inputs)
