@@ -119,11 +119,11 @@ def test_generate_requests_time_generate():
                                                         min_new_tokens=6, do_sample=False,
                                                         pad_token_id=0))
 
-    result = run_case(BenchCase("tiny_generate", build, llm=True),
+    result = run_case(BenchCase("tiny_generate", build, int8=False, llm=True),
                       ("eager_fp32", "cpuboost_fp32", "cpuboost_llm_bf16", "cpuboost_int8"),
                       rounds=1, round_s=0.01)
     rows = {r["variant"]: r for r in result["rows"]}
-    assert set(rows) == {"eager_fp32", "cpuboost_fp32", "cpuboost_llm_bf16"}  # int8: not LLM
+    assert set(rows) == {"eager_fp32", "cpuboost_fp32", "cpuboost_llm_bf16"}  # int8=False case
     assert rows["cpuboost_fp32"]["max_rel_diff"] == 0  # the same 11 tokens
 
 
