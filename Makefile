@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # The CPU wheel index is used only when the pinned wheel is not already available locally.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install bench bench-quick test test-all clean
+.PHONY: install bench bench-quick bench-llm test test-all clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ bench: install
 
 bench-quick: install
 	$(VENV)/bin/cpuboost bench --quick
+
+bench-llm: install
+	$(VENV)/bin/cpuboost bench --llm
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile

@@ -21,11 +21,12 @@ from cpuboost.verify import compare, cosine
 VARIANTS = ("eager_fp32", "cpuboost_fp32", "eager_bf16", "cpuboost_bf16", "cpuboost_int8",
             "cpuboost_int8_dynamic", "cpuboost_llm_bf16", "cpuboost_llm_woq_int8",
             "compile_fp32", "cpuboost_compile_fp32", "cpuboost_compile_bf16",
-            "cpuboost_compile_int8")
+            "cpuboost_compile_int8", "cpuboost_llm_compile_bf16")
 COMPILED = ("compile_fp32", "cpuboost_compile_fp32", "cpuboost_compile_bf16",
-            "cpuboost_compile_int8")
+            "cpuboost_compile_int8", "cpuboost_llm_compile_bf16")
 INT8 = ("cpuboost_int8", "cpuboost_int8_dynamic", "cpuboost_compile_int8")
-LLM = ("cpuboost_llm_bf16", "cpuboost_llm_woq_int8")  # cpuboost.llm.optimize: generation cases
+LLM = ("cpuboost_llm_bf16", "cpuboost_llm_woq_int8",  # cpuboost.llm.optimize: generation
+       "cpuboost_llm_compile_bf16")
 
 
 def call(model, inputs):
@@ -104,7 +105,8 @@ def _variant(name: str, model, inputs, case) -> Callable[[], object]:
         return lambda: call(q, inputs)
     if name in LLM:
         fast = cpuboost.llm.optimize(model, dtype=torch.bfloat16,
-                                     quantization="woq_int8" if name.endswith("int8") else None)
+                                     quantization="woq_int8" if name.endswith("int8") else None,
+                                     graph_mode="compile" in name)
         return lambda: call(fast, inputs)
     if name in ("cpuboost_compile_fp32", "cpuboost_compile_bf16"):
         dtype = torch.bfloat16 if name.endswith("bf16") else None

@@ -77,11 +77,16 @@ class LlmConfig:
     max_seq_len: Optional[int] = None
     kv_cache: bool = True
     beam_cache: bool = True  # beam search holds the prompt's KV once per request (beam.py)
+    graph_mode: bool = False  # compile forward with the cpuboost backend (float models)
 
     def __post_init__(self):
         if self.dtype not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"cpuboost.llm.optimize runs in torch.float32 or torch.bfloat16; "
                               f"got dtype={self.dtype!r}.")
+        if self.graph_mode and self.woq is not None:
+            raise ConfigError(
+                "graph_mode=True compiles the float model (Inductor packs its weights); "
+                "weight-only quantization runs in eager mode. Pass one or the other.")
         if self.max_seq_len is not None and (not isinstance(self.max_seq_len, int)
                                              or self.max_seq_len < 1):
             raise ConfigError(f"max_seq_len must be a positive int or None, got "

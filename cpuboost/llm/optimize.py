@@ -26,7 +26,7 @@ API = "cpuboost.llm.optimize"
 def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
              quantization: Union[None, str, WoqConfig] = None, inplace: bool = False,
              max_seq_len: Optional[int] = None, *, beam_cache: bool = True,
-             quantization_config=None,
+             graph_mode: bool = False, quantization_config=None,
              optimizer=None, device: str = "cpu", deployment_mode: bool = True,
              low_precision_checkpoint=None, **ipex_only) -> nn.Module:
     """Return ``model`` made fast for generation on this CPU (a copy unless ``inplace``).
@@ -43,7 +43,8 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
         raise ConfigError("pass quantization= or quantization_config= (its IPEX name), not "
                           "both.")
     cfg = LlmConfig(dtype=dtype, woq=woq_config(quantization or quantization_config),
-                    inplace=inplace, max_seq_len=max_seq_len, beam_cache=beam_cache)
+                    inplace=inplace, max_seq_len=max_seq_len, beam_cache=beam_cache,
+                    graph_mode=graph_mode)
     hw = detect()
     if cfg.dtype == torch.bfloat16 and not hw.native_bf16:
         # correct everywhere (oneDNN emulates), just not faster: say so, do not refuse
@@ -70,17 +71,29 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
 def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
     rec = report.record("structure")
     rec.notes += structure_of(model).lines()
-    steps = [("linears", lambda r: rewrites.linears(model, cfg, r)),
-             ("cast", lambda r: rewrites.cast_floats(model, cfg, r)),
-             ("attention", lambda r: rewrites.use_sdpa(model, r)),
-             ("beam_cache", lambda r: _beam_cache(model, cfg, r)),
-             ("kv_cache", lambda r: _kv_cache(model, cfg, r))]
+    if cfg.graph_mode:  # Inductor packs and fuses; transformers' own cache (traceable)
+        steps = [("cast", lambda r: rewrites.cast_floats(model, cfg, r)),
+                 ("attention", lambda r: rewrites.use_sdpa(model, r)),
+                 ("graph_mode", lambda r: _compile(model, cfg, r))]
+    else:
+        steps = [("linears", lambda r: rewrites.linears(model, cfg, r)),
+                 ("cast", lambda r: rewrites.cast_floats(model, cfg, r)),
+                 ("attention", lambda r: rewrites.use_sdpa(model, r)),
+                 ("beam_cache", lambda r: _beam_cache(model, cfg, r)),
+                 ("kv_cache", lambda r: _kv_cache(model, cfg, r))]
     for name, step in steps:
         rec = report.record(name)
         t0 = time.perf_counter()
         with torch.no_grad():
             step(rec)
         rec.seconds = time.perf_counter() - t0
+
+
+def _compile(model: nn.Module, cfg: LlmConfig, rec) -> None:
+    from cpuboost.compile.graph_mode import SHAPE_POLICY, CompiledForward
+    model.__dict__["forward"] = CompiledForward(model, cfg.dtype, rec)
+    rec.notes += ["forward (what generate() calls each step) compiles on its first call",
+                  SHAPE_POLICY]
 
 
 def _beam_cache(model: nn.Module, cfg: LlmConfig, rec) -> None:

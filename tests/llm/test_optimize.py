@@ -135,3 +135,25 @@ def test_training_mode_refused():
 def test_woq_config_validation(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         WoqConfig(**kwargs)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_graph_mode_generates_like_stock(arch):
+    """Compiled forward: fp32 tokens identical to stock; bf16 logits close (Inductor's fused
+    kernels round differently from eager bf16, so tokens may differ on near-ties)."""
+    model = tiny_model(arch)
+    ids, mask = prompts()
+    fast = cpuboost.llm.optimize(model, dtype=torch.float32, graph_mode=True)
+    assert torch.equal(generate(fast, ids, mask, do_sample=False),
+                       generate(model, ids, mask, do_sample=False))
+    fast16 = cpuboost.llm.optimize(model, dtype=torch.bfloat16, graph_mode=True)
+    with torch.no_grad():
+        got = fast16(input_ids=ids, attention_mask=mask).logits
+        want = model(input_ids=ids, attention_mask=mask).logits
+    assert sqnr(want[mask.bool()], got[mask.bool()]) > 25
+    assert "compiled with backend 'cpuboost'" in str(cpuboost.report_of(fast16))
+
+
+def test_graph_mode_with_woq_is_refused():
+    with pytest.raises(ConfigError, match="one or the other"):
+        cpuboost.llm.optimize(tiny_model("llama"), quantization="woq_int8", graph_mode=True)
