@@ -62,6 +62,40 @@ def convert(model: nn.Module, inplace: bool = False, graph_mode: bool = False) -
     return convert_model(prepared, graph_mode)
 
 
+class WoqWeightDtype:
+    """IPEX's weight dtype names for weight-only quantization."""
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class WoqWeightQScheme:
+    UNDEFINED = "undefined"
+    ASYMMETRIC = "asymmetric"
+    SYMMETRIC = "symmetric"
+
+
+def get_weight_only_quant_qconfig_mapping(weight_dtype: str = WoqWeightDtype.INT8,
+                                          lowp_mode: Any = None, act_quant_mode: Any = None,
+                                          group_size: int = -1,
+                                          weight_qscheme: str = WoqWeightQScheme.UNDEFINED):
+    """IPEX's weight-only qconfig for ``cpuboost.llm.optimize(model, quantization_config=...)``,
+    as a ``cpuboost.llm.WoqConfig``. int8 is per output channel and symmetric (torch's kernel);
+    int4 takes groups of 32-256 (its kernel has no per-channel form: ``group_size=-1`` means
+    128). ``lowp_mode``: activations stay in the model's dtype (int8 activations are not
+    supported); ``act_quant_mode`` is ignored for the same reason."""
+    from cpuboost.llm.config import WoqConfig
+    if lowp_mode is not None and "INT8" in str(lowp_mode).upper():
+        raise ConfigError("lowp_mode INT8 (int8 activations) is not supported; weight-only "
+                          "quantization keeps activations in the model's dtype.")
+    if weight_dtype not in (WoqWeightDtype.INT8, WoqWeightDtype.INT4):
+        raise ConfigError(f"weight_dtype must be WoqWeightDtype.INT8 or INT4, got "
+                          f"{weight_dtype!r}.")
+    if weight_dtype == WoqWeightDtype.INT8:
+        return WoqConfig(bits=8, group_size=0)
+    return WoqConfig(bits=4, group_size=128 if group_size in (-1, 0, None) else group_size,
+                     symmetric=weight_qscheme == WoqWeightQScheme.SYMMETRIC)
+
+
 def qconfig_to_config(configure: Any) -> QuantConfig:
     """Our config for IPEX's ``configure`` argument (one of ours, or a torch.ao mapping)."""
     if isinstance(configure, (StaticInt8Config, DynamicInt8Config)) or configure is None:
@@ -104,5 +138,6 @@ def _observer(spec) -> tuple[Optional[type], dict]:
     return (spec if isinstance(spec, type) else type(spec)), {}
 
 
-__all__ = ["Recipe", "autotune", "convert", "default_dynamic_qconfig_mapping",
-           "default_static_qconfig_mapping", "prepare", "qconfig_to_config", "recipe_of"]
+__all__ = ["Recipe", "WoqWeightDtype", "WoqWeightQScheme", "autotune", "convert",
+           "default_dynamic_qconfig_mapping", "default_static_qconfig_mapping",
+           "get_weight_only_quant_qconfig_mapping", "prepare", "qconfig_to_config", "recipe_of"]

@@ -1,9 +1,10 @@
 """`cpuboost bench --llm`: generation speed of a Llama-style model with random weights.
 
 Per variant: prefill latency (one forward over a 512-token prompt, batch 1), decode tokens/s at
-batch 1 and 8 (from two generate() calls of different lengths, so prompt processing cancels
-out), the weight bytes a decode step reads, and the bandwidth that implies, next to this
-machine's measured copy bandwidth. All variants of a process are timed round-robin.
+batch 1 and 8 (between the first and the last token of a generate() call, timed by a logits
+processor at every step, so the prompt's processing is excluded), the weight bytes a decode step
+reads, and the bandwidth that implies, next to this machine's measured copy and read bandwidth.
+All variants of a process are timed round-robin.
 """
 from __future__ import annotations
 
@@ -43,17 +44,21 @@ def build(size: str) -> nn.Module:
     return model.eval()
 
 
-def copy_bandwidth(mib: int = 512, reps: int = 5) -> float:
-    """GB/s read by the best of ``reps`` copies of a ``mib`` MiB buffer (pages touched first,
-    so nothing is served from the shared zero page)."""
+def memory_bandwidth(mib: int = 512, reps: int = 5) -> dict[str, float]:
+    """GB/s of a ``mib`` MiB buffer (pages touched first, so nothing is served from the
+    shared zero page), best of ``reps``: ``copy`` counts the bytes a copy reads (it writes as
+    many: ``copy_rw`` counts both), ``read`` the bytes a sum reads."""
     src = torch.ones(mib << 18, dtype=torch.float32)
     dst = torch.zeros_like(src)
-    best = float("inf")
+    best = {"copy": float("inf"), "read": float("inf")}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return src.numel() * src.element_size() / best / 1e9
+        for key, fn in (("copy", lambda: dst.copy_(src)), ("read", src.sum)):
+            t0 = time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
+    size = src.numel() * src.element_size()
+    return {"copy": size / best["copy"] / 1e9, "copy_rw": 2 * size / best["copy"] / 1e9,
+            "read": size / best["read"] / 1e9}
 
 
 def decode_bytes(model: nn.Module) -> int:
@@ -72,7 +77,7 @@ def _variant(name: str, model: nn.Module) -> nn.Module:
         clone = _shallow(model)
         clone.forward = compiled
         clone.generation_config.cache_implementation = "static"  # what transformers advises
-        clone.generation_config.max_cache_len = 1024  # one cache shape for every call
+        clone.generation_config.max_cache_len = 256  # one cache shape for every timed call
         return clone
     quant = {"cpuboost_bf16": None, "cpuboost_woq_int8": "woq_int8",
              "cpuboost_woq_int4": "woq_int4"}[name]
@@ -86,12 +91,25 @@ def _shallow(model: nn.Module) -> nn.Module:
     return clone
 
 
-def _generate_s(model, ids: torch.Tensor, new: int) -> float:
+def _generate_s(model, ids: torch.Tensor, new: int, stamps=None) -> float:
+    from transformers import LogitsProcessorList
     with torch.inference_mode():
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                       min_new_tokens=new, do_sample=False, pad_token_id=0)
+                       min_new_tokens=new, do_sample=False, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([stamps] if stamps else []))
         return time.perf_counter() - t0
+
+
+class _Stamps:
+    """A logits processor that records when each step's logits arrive."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
 
 
 def _measures(model, prompt: int, tokens: int) -> dict[str, Callable[[], float]]:
@@ -106,14 +124,19 @@ def _measures(model, prompt: int, tokens: int) -> dict[str, Callable[[], float]]
 
     def decode(batch: int) -> Callable[[], float]:
         ids = torch.randint(100, 30000, (batch, prompt), generator=gen)
-        return lambda: batch * tokens / (_generate_s(model, ids, tokens + 2)
-                                         - _generate_s(model, ids, 2))
+
+        def rate() -> float:
+            stamps = _Stamps()
+            _generate_s(model, ids, tokens + 1, stamps)
+            steps = len(stamps.times) - 1  # decode steps after the prompt's
+            return batch * steps / (stamps.times[-1] - stamps.times[0])
+        return rate
 
     return {"prefill_ms": prefill, "decode_tok_s_bs1": decode(1), "decode_tok_s_bs8": decode(8)}
 
 
 def run_llm(size: str, variants, rounds: int, prompt: int = 64, tokens: int = 32) -> dict:
-    bandwidth = copy_bandwidth()
+    bandwidth = memory_bandwidth()
     base = build(size)
     models, setup = {}, {}
     for name in variants:
@@ -143,8 +166,10 @@ def run_llm(size: str, variants, rounds: int, prompt: int = 64, tokens: int = 32
             r[key.replace("decode_tok_s", "speedup")] = r[key] / ref[key] if ref else None
         r["prefill_speedup"] = ref["prefill_ms"] / r["prefill_ms"] if ref else None
     params = sum(p.numel() for p in base.parameters())
-    return {"case": f"llama_{size}", "params": params, "copy_bandwidth_gb_s": bandwidth,
-            "rows": rows, "threads": torch.get_num_threads()}
+    return {"case": f"llama_{size}", "params": params, "copy_bandwidth_gb_s": bandwidth["copy"],
+            "copy_rw_bandwidth_gb_s": bandwidth["copy_rw"],
+            "read_bandwidth_gb_s": bandwidth["read"], "rows": rows,
+            "threads": torch.get_num_threads()}
 
 
 def memory_llm(size: str) -> dict:
@@ -169,7 +194,10 @@ def memory_llm(size: str) -> dict:
 
 def print_llm(result: dict, memory: dict | None) -> None:
     print(f"\n{result['case']}: {result['params'] / 1e9:.2f}B parameters, "
-          f"{result['threads']} threads, copy bandwidth {result['copy_bandwidth_gb_s']:.1f} GB/s")
+          f"{result['threads']} threads; bandwidth: copy {result['copy_bandwidth_gb_s']:.1f} "
+          f"GB/s read ({result.get('copy_rw_bandwidth_gb_s', 0):.1f} read+written), "
+          f"sum {result.get('read_bandwidth_gb_s', 0):.1f} GB/s read. '% copy': a decode "
+          "step's weight bytes x tokens/s at batch 1 over the copy's read rate")
     print(f"{'variant':<22} {'prefill ms':>10} {'x':>6} {'tok/s bs1':>9} {'x':>6} "
           f"{'tok/s bs8':>9} {'x':>6} {'GB/token':>8} {'GB/s':>6} {'% copy':>6} {'setup s':>7}")
     for r in result["rows"]:
@@ -185,5 +213,5 @@ def print_llm(result: dict, memory: dict | None) -> None:
               f"+{memory['after_added_mb']:.0f} MiB after")
 
 
-__all__ = ["COMPILED", "EAGER", "SIZES", "build", "copy_bandwidth", "memory_llm", "print_llm",
+__all__ = ["COMPILED", "EAGER", "SIZES", "build", "memory_bandwidth", "memory_llm", "print_llm",
            "run_llm"]

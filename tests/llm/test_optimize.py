@@ -102,10 +102,18 @@ def test_lm_head_and_skip_options():
 
 
 def test_ipex_spelling_quantization_config():
+    from cpuboost.quantization import (WoqWeightDtype, WoqWeightQScheme,
+                                       get_weight_only_quant_qconfig_mapping)
     model = tiny_model("gpt2")
-    fast = cpuboost.llm.optimize(model, dtype=torch.float32,
-                                 quantization_config=WoqConfig(bits=8), deployment_mode=True)
+    qconfig = get_weight_only_quant_qconfig_mapping(weight_dtype=WoqWeightDtype.INT8)
+    fast = cpuboost.llm.optimize(model, dtype=torch.float32, quantization_config=qconfig,
+                                 deployment_mode=True)
     assert any(isinstance(m, WoqLinear) for m in fast.modules())
+    int4 = get_weight_only_quant_qconfig_mapping(weight_dtype=WoqWeightDtype.INT4,
+                                                 weight_qscheme=WoqWeightQScheme.SYMMETRIC)
+    assert int4 == WoqConfig(bits=4, group_size=128, symmetric=True)
+    with pytest.raises(ConfigError, match="int8 activations"):
+        get_weight_only_quant_qconfig_mapping(lowp_mode="WoqLowpMode.INT8")
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
