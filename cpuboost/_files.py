@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+
+from cpuboost.errors import PackageError
 
 
 def dedup_tensors(tensors: dict) -> tuple[dict, dict]:
@@ -27,3 +30,28 @@ def file_digest(path: Path) -> dict:
             h.update(block)
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
+
+
+def read_manifest(path: Path, name: str, fmt: str, version: int, kind: str,
+                  writer: str) -> dict:
+    """The JSON manifest ``path/name`` of a saved model, checked to be format ``fmt`` at
+    ``version``; a clear ``PackageError`` otherwise (``kind``/``writer`` name it for the user)."""
+    try:
+        manifest = json.loads((path / name).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PackageError(f"cannot read {path / name}: {e}. Pass the directory {writer} "
+                           "wrote.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise PackageError(f"{path} is not a {kind} (no format {fmt!r}).")
+    if manifest.get("version") != version:
+        raise PackageError(f"{path} has format version {manifest.get('version')!r}; this "
+                           f"cpuboost reads version {version}.")
+    return manifest
+
+
+def check_digest(file: Path, recorded: dict, writer: str) -> None:
+    """Refuse a tensor file whose size/SHA-256 differ from what was recorded at save time."""
+    want = {k: recorded.get(k) for k in ("bytes", "sha256")}
+    if not file.exists() or file_digest(file) != want:
+        raise PackageError(f"{file} is missing, truncated or altered (its size/SHA-256 differ "
+                           f"from what {writer} recorded); save the model again.")

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Union
 import torch
 from torch import nn
 
-from cpuboost._files import dedup_tensors, file_digest
+from cpuboost._files import check_digest, dedup_tensors, file_digest, read_manifest
 from cpuboost.errors import InvalidModelError, PackageError
 from cpuboost.llm.config import WoqConfig
 from cpuboost.nn.woq import WoqLinear
@@ -103,25 +103,13 @@ def load_quantized(path: Union[str, Path], model_ctor: Optional[Callable] = None
 
 
 def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PackageError(f"cannot read {path / MANIFEST}: {e}. Pass the directory "
-                           "cpuboost.llm.save_quantized wrote.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PackageError(f"{path} is not a cpuboost LLM checkpoint (no format {FORMAT!r}).")
-    if manifest.get("version") != VERSION:
-        raise PackageError(f"{path} has format version {manifest.get('version')!r}; this "
-                           f"cpuboost reads version {VERSION}.")
-    return manifest
+    return read_manifest(path, MANIFEST, FORMAT, VERSION, "cpuboost LLM checkpoint",
+                         "cpuboost.llm.save_quantized")
 
 
 def _read_tensors(path: Path, manifest: dict) -> dict:
     file = path / TENSORS
-    want = {k: manifest["tensors"].get(k) for k in ("bytes", "sha256")}
-    if not file.exists() or file_digest(file) != want:
-        raise PackageError(f"{file} is missing, truncated or altered (its size/SHA-256 differ "
-                           "from what save_quantized recorded); save the model again.")
+    check_digest(file, manifest["tensors"], "cpuboost.llm.save_quantized")
     from safetensors import safe_open
     with safe_open(str(file), framework="pt") as f:  # one allocation per tensor: each is
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # aligned and becomes the model's

@@ -16,7 +16,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from cpuboost._files import dedup_tensors, file_digest
+from cpuboost._files import check_digest, dedup_tensors, file_digest, read_manifest
 from cpuboost.errors import InvalidModelError, PackageError
 from cpuboost.nn import FoldedBatchNorm
 from cpuboost.nn.folded import fold_into
@@ -179,21 +179,10 @@ def load_quantized(model_ctor: Callable[[], nn.Module], path: Union[str, Path]) 
 
 
 def _read(path: Path) -> tuple[dict, dict]:
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PackageError(f"cannot read {path / MANIFEST}: {e}. Pass the directory "
-                           "save_quantized wrote.") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise PackageError(f"{path} is not a cpuboost int8 model (no format {FORMAT!r}).")
-    if manifest.get("version") != VERSION:
-        raise PackageError(f"{path} has format version {manifest.get('version')!r}; this "
-                           f"cpuboost reads version {VERSION}.")
+    manifest = read_manifest(path, MANIFEST, FORMAT, VERSION, "cpuboost int8 model",
+                             "save_quantized")
     file = path / TENSORS
-    if not file.exists() or file_digest(file) != {k: manifest["tensors"][k]
-                                              for k in ("bytes", "sha256")}:
-        raise PackageError(f"{file} is missing, truncated or altered (its size/SHA-256 differ "
-                           "from what save_quantized recorded); save the model again.")
+    check_digest(file, manifest["tensors"], "save_quantized")
     from safetensors.torch import load_file
     return manifest, load_file(str(file))
 
