@@ -10,9 +10,11 @@ bytes is the whole gain. torch's CPU kernels do the work:
   ``w = (q - 8) * scale + zero`` with ``q`` in 0..15 (asymmetric, or symmetric with zero 0).
 
 Both kernels loop over rows, so they are slower than a bf16 GEMM for long prompts (measured
-here at 512 rows: int8 3.2x, int4 2.5x the time of a packed bf16 GEMM). An int8 layer fed more
-than ``_DEQUANT_ROWS`` rows therefore converts its weight to the activation dtype (exact: int8
-values are exact in bf16) and runs a GEMM, scaling the output per channel.
+here at 512 rows: int8 3.2x, int4 2.5x the time of a packed bf16 GEMM). An int8 layer fed
+``_DEQUANT_ROWS`` rows or more therefore converts its weight to the activation dtype (exact:
+int8 values are exact in bf16) and runs a GEMM, scaling the output per channel; an int4 layer
+fed ``_DEQUANT_ROWS_INT4`` or more unpacks the kernel's layout ``_ROWS`` channels at a time
+(where that layout is the known AVX-512 one) and does the same.
 
 Each module holds its quantized weight once. ``state_dict()`` stores a portable form (int8
 weight, or int4 nibbles two per byte with the low nibble the even input channel, plus scales and
