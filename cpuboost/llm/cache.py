@@ -9,8 +9,6 @@ reads a view of the filled part. Capacity is the ``generate()`` call's total len
 """
 from __future__ import annotations
 
-import types
-
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -95,19 +93,28 @@ class PreallocatedCache(DynamicCache):
         self.layers = [make() if type(layer) is DynamicLayer else layer for layer in self.layers]
 
 
-def _prepare_cache(self, generation_config, model_kwargs, generation_mode, batch_size,
-                   max_cache_length):
-    """``generate()``'s cache set-up, then the default DynamicCache swapped for ours (a cache
-    the user passed, or any other cache implementation, is left alone)."""
-    type(self)._prepare_cache_for_generation(self, generation_config, model_kwargs,
-                                             generation_mode, batch_size, max_cache_length)
-    cache = model_kwargs.get("cache")
-    if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
-        capacity = max(max_cache_length, self._cpuboost_max_seq_len or 0)
-        beams = generation_config.num_beams if self._cpuboost_beam_cache else 1
-        model_kwargs["cache"] = PreallocatedCache(
-            config=self.config.get_text_config(decoder=True), capacity=capacity,
-            beams=beams or 1)
+class _PrepareCache:
+    """Stands for the model's ``_prepare_cache_for_generation``: ``generate()``'s own cache
+    set-up, then the default DynamicCache swapped for ours (a cache the user passed, or any
+    other cache implementation, is left alone). An object, not a bound method, so the model
+    still pickles and deep-copies."""
+
+    def __init__(self, model, max_seq_len, beam_cache: bool):
+        self.model, self.max_seq_len, self.beam_cache = model, max_seq_len, beam_cache
+
+    def __call__(self, generation_config, model_kwargs, generation_mode, batch_size,
+                 max_cache_length):
+        model = self.model
+        type(model)._prepare_cache_for_generation(model, generation_config, model_kwargs,
+                                                  generation_mode, batch_size,
+                                                  max_cache_length)
+        cache = model_kwargs.get("cache")
+        if type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False):
+            capacity = max(max_cache_length, self.max_seq_len or 0)
+            beams = generation_config.num_beams if self.beam_cache else 1
+            model_kwargs["cache"] = PreallocatedCache(
+                config=model.config.get_text_config(decoder=True), capacity=capacity,
+                beams=beams or 1)
 
 
 def use_preallocated_cache(model, max_seq_len, beam_cache: bool = False) -> bool:
@@ -115,8 +122,6 @@ def use_preallocated_cache(model, max_seq_len, beam_cache: bool = False) -> bool
     in beam search if ``beam_cache``); False if its generate() builds no transformers cache."""
     if not hasattr(type(model), "_prepare_cache_for_generation"):
         return False
-    object.__setattr__(model, "_cpuboost_max_seq_len", max_seq_len)
-    object.__setattr__(model, "_cpuboost_beam_cache", beam_cache)
     object.__setattr__(model, "_prepare_cache_for_generation",
-                       types.MethodType(_prepare_cache, model))
+                       _PrepareCache(model, max_seq_len, beam_cache))
     return True

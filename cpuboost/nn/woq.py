@@ -307,6 +307,21 @@ class WoqLinear(nn.Module):
             state["bias"] = torch.zeros(n, dtype=self.compute_dtype)
         return state
 
+    # -- pickling / deepcopy: the int4 pack is laid out for this CPU; carry the portable form
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        if self.bits == 4 and self._q is not None:
+            state["_q"], state["_scale"] = None, None
+            state["_portable_int4"] = self._portable()
+        return state
+
+    def __setstate__(self, state):
+        portable = state.pop("_portable_int4", None)
+        super().__setstate__(state)
+        if portable is not None:
+            self._set_int4(unpack_nibbles(portable["qweight"]), portable["scales"],
+                           portable["zeros"])
+
     def _apply(self, fn, recurse=True):
         probe = fn(torch.zeros(1, dtype=self.compute_dtype))
         if probe.dtype != self.compute_dtype or probe.device.type != "cpu":

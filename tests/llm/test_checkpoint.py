@@ -111,3 +111,23 @@ def test_load_holds_each_weight_once(tmp_path):
     # loading never materializes the fp32 (4x) or bf16 (2x) model: RSS grows by about what
     # the quantized model holds (plus a few MB of first-call set-up; measured 1.3-1.5x)
     assert float(out.stdout.strip().splitlines()[-1]) < 1.7, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("quantization", ["woq_int8", WoqConfig(bits=4, group_size=32)],
+                         ids=["int8", "int4"])
+def test_pickle_and_deepcopy_keep_the_model_working(quantization, tmp_path):
+    """torch.save of the whole module (and copy.deepcopy) go through the portable int4 form
+    (the kernel's pack is laid out for one CPU) and keep generate()'s cache hook."""
+    import copy
+    model = cpuboost.llm.optimize(tiny_model("llama"), quantization=quantization)
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    ids, mask = prompts()
+    kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+              pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(**kw)
+        for other in (loaded, copy.deepcopy(model)):
+            assert torch.equal(other.generate(**kw), want)
+            hook = other.__dict__["_prepare_cache_for_generation"]
+            assert hook.model is other  # the copy's hook drives the copy
