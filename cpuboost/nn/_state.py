@@ -21,3 +21,12 @@ def incoming(state_dict, key: str, current: torch.Tensor, strict: bool, missing_
                           f"{tuple(current.shape)}.")
         return None
     return value.detach()
+
+
+def refuse_cast(module, fn, compute_dtype: torch.dtype, holds: str, remedy: str) -> None:
+    """``.to()/.float()/.half()`` would silently bypass a weight held in a kernel's form:
+    raise if ``fn`` (what ``Module._apply`` applies) changes the dtype or leaves the CPU."""
+    probe = fn(torch.zeros(1, dtype=compute_dtype))
+    if probe.dtype != compute_dtype or probe.device.type != "cpu":
+        raise RuntimeError(f"{type(module).__name__} holds {holds}; it cannot be moved or "
+                           f"cast. {remedy}")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpuboost.nn._state import incoming
+from cpuboost.nn._state import incoming, refuse_cast
 from cpuboost.nn.postops import POST_OPS, PostOpHolder
 
 _mkldnn = torch.ops.mkldnn
@@ -171,13 +171,10 @@ class _Fused(PostOpHolder, nn.Module):
             self._w = self._pack(self._to_kernel_layout(packed[1]))
 
     def _apply(self, fn, recurse=True):
-        # .to()/.float()/.half() would silently bypass the packed weight; say so instead.
-        probe = fn(torch.zeros(1, dtype=self.compute_dtype))
-        if probe.dtype != self.compute_dtype or probe.device.type != "cpu":
-            raise RuntimeError(
-                f"{type(self).__name__} holds a weight packed for the CPU in "
-                f"{self.compute_dtype}; it cannot be moved or cast. Call cpuboost.optimize on "
-                "the original model with the dtype you want instead.")
+        refuse_cast(self, fn, self.compute_dtype,
+                    f"a weight packed for the CPU in {self.compute_dtype}",
+                    "Call cpuboost.optimize on the original model with the dtype you want "
+                    "instead.")
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True):

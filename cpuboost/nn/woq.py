@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpuboost.nn._state import incoming
+from cpuboost.nn._state import incoming, refuse_cast
 
 # Measured on AVX-512 (bf16): the int8 kernel reads garbage (or crashes) when the number of
 # input channels is not a multiple of 16; the int4 packer needs output channels in multiples
@@ -323,12 +323,10 @@ class WoqLinear(nn.Module):
                            portable["zeros"])
 
     def _apply(self, fn, recurse=True):
-        probe = fn(torch.zeros(1, dtype=self.compute_dtype))
-        if probe.dtype != self.compute_dtype or probe.device.type != "cpu":
-            raise RuntimeError(
-                f"WoqLinear holds an int{self.bits} weight for the CPU computing in "
-                f"{self.compute_dtype}; it cannot be moved or cast. Run cpuboost.llm.optimize "
-                "on the original model with the dtype you want instead.")
+        refuse_cast(self, fn, self.compute_dtype,
+                    f"an int{self.bits} weight for the CPU computing in {self.compute_dtype}",
+                    "Run cpuboost.llm.optimize on the original model with the dtype you want "
+                    "instead.")
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
