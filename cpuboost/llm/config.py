@@ -75,7 +75,6 @@ class LlmConfig:
     woq: Optional[WoqConfig] = None
     inplace: bool = False
     max_seq_len: Optional[int] = None
-    kv_cache: bool = True
     beam_cache: bool = True  # beam search holds the prompt's KV once per request (beam.py)
     graph_mode: bool = False  # compile forward with the cpuboost backend (float models)
 

@@ -115,13 +115,14 @@ def _beam_cache(model: nn.Module, cfg: LlmConfig, rec) -> None:
         model.set_attn_implementation("sdpa")
         rec.skip("beam search", f"{why_not}: beams keep a full cache each")
         return
-    object.__setattr__(model, "_cpuboost_beam_ready", True)
     rec.apply("beam search: the prompt's keys/values are held once per request, beam "
               "reordering moves only generated positions (attention 'cpuboost_sdpa')")
 
 
 def _kv_cache(model: nn.Module, cfg: LlmConfig, rec) -> None:
-    beams = getattr(model, "_cpuboost_beam_ready", False)
+    from cpuboost.llm import beam
+    # the beam step switched attention to ours only if its probe passed
+    beams = getattr(getattr(model, "config", None), "_attn_implementation", None) == beam.NAME
     if use_preallocated_cache(model, cfg.max_seq_len, beam_cache=beams):
         size = f"{cfg.max_seq_len} tokens" if cfg.max_seq_len else "each call's total length"
         rec.apply(f"generate() uses a preallocated KV cache ({size}; no per-token copy)")

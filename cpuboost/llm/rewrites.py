@@ -106,7 +106,7 @@ def linears(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
     # keep every float weight alive until the end (peak memory = float + quantized model)
     for name in [n for n, m in model.named_modules() if is_linear(m)]:
         m = model.get_submodule(name)
-        reason = _woq_reason(name, m, cfg.woq, head) if cfg.woq else "no quantization asked"
+        reason = _woq_reason(name, m, cfg.woq, head) if cfg.woq else None
         if cfg.woq and reason is None:
             w, b = _dense(m)
             new = WoqLinear.from_float(w, b, cfg.woq.bits, cfg.woq.group_size,

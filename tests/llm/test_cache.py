@@ -90,3 +90,23 @@ def test_beam_cache_not_applied_where_attention_is_the_models_own():
         out = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3,
                             do_sample=False, pad_token_id=0)
     assert out.shape == (2, 18)
+
+
+def test_generate_writes_into_the_preallocated_cache(monkeypatch):
+    """generate() builds a PreallocatedCache (not transformers' DynamicCache) and every
+    decode step goes through PreallocatedLayer.update."""
+    fast = cpuboost.llm.optimize(tiny_model("llama"), dtype=torch.float32)
+    updates = []
+    original = PreallocatedLayer.update
+
+    def counting(self, *args, **kwargs):
+        updates.append(args[0].shape[-2])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreallocatedLayer, "update", counting)
+    ids, mask = prompts()
+    with torch.no_grad():
+        fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
+                      do_sample=False, pad_token_id=0)
+    layers = fast.config.num_hidden_layers
+    assert updates == [12] * layers + [1] * (4 * layers)  # the prompt, then 4 decode steps
