@@ -16,14 +16,15 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     # `cpuboost.llm` needs transformers: imported on first use, not by `import cpuboost`
-    if name == "llm":
+    # `cpuboost.runtime` / IPEX's `cpu.runtime` start nothing until used
+    if name in ("llm", "runtime", "cpu"):
         import importlib
-        return importlib.import_module("cpuboost.llm")
+        return importlib.import_module(f"cpuboost.{name}")
     raise AttributeError(f"module 'cpuboost' has no attribute {name!r}")
 
 __all__ = ["CalibrationError", "ConfigError", "CpuBoostError", "DynamicInt8Config", "ExportError",
            "ExportedModel", "InvalidModelError", "OptimizationReport", "OptimizeConfig",
            "PackageError", "SampleInputError", "StaticInt8Config", "TrainingModeError",
-           "UnsupportedDeviceError", "UnsupportedDtypeError", "UnsupportedRequestError", "export",
-           "llm", "load", "load_quantized", "optimize", "quantization", "quantize", "report_of",
-           "save_quantized"]
+           "UnsupportedDeviceError", "UnsupportedDtypeError", "UnsupportedRequestError", "cpu",
+           "export", "llm", "load", "load_quantized", "optimize", "quantization", "quantize", "report_of",
+           "runtime", "save_quantized"]
