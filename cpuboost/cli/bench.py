@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                    help="skip the compiled variants (stock Inductor and the cpuboost backend)")
     p.add_argument("--llm", action="store_true",
                    help="LLM generation bench (Llama-style ~1B model; small one with --quick)")
+    p.add_argument("--runtime", action="store_true",
+                   help="multi-stream (MultiStreamModule) and multi-instance (cpuboost run) "
+                        "throughput bench")
     p.add_argument("--plot", metavar="OUT.png", help="draw the speedups to this file")
     p.add_argument("--out", help="results directory (default benchmarks/results)")
     p.set_defaults(func=run)
@@ -36,6 +39,7 @@ def add_parser(sub) -> None:
     w.add_argument("--rounds", type=int, required=True)
     w.add_argument("--memory", action="store_true")
     w.add_argument("--llm", metavar="SIZE", help="LLM bench of this model size")
+    w.add_argument("--runtime", metavar="FORM", help="multi-stream bench of this model form")
     w.set_defaults(func=worker)
 
 
@@ -49,6 +53,11 @@ def _case(name: str):
 
 
 def worker(args) -> int:
+    if args.runtime:
+        from cpuboost.bench import runtime
+        print("CPUBOOST_RESULT " + json.dumps(runtime.run_streams(args.case, args.runtime,
+                                                                  args.rounds)))
+        return 0
     if args.llm:
         from cpuboost.bench import llm
         result = llm.memory_llm(args.llm) if args.memory else llm.run_llm(
@@ -63,10 +72,11 @@ def worker(args) -> int:
     return 0
 
 
-def _spawn(case: str, variants, rounds: int, memory=False, llm=None) -> dict:
+def _spawn(case: str, variants, rounds: int, memory=False, llm=None, runtime=None) -> dict:
     cmd = [sys.executable, "-m", "cpuboost.cli.main", "bench-worker", case,
            "--variants", ",".join(variants), "--rounds", str(rounds)] + (["--memory"] if memory else [])
     cmd += ["--llm", llm] if llm else []
+    cmd += ["--runtime", runtime] if runtime else []
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("CPUBOOST_RESULT "):
@@ -141,19 +151,48 @@ def run_llm(args) -> int:
     for part in parts:
         if part["rows"]:
             llm.print_llm(part, memory if part is parts[0] and "peak_ratio" in memory else None)
-    out_dir = Path(args.out or _env.results_dir(str(RESULTS)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = out_dir / f"bench-llm-{stamp}{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps({"date": stamp, "cpu": _cpu(), "results": parts,
-                                "memory": memory}, indent=1))
-    print(f"\nresults written to {path}")
+    _write(args, "llm-", {"results": parts, "memory": memory})
     for p in failed:
         print(f"ERROR in {p['case']}: {p['error']}", file=sys.stderr)
     return 1 if failed else 0
 
 
+def _write(args, kind: str, payload: dict) -> Path:
+    out_dir = Path(args.out or _env.results_dir(str(RESULTS)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = out_dir / f"bench-{kind}{stamp}{'-quick' if args.quick else ''}.json"
+    path.write_text(json.dumps(dict(date=stamp, cpu=_cpu(), **payload), indent=1))
+    print(f"\nresults written to {path}")
+    return path
+
+
+def run_runtime(args) -> int:
+    """Multi-stream cases each in a process of their own; then multi-instance via cpuboost run."""
+    from cpuboost.bench import runtime
+    cases = list(runtime.STREAM_CASES)[:2] if args.quick else list(runtime.STREAM_CASES)
+    if args.cases:
+        cases = args.cases.split(",")
+    rounds = args.rounds or (3 if args.quick else 5)
+    streams = []
+    for i, case in enumerate(cases):
+        for form in runtime.FORMS:
+            print(f"[{i + 1}/{len(cases)}] {case} {form}", file=sys.stderr, flush=True)
+            res = _spawn(case, ["streams"], rounds, runtime=form)
+            res.setdefault("form", form)
+            streams.append(res)
+    inst_cases = runtime.INSTANCE_CASES[:1] if args.quick else runtime.INSTANCE_CASES
+    instances = [runtime.run_instances(c) for c in inst_cases if c in cases or not args.cases]
+    runtime.print_runtime(streams, instances)
+    _write(args, "runtime-", {"streams": streams, "instances": instances})
+    failed = [r for r in streams if r.get("error")] + [
+        r for res in instances for r in res["rows"] if r["returncode"] != 0]
+    return 1 if failed else 0
+
+
 def run(args) -> int:
+    if args.runtime:
+        return run_runtime(args)
     if args.llm:
         return run_llm(args)
     from cpuboost.bench.harness import COMPILED, VARIANTS
@@ -191,15 +230,9 @@ def run(args) -> int:
     _print_table(results, memory)
     import torch
     import cpuboost
-    out_dir = Path(args.out or _env.results_dir(str(RESULTS)))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    payload = {"date": stamp, "quick": args.quick, "machine": platform.machine(),
-               "cpu": _cpu(), "torch": torch.__version__, "cpuboost": cpuboost.__version__,
-               "threads": torch.get_num_threads(), "results": results, "memory": memory}
-    path = out_dir / f"bench-{stamp}{'-quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(payload, indent=1))
-    print(f"\nresults written to {path}")
+    _write(args, "", {"quick": args.quick, "machine": platform.machine(),
+                      "torch": torch.__version__, "cpuboost": cpuboost.__version__,
+                      "threads": torch.get_num_threads(), "results": results, "memory": memory})
     if args.plot:
         _plot(results, args.plot)
         print(f"plot written to {args.plot}")

@@ -1,0 +1,162 @@
+"""`cpuboost bench --runtime`: throughput of MultiStreamModule against one stream on all cores
+(same process, round-robin), and of `cpuboost run` with one instance per core against one
+instance on all cores (separate processes, timed over the same wall-clock window)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+STREAM_CASES = {  # name -> (builder, batch); the quick suite takes the first two
+    "resnet50_bs2": ("resnet", 2), "dlrm_bs256": ("dlrm", 256), "resnet50_bs4": ("resnet", 4),
+    "resnet50_bs8": ("resnet", 8), "resnet50_bs16": ("resnet", 16),
+    "bert_base_bs8": ("bert", 8), "dlrm_bs2048": ("dlrm", 2048)}
+INSTANCE_CASES = ("resnet50_bs2", "dlrm_bs256", "bert_base_bs8")
+FORMS = ("eager_fp32", "cpuboost_bf16")  # stock model; cpuboost.optimize(dtype=bf16)
+
+
+def build(case: str, form: str):
+    from cpuboost.bench import zoo
+    kind, batch = STREAM_CASES[case]
+    model, inputs = {"resnet": zoo._resnet50, "bert": zoo._bert, "dlrm": zoo._dlrm}[kind](batch)
+    if form == "cpuboost_bf16":
+        import cpuboost
+        model = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=inputs)
+    return model, inputs, batch, kind
+
+
+def _split_hint(kind: str):
+    from cpuboost.runtime import MultiStreamModuleHint, embedding_bag_split
+    return embedding_bag_split("indices", "offsets") if kind == "dlrm" \
+        else MultiStreamModuleHint(0)
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out[0]
+
+
+def run_streams(case: str, form: str, rounds: int, round_s: float = 1.0) -> dict:
+    """One stream on every core (the model called directly) vs MultiStreamModule with one stream
+    per core and with "AUTO", timed round-robin in this process."""
+    from cpuboost.runtime import CPUPool, MultiStreamModule
+    model, inputs, batch, kind = build(case, form)
+    cores = len(CPUPool())
+    streams = MultiStreamModule(model, num_streams=cores, input_split_hint=_split_hint(kind))
+    auto = MultiStreamModule(model, num_streams="AUTO", input_split_hint=_split_hint(kind))
+    fns = {"one_stream": lambda: model(**inputs), f"{cores}_streams": lambda: streams(**inputs),
+           "auto": lambda: auto(**inputs)}
+    with torch.no_grad():
+        ref = _first_tensor(model(**inputs)).float()
+        diff = {k: (_first_tensor(f()).float() - ref).abs().max().item() for k, f in fns.items()}
+        for f in fns.values():  # warm-up (and AUTO's trial calls)
+            for _ in range(8 if f is fns["auto"] else 2):
+                f()
+        times = {k: [] for k in fns}
+        for _ in range(rounds):
+            for k, f in fns.items():
+                n, start = 0, time.perf_counter()
+                while time.perf_counter() - start < round_s or n < 2:
+                    f()
+                    n += 1
+                times[k].append((time.perf_counter() - start) / n)
+    base = statistics.median(times["one_stream"])
+    rows = [{"case": case, "form": form, "variant": k, "median_ms": statistics.median(v) * 1e3,
+             "samples_per_s": batch / statistics.median(v),
+             "ratio": base / statistics.median(v), "max_abs_diff": diff[k]}
+            for k, v in times.items()]
+    return {"case": case, "form": form, "cores": cores, "rows": rows,
+            "auto_choice": [v for v in auto.stream_choice.values()]}
+
+
+def instance_main(argv=None) -> int:
+    """One instance of the multi-instance bench (started by `cpuboost run`): build, warm up,
+    wait for the common start time, count samples for ``duration`` seconds."""
+    p = argparse.ArgumentParser()
+    p.add_argument("case")
+    p.add_argument("--start-at", type=float, required=True)
+    p.add_argument("--duration", type=float, required=True)
+    a = p.parse_args(argv)
+    model, inputs, batch, _ = build(a.case, "eager_fp32")
+    with torch.no_grad():
+        for _ in range(2):
+            model(**inputs)
+        late = time.time() > a.start_at
+        time.sleep(max(0.0, a.start_at - time.time()))
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < a.duration:
+            model(**inputs)
+            n += 1
+        elapsed = time.perf_counter() - start
+    print("CPUBOOST_INSTANCE " + json.dumps({
+        "instance": os.environ.get("CPUBOOST_INSTANCE"), "threads": torch.get_num_threads(),
+        "samples_per_s": n * batch / elapsed, "late_start": late}), flush=True)
+    return 0
+
+
+def run_instances(case: str, setup_s: float = 40.0, duration: float = 20.0) -> dict:
+    """`cpuboost run` with 1 instance on every core vs one instance per core."""
+    rows = []
+    for n in (1, len(os.sched_getaffinity(0))):
+        start_at = time.time() + setup_s
+        cmd = [sys.executable, "-m", "cpuboost.cli.main", "run", "--ninstances", str(n), "-m",
+               "cpuboost.bench.runtime", "instance", case, "--start-at", str(start_at),
+               "--duration", str(duration)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        got = [json.loads(line.split("CPUBOOST_INSTANCE ", 1)[1])
+               for line in proc.stdout.splitlines() if "CPUBOOST_INSTANCE " in line]
+        allocator = next((line.split("allocator: ")[1].split(";")[0]
+                          for line in proc.stderr.splitlines() if "allocator: " in line), "?")
+        rows.append({"case": case, "instances": n, "returncode": proc.returncode,
+                     "allocator": allocator, "per_instance": got,
+                     "samples_per_s": sum(g["samples_per_s"] for g in got),
+                     "late_start": any(g["late_start"] for g in got)})
+    rows[1]["ratio"] = rows[1]["samples_per_s"] / rows[0]["samples_per_s"] \
+        if rows[0]["samples_per_s"] else float("nan")
+    return {"case": case, "rows": rows}
+
+
+def print_runtime(streams: list[dict], instances: list[dict]) -> None:
+    print("\nMultiStreamModule (one process; ratio = throughput vs the model called directly on "
+          "all cores; AUTO picks per input shape by timing its first calls)")
+    print(f"{'case':<16} {'form':<14} {'variant':<11} {'ms/batch':>9} {'samples/s':>10} "
+          f"{'ratio':>6} {'max |diff|':>10}")
+    for res in streams:
+        if res.get("error"):
+            print(f"{res['case']:<16} {res.get('form', ''):<14} ERROR: {res['error']}")
+            continue
+        for r in res["rows"]:
+            print(f"{r['case']:<16} {r['form']:<14} {r['variant']:<11} {r['median_ms']:>9.2f} "
+                  f"{r['samples_per_s']:>10.1f} {r['ratio']:>5.2f}x {r['max_abs_diff']:>10.2e}")
+        print(f"{'':<16} {'':<14} AUTO chose {res['auto_choice']} stream(s)")
+    print("\n`cpuboost run` instances (separate processes, same 20 s window; eager fp32)")
+    for res in instances:
+        if res.get("error"):
+            print(f"{res['case']:<16} ERROR: {res['error']}")
+            continue
+        one, many = res["rows"]
+        print(f"{res['case']:<16} 1 instance {one['samples_per_s']:.1f}/s, "
+              f"{many['instances']} instances {many['samples_per_s']:.1f}/s "
+              f"({many['ratio']:.2f}x; allocator {many['allocator']}"
+              f"{'; LATE START' if one['late_start'] or many['late_start'] else ''})")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["instance"]:
+        return instance_main(argv[1:])
+    raise SystemExit("usage: python -m cpuboost.bench.runtime instance CASE --start-at T "
+                     "--duration S")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
