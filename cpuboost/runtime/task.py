@@ -18,6 +18,15 @@ from cpuboost.runtime.pool import CPUPool, bind_current_thread, warn_if_openmp_r
 _STOP = object()
 
 
+def _stop(jobs: queue.SimpleQueue, thread: threading.Thread) -> None:
+    """Stop a worker and wait for it to end. Waiting matters: a worker still ending while the
+    interpreter shuts down is killed inside torch's C++ frames, which aborts the process
+    ("terminate called without an active exception"; seen in half the runs before this)."""
+    jobs.put(_STOP)
+    if thread is not threading.current_thread():
+        thread.join()
+
+
 class Future(_Future):
     """A concurrent.futures.Future with IPEX's ``get()``."""
 
@@ -76,7 +85,8 @@ class Task:
                                         name=f"cpuboost-task-{cpu_pool.core_ids}", daemon=True)
         self._thread.start()
         self.native_id = started.get()  # raises if binding failed
-        self._finalizer = weakref.finalize(self, self._jobs.put, _STOP)
+        # runs on close(), when the Task is garbage collected, or at interpreter exit
+        self._finalizer = weakref.finalize(self, _stop, self._jobs, self._thread)
 
     def __call__(self, *args, **kwargs) -> Future:
         if not self._thread.is_alive():
@@ -91,7 +101,6 @@ class Task:
     def close(self) -> None:
         """Stop the worker thread after the calls already submitted."""
         self._finalizer()
-        self._thread.join()
 
     def __repr__(self) -> str:
         return f"Task({type(self.module).__name__}, {self.cpu_pool!r})"
