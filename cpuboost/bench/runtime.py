@@ -103,25 +103,32 @@ def instance_main(argv=None) -> int:
     return 0
 
 
-def run_instances(case: str, setup_s: float = 40.0, duration: float = 20.0) -> dict:
-    """`cpuboost run` with 1 instance on every core vs one instance per core."""
+def run_instances(case: str, setup_s: float = 30.0, duration: float = 15.0) -> dict:
+    """`cpuboost run` with one instance on every core vs one instance per core, each with the
+    default allocator and with what `--memory-allocator auto` picks (if that is another one).
+    Ratios are against one instance with the default allocator."""
+    from cpuboost.launch.execute import find_machine
+    cores = len(os.sched_getaffinity(0))
+    allocators = ["default"] + (["auto"] if find_machine().allocators else [])
     rows = []
-    for n in (1, len(os.sched_getaffinity(0))):
-        start_at = time.time() + setup_s
-        cmd = [sys.executable, "-m", "cpuboost.cli.main", "run", "--ninstances", str(n), "-m",
-               "cpuboost.bench.runtime", "instance", case, "--start-at", str(start_at),
-               "--duration", str(duration)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        got = [json.loads(line.split("CPUBOOST_INSTANCE ", 1)[1])
-               for line in proc.stdout.splitlines() if "CPUBOOST_INSTANCE " in line]
-        allocator = next((line.split("allocator: ")[1].split(";")[0]
-                          for line in proc.stderr.splitlines() if "allocator: " in line), "?")
-        rows.append({"case": case, "instances": n, "returncode": proc.returncode,
-                     "allocator": allocator, "per_instance": got,
-                     "samples_per_s": sum(g["samples_per_s"] for g in got),
-                     "late_start": any(g["late_start"] for g in got)})
-    rows[1]["ratio"] = rows[1]["samples_per_s"] / rows[0]["samples_per_s"] \
-        if rows[0]["samples_per_s"] else float("nan")
+    for n in (1, cores):
+        for allocator in allocators:
+            start_at = time.time() + setup_s
+            cmd = [sys.executable, "-m", "cpuboost.cli.main", "run", "--ninstances", str(n),
+                   "--memory-allocator", allocator, "-m", "cpuboost.bench.runtime", "instance",
+                   case, "--start-at", str(start_at), "--duration", str(duration)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            got = [json.loads(line.split("CPUBOOST_INSTANCE ", 1)[1])
+                   for line in proc.stdout.splitlines() if "CPUBOOST_INSTANCE " in line]
+            used = next((line.split("allocator: ")[1].split(";")[0]
+                         for line in proc.stderr.splitlines() if "allocator: " in line), "?")
+            rows.append({"case": case, "instances": n, "allocator": used,
+                         "returncode": proc.returncode, "per_instance": got,
+                         "samples_per_s": sum(g["samples_per_s"] for g in got),
+                         "late_start": any(g["late_start"] for g in got)})
+    base = rows[0]["samples_per_s"]
+    for r in rows:
+        r["ratio"] = r["samples_per_s"] / base if base else float("nan")
     return {"case": case, "rows": rows}
 
 
@@ -138,16 +145,14 @@ def print_runtime(streams: list[dict], instances: list[dict]) -> None:
             print(f"{r['case']:<16} {r['form']:<14} {r['variant']:<11} {r['median_ms']:>9.2f} "
                   f"{r['samples_per_s']:>10.1f} {r['ratio']:>5.2f}x {r['max_abs_diff']:>10.2e}")
         print(f"{'':<16} {'':<14} AUTO chose {res['auto_choice']} stream(s)")
-    print("\n`cpuboost run` instances (separate processes, same 20 s window; eager fp32)")
+    print("\n`cpuboost run` instances (separate processes timed over the same 15 s window; "
+          "stock eager fp32; ratio vs 1 instance with the default allocator)")
     for res in instances:
-        if res.get("error"):
-            print(f"{res['case']:<16} ERROR: {res['error']}")
-            continue
-        one, many = res["rows"]
-        print(f"{res['case']:<16} 1 instance {one['samples_per_s']:.1f}/s, "
-              f"{many['instances']} instances {many['samples_per_s']:.1f}/s "
-              f"({many['ratio']:.2f}x; allocator {many['allocator']}"
-              f"{'; LATE START' if one['late_start'] or many['late_start'] else ''})")
+        for r in res["rows"]:
+            print(f"{res['case']:<16} {r['instances']} instance(s), allocator "
+                  f"{r['allocator']:<9} {r['samples_per_s']:>10.1f} samples/s {r['ratio']:>5.2f}x"
+                  f"{'  LATE START' if r['late_start'] else ''}"
+                  f"{'  FAILED' if r['returncode'] else ''}")
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from torch import nn
 
@@ -163,3 +164,27 @@ def test_llm_cli_spawns_eager_compile_and_memory_workers(monkeypatch, tmp_path):
     assert spawned[1][0] == ["stock_bf16", "stock_compile_bf16"]
     assert spawned[2][1] and all(s[2] == "1b" for s in spawned)
     assert len(list(tmp_path.glob("bench-llm-*.json"))) == 1
+
+
+def test_runtime_streams_bench_rows(capsys):
+    from cpuboost.bench import runtime
+    res = runtime.run_streams("dlrm_bs256", "eager_fp32", rounds=1, round_s=0.05)
+    rows = {r["variant"]: r for r in res["rows"]}
+    assert set(rows) == {"one_stream", f"{res['cores']}_streams", "auto"}
+    assert rows["one_stream"]["ratio"] == 1.0
+    assert all(r["samples_per_s"] > 0 for r in rows.values())
+    assert rows[f"{res['cores']}_streams"]["max_abs_diff"] == 0.0  # DLRM: bitwise equal here
+    assert res["auto_choice"] and set(res["auto_choice"]) <= {1, res["cores"]}
+    runtime.print_runtime([res], [])
+    assert "AUTO chose" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_runtime_bench_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "cpuboost.cli.main", "bench", "--runtime",
+                        "--quick", "--rounds", "1", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (path,) = tmp_path.glob("bench-runtime-*-quick.json")
+    data = json.loads(path.read_text())
+    assert data["streams"] and data["instances"][0]["rows"][0]["samples_per_s"] > 0
