@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 # The CPU wheel index is used only when the pinned wheel is not already available locally.
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install bench bench-quick bench-llm test test-all clean
+.PHONY: install bench bench-quick bench-llm bench-runtime test test-all clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ bench-quick: install
 
 bench-llm: install
 	$(VENV)/bin/cpuboost bench --llm
+
+bench-runtime: install
+	$(VENV)/bin/cpuboost bench --runtime
 
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile

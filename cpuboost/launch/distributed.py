@@ -7,13 +7,10 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from cpuboost.errors import ConfigError
-from cpuboost.launch.execute import exit_code
+from cpuboost.launch.execute import BIND_ENTRY, exit_code
 from cpuboost.launch.plan import Machine, Plan
-
-RANK_ENTRY = Path(__file__).with_name("rank.py")
 
 
 @dataclass(frozen=True)
@@ -53,7 +50,7 @@ def torchrun_command(d: DistributedOptions, command: list[str]) -> list[str]:
         cmd += [f"--node-rank={d.node_rank}", f"--master-addr={d.master_addr}",
                 f"--master-port={d.master_port}"]
     # torchrun starts `python -u rank.py -- command...`: the entry binds, then execs `command`
-    return cmd + [str(RANK_ENTRY), "--", *command]
+    return cmd + [str(BIND_ENTRY), "--", *command]
 
 
 def run(plan: Plan, machine: Machine, d: DistributedOptions, command: list[str]) -> int:

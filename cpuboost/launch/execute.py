@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cpuboost.launch.plan import Instance, Machine, Plan
 
+BIND_ENTRY = Path(__file__).with_name("rank.py")
 _LIB_NAMES = {
     "jemalloc": ("libjemalloc.so", "libjemalloc.so.2"),
     "tcmalloc": ("libtcmalloc.so", "libtcmalloc.so.4", "libtcmalloc_minimal.so",
@@ -88,13 +89,12 @@ def execute(plan: Plan, machine: Machine, command: list[str], log_dir: str | Non
             env = {k: v for k, v in os.environ.items() if k not in plan.unset}
             env.update(plan.instance_env(inst))
             argv = plan.binding_command(inst, machine) + command
-            cpus = set(inst.cpus)
-            preexec = None if plan.binder != "sched_setaffinity" else (
-                lambda cpus=cpus: os.sched_setaffinity(0, cpus))
+            if plan.binder == "sched_setaffinity":  # no tool: bind in a tiny entry, then exec
+                argv = [sys.executable, str(BIND_ENTRY), "--cpus", inst.cpulist, "--"] + argv
             log = open(log_path(log_dir, log_prefix, inst), "wb") if log_dir else None
             logs.append(log)
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, preexec_fn=preexec)
+                                    stderr=subprocess.STDOUT)
             procs.append(proc)
             tag = f"[{inst.index}] " if prefixed else ""
             t = threading.Thread(target=_pump, args=(proc, tag, log, out, lock), daemon=True)

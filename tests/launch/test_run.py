@@ -173,3 +173,17 @@ def test_distributed_options_are_checked():
     assert r.returncode == 0
     assert "torch.distributed.run --nnodes=2 --nproc-per-node=1 --node-rank=1 " \
            "--master-addr=10.0.0.1 --master-port=29500" in r.stdout
+
+
+@needs_two
+def test_without_numactl_or_taskset_the_entry_binds_itself(script):
+    import io
+    from cpuboost.launch.execute import execute
+    from cpuboost.launch.plan import LaunchOptions, Machine, plan
+    the_plan = plan(read_topology(), LaunchOptions(ninstances=2, memory_allocator="default"),
+                    Machine(), {})
+    assert the_plan.binder == "sched_setaffinity"
+    out = io.StringIO()
+    assert execute(the_plan, Machine(), [sys.executable, str(script)], out=out) == 0
+    got = sorted(reports(out.getvalue()), key=lambda d: d["instance"])
+    assert [d["cpus"] for d in got] == [list(i.cpus) for i in the_plan.instances]
