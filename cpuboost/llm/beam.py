@@ -9,7 +9,8 @@ each row's log-sum-exp, and the parts are merged exactly:
 ``out = (o1 * e^lse1 + o2 * e^lse2) / (e^lse1 + e^lse2)``.
 
 That needs the model's attention to run through transformers' attention interface, where
-``attention`` (registered as ``"cpuboost_sdpa"``) sees the prefix riding on the key tensor. A
+cpuboost's attention function (``attention.py``, registered as ``"cpuboost_sdpa"``) sees the
+prefix riding on the key tensor and calls ``beam_step``. A
 step whose attention did not consume it raises instead of returning a wrong result, and
 ``optimize`` enables the split only after a probe generation matched the plain cache.
 """
@@ -19,7 +20,6 @@ import torch
 
 from cpuboost.llm.cache import PreallocatedLayer
 
-NAME = "cpuboost_sdpa"
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
@@ -113,17 +113,11 @@ def _split_mask(mask, prompt: int, beams: int, rows: int):
     return m_prompt.expand(-1, -1, rows, -1), m_gen
 
 
-def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-              is_causal=None, **kwargs):
-    """transformers' SDPA attention, plus the two-part form for a beam cache's decode step."""
-    carried = getattr(key, "_cpuboost_prefix", None)
-    if carried is None or query.shape[2] != 1:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      dropout=dropout, scaling=scaling, is_causal=is_causal,
-                                      **kwargs)
+def beam_step(query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """A beam cache's decode step: attention over the request's prompt part and the beam's
+    generated part, merged exactly. Returns (n, 1, heads, d)."""
+    (pk, pv), beams = key._cpuboost_prefix
     key._cpuboost_used = True
-    (pk, pv), beams = carried
     n, heads, _, d = query.shape  # n = batch * beams, one query position
     batch, kv_heads, prompt, _ = pk.shape
     groups = heads // kv_heads
@@ -143,16 +137,7 @@ def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     top = torch.maximum(l1, l2)
     w1, w2 = torch.exp(l1 - top), torch.exp(l2 - top)
     out = (o1 * w1 + o2 * w2) / (w1 + w2)  # (n, kv_heads, groups, d)
-    return out.reshape(n, heads, 1, d).transpose(1, 2).to(dtype).contiguous(), None
-
-
-def register() -> None:
-    """Add ``"cpuboost_sdpa"`` to transformers' attention and mask registries (an addition:
-    nothing existing changes). Done by optimize(), never at import."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register(NAME, attention)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return out.reshape(n, heads, 1, d).transpose(1, 2).to(dtype).contiguous()
 
 
 def probe(model) -> str | None:
@@ -182,6 +167,9 @@ def probe(model) -> str | None:
     if any(not getattr(layer._pending, "_cpuboost_used", False) for layer in layers):
         return "its attention does not run through transformers' attention interface"
     err = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
-    if err > 1e-2:
+    # a broken split is off by O(1); two correct orders of rounding differ by up to a few
+    # percent in 16-bit after many layers (2.2% on a 22-layer bf16 Llama with random weights)
+    low_precision = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    if err > (8e-2 if low_precision else 1e-3):
         return f"a probe beam step differed from the plain cache (relative {err:.2g})"
     return None

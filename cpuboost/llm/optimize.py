@@ -71,6 +71,7 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
 def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
     rec = report.record("structure")
     rec.notes += structure_of(model).lines()
+    state = {"beams": False}
     if cfg.graph_mode:  # Inductor packs and fuses; transformers' own cache (traceable)
         steps = [("cast", lambda r: rewrites.cast_floats(model, cfg, r)),
                  ("attention", lambda r: rewrites.use_sdpa(model, r)),
@@ -79,8 +80,9 @@ def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
         steps = [("linears", lambda r: rewrites.linears(model, cfg, r)),
                  ("cast", lambda r: rewrites.cast_floats(model, cfg, r)),
                  ("attention", lambda r: rewrites.use_sdpa(model, r)),
-                 ("beam_cache", lambda r: _beam_cache(model, cfg, r)),
-                 ("kv_cache", lambda r: _kv_cache(model, cfg, r))]
+                 ("decode_attention", lambda r: _attention(model, r)),
+                 ("beam_cache", lambda r: state.update(beams=_beam_cache(model, cfg, r))),
+                 ("kv_cache", lambda r: _kv_cache(model, cfg, r, state["beams"]))]
     for name, step in steps:
         rec = report.record(name)
         t0 = time.perf_counter()
@@ -96,33 +98,43 @@ def _compile(model: nn.Module, cfg: LlmConfig, rec) -> None:
                   SHAPE_POLICY]
 
 
-def _beam_cache(model: nn.Module, cfg: LlmConfig, rec) -> None:
-    """Beam search keeps the prompt's KV once per request: needs attention through
-    transformers' interface (switched to our registered function, then probed)."""
-    from cpuboost.llm import beam
-    if not cfg.beam_cache:
-        rec.skip("beam search", "beam_cache=False")
-        return
+def _attention(model: nn.Module, rec) -> None:
+    """Decode steps through cpuboost's attention function (where the model dispatches through
+    transformers' attention interface with SDPA)."""
+    from cpuboost.llm import attention
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa":
+        rec.skip("decode attention", "attention is not SDPA through transformers' interface")
+        return
+    attention.register()
+    model.set_attn_implementation(attention.NAME)
+    rec.apply("decode steps: query heads sharing a key/value head attend as that head's rows "
+              "(grouped-query models), fp32 softmax(QK^T)V from "
+              f"{attention.MATH_FROM} cached positions otherwise (attention 'cpuboost_sdpa')")
+
+
+def _beam_cache(model: nn.Module, cfg: LlmConfig, rec) -> bool:
+    """Beam search keeps the prompt's KV once per request: needs cpuboost's attention function
+    in effect, then a probe step that matches the plain cache. Returns whether it is used."""
+    from cpuboost.llm import attention, beam
+    if not cfg.beam_cache:
+        rec.skip("beam search", "beam_cache=False")
+        return False
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != attention.NAME:
         rec.skip("beam search", "attention is not SDPA through transformers' interface: "
                                 "beams keep a full cache each (reordered by copying)")
-        return
-    beam.register()
-    model.set_attn_implementation(beam.NAME)
+        return False
     why_not = beam.probe(model)
     if why_not:
-        model.set_attn_implementation("sdpa")
         rec.skip("beam search", f"{why_not}: beams keep a full cache each")
-        return
+        return False
     rec.apply("beam search: the prompt's keys/values are held once per request, beam "
-              "reordering moves only generated positions (attention 'cpuboost_sdpa')")
+              "reordering moves only generated positions")
+    return True
 
 
-def _kv_cache(model: nn.Module, cfg: LlmConfig, rec) -> None:
-    from cpuboost.llm import beam
-    # the beam step switched attention to ours only if its probe passed
-    beams = getattr(getattr(model, "config", None), "_attn_implementation", None) == beam.NAME
+def _kv_cache(model: nn.Module, cfg: LlmConfig, rec, beams: bool) -> None:
     if use_preallocated_cache(model, cfg.max_seq_len, beam_cache=beams):
         size = f"{cfg.max_seq_len} tokens" if cfg.max_seq_len else "each call's total length"
         rec.apply(f"generate() uses a preallocated KV cache ({size}; no per-token copy)")
