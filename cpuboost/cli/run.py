@@ -109,13 +109,14 @@ def main(args) -> int:
             return 0
         print(the_plan.describe())
         if dist:
-            print("  command: " + " ".join(distributed.torchrun_command(dist, command)))
+            print("  command: " + " ".join(distributed.torchrun_command(dist, command,
+                                                                        args.log_dir)))
         else:
             for inst in the_plan.instances:
                 print(f"  command[{inst.index}]: "
-                      + " ".join(the_plan.binding_command(inst, machine) + command))
+                      + " ".join(execute.instance_command(the_plan, inst, machine, command)))
         return 0
     print(the_plan.describe(), file=sys.stderr)
     if dist:
-        return distributed.run(the_plan, machine, dist, command)
+        return distributed.run(the_plan, machine, dist, command, args.log_dir)
     return execute.execute(the_plan, machine, command, args.log_dir, args.log_file_prefix)

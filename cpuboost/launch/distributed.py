@@ -41,9 +41,12 @@ def rank_plan(plan: Plan, machine: Machine) -> list[dict]:
             for i in plan.instances]
 
 
-def torchrun_command(d: DistributedOptions, command: list[str]) -> list[str]:
+def torchrun_command(d: DistributedOptions, command: list[str],
+                     log_dir: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={d.nnodes}",
            f"--nproc-per-node={d.nproc_per_node}"]
+    if log_dir:  # torchrun's own per-rank files (<log_dir>/<run id>/attempt_0/<rank>/), teed
+        cmd += [f"--log-dir={log_dir}", "--tee=3"]
     if d.nnodes == 1 and not d.master_addr:
         cmd.append("--standalone")
     else:
@@ -53,9 +56,10 @@ def torchrun_command(d: DistributedOptions, command: list[str]) -> list[str]:
     return cmd + [str(BIND_ENTRY), "--", *command]
 
 
-def run(plan: Plan, machine: Machine, d: DistributedOptions, command: list[str]) -> int:
+def run(plan: Plan, machine: Machine, d: DistributedOptions, command: list[str],
+        log_dir: str | None = None) -> int:
     env = dict(os.environ)
     env["CPUBOOST_RANK_PLAN"] = json.dumps(rank_plan(plan, machine))
     # torchrun warns and sets 1 when OMP_NUM_THREADS is unset; every rank gets its own anyway
     env["OMP_NUM_THREADS"] = str(plan.instances[0].threads)
-    return exit_code(subprocess.call(torchrun_command(d, command), env=env))
+    return exit_code(subprocess.call(torchrun_command(d, command, log_dir), env=env))

@@ -60,6 +60,14 @@ def python_command(program: str, args: list[str], module: bool, no_python: bool)
     return [sys.executable, "-u", *(["-m"] if module else []), program, *args]
 
 
+def instance_command(plan: Plan, inst: Instance, machine: Machine,
+                     command: list[str]) -> list[str]:
+    """The full command line of one instance, binding included."""
+    if plan.binder == "sched_setaffinity":  # no tool: bind in a tiny entry, then exec
+        return [sys.executable, str(BIND_ENTRY), "--cpus", inst.cpulist, "--"] + command
+    return plan.binding_command(inst, machine) + command
+
+
 def log_path(log_dir: str, prefix: str, inst: Instance) -> Path:
     return Path(log_dir) / f"{prefix}_instance_{inst.index}_cpus_{inst.cpulist}.log"
 
@@ -88,9 +96,7 @@ def execute(plan: Plan, machine: Machine, command: list[str], log_dir: str | Non
         for inst in plan.instances:
             env = {k: v for k, v in os.environ.items() if k not in plan.unset}
             env.update(plan.instance_env(inst))
-            argv = plan.binding_command(inst, machine) + command
-            if plan.binder == "sched_setaffinity":  # no tool: bind in a tiny entry, then exec
-                argv = [sys.executable, str(BIND_ENTRY), "--cpus", inst.cpulist, "--"] + argv
+            argv = instance_command(plan, inst, machine, command)
             log = open(log_path(log_dir, log_prefix, inst), "wb") if log_dir else None
             logs.append(log)
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,

@@ -67,7 +67,8 @@ def test_cores_per_instance_crossing_a_node_unless_told_not_to():
     assert [i.memory_node for i in p.instances] == [0, 1]
     # 3 instances x 2 cores fit in 2 x 3 cores only by straddling the nodes
     three_each = Topology.synthetic(sockets=2, cores_per_socket=3)
-    assert cpus(plan(three_each, O(ninstances=3, ncores_per_instance=2))) == [[0, 1], [2, 3], [4, 5]]
+    assert cpus(plan(three_each, O(ninstances=3, ncores_per_instance=2))) == [
+        [0, 1], [2, 3], [4, 5]]
     with pytest.raises(ConfigError, match=r"only 2 instance\(s\) of 2"):
         plan(three_each, O(ninstances=3, ncores_per_instance=2, skip_cross_node_cores=True))
 

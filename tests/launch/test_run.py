@@ -151,8 +151,10 @@ DISTRIBUTED = textwrap.dedent("""
 def test_two_ranks_on_loopback_all_reduce_and_sharded_inference(tmp_path):
     script = tmp_path / "dist.py"
     script.write_text(DISTRIBUTED)
-    r = cpuboost("run", "--nproc-per-node", "2", str(script))
+    logs = tmp_path / "logs"
+    r = cpuboost("run", "--nproc-per-node", "2", "--log-dir", str(logs), str(script))
     assert r.returncode == 0, r.stdout + r.stderr
+    assert len(list(logs.rglob("stdout.log"))) == 2  # torchrun's per-rank files
     line = next(l for l in r.stdout.splitlines() if "GATHERED " in l)
     got = json.loads(line.split("GATHERED ", 1)[1])
     assert got["sum"] == 3.0 and got["world"] == 2
@@ -183,6 +185,9 @@ def test_without_numactl_or_taskset_the_entry_binds_itself(script):
     the_plan = plan(read_topology(), LaunchOptions(ninstances=2, memory_allocator="default"),
                     Machine(), {})
     assert the_plan.binder == "sched_setaffinity"
+    from cpuboost.launch.execute import BIND_ENTRY, instance_command
+    assert instance_command(the_plan, the_plan.instances[0], Machine(), ["prog"])[:3] == [
+        sys.executable, str(BIND_ENTRY), "--cpus"]
     out = io.StringIO()
     assert execute(the_plan, Machine(), [sys.executable, str(script)], out=out) == 0
     got = sorted(reports(out.getvalue()), key=lambda d: d["instance"])

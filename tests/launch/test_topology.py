@@ -5,8 +5,8 @@ import pytest
 from cpuboost.hw.topology import Topology, _cpulist, format_cpulist, read_topology
 
 
-@pytest.mark.parametrize("text,ids", [("0", [0]), ("0-3", [0, 1, 2, 3]), ("0-1,4,6-7\n", [0, 1, 4, 6, 7]),
-                                      ("", [])])
+@pytest.mark.parametrize("text,ids", [("0", [0]), ("0-3", [0, 1, 2, 3]),
+                                      ("0-1,4,6-7\n", [0, 1, 4, 6, 7]), ("", [])])
 def test_cpulist_round_trip(text, ids):
     assert _cpulist(text) == ids
     assert _cpulist(format_cpulist(ids)) == ids
