@@ -1,18 +1,22 @@
-"""Beam search without copying the prompt's KV cache.
+"""Beam search that never moves the KV cache.
 
-Every beam of a request starts from the same prompt, so its keys and values are the same for all
-beams. ``BeamLayer`` keeps them once per request (the ``prefix``) and only the generated
-positions per beam. Reordering beams after a step then moves only the generated positions
-(tens of tokens), never the prompt (hundreds), and the prompt's cache takes 1/beams of the
-memory. Attention is computed in two parts with torch's CPU flash kernel, which also returns
-each row's log-sum-exp, and the parts are merged exactly:
-``out = (o1 * e^lse1 + o2 * e^lse2) / (e^lse1 + e^lse2)``.
+Every beam of a request starts from the same prompt, so ``BeamLayer`` keeps the prompt's keys
+and values once per request (the ``prefix``). Each generated step writes one slot per beam,
+``(request, kv_heads, step * beams + beam, head_dim)``, and nothing is moved afterwards: beam
+reordering only permutes a small table, ``history[row, step]`` = the beam whose slot at that
+step lies on the row's path (IPEX's indirect-access idea, without a custom kernel). A decode
+step attends over two parts with torch's CPU flash kernel, which also returns each row's
+log-sum-exp, and merges them exactly, ``out = (o1 e^lse1 + o2 e^lse2) / (e^lse1 + e^lse2)``:
+the prompt part, with a request's beams (and grouped query heads) as query rows; and the
+generated part, every slot of the request as keys, masked to the row's own path. The generated
+part costs beams-times the attention of one path (tens of positions) instead of a copy of every
+beam's cache per step.
 
 That needs the model's attention to run through transformers' attention interface, where
 cpuboost's attention function (``attention.py``, registered as ``"cpuboost_sdpa"``) sees the
-prefix riding on the key tensor and calls ``beam_step``. A
-step whose attention did not consume it raises instead of returning a wrong result, and
-``optimize`` enables the split only after a probe generation matched the plain cache.
+parts riding on the key tensor and calls ``beam_step``. A step whose attention did not consume
+them raises instead of returning a wrong result, and ``optimize`` enables the cache only after
+a probe step matched the plain cache.
 """
 from __future__ import annotations
 
@@ -31,11 +35,16 @@ class BeamLayer(PreallocatedLayer):
     def __init__(self, capacity: int = 0, beams: int = 1):
         super().__init__(capacity)
         self.beams = beams
-        self.prefix = None  # (keys, values): (batch, kv_heads, prompt, head_dim)
-        self._pending = None  # the key tensor handed out with the prefix, until attention uses it
+        self.prefix = None  # (keys, values): (requests, kv_heads, prompt, head_dim)
+        self._slots = None  # (keys, values): (requests, kv_heads, steps * beams, head_dim)
+        self.history = None  # (requests * beams, steps): the beam whose slot is on each path
+        self._steps = 0
+        self._pending = None  # the key tensor handed out with the parts, until attention uses it
 
     def get_seq_length(self) -> int:
-        return (self.prefix[0].shape[-2] if self.prefix else 0) + self._filled()
+        if self.prefix is not None:
+            return self.prefix[0].shape[-2] + self._steps
+        return super().get_seq_length()
 
     def update(self, key_states, value_states, *args, **kwargs):
         if self._pending is not None and not getattr(self._pending, "_cpuboost_used", False):
@@ -54,21 +63,61 @@ class BeamLayer(PreallocatedLayer):
         if self.prefix is None or key_states.shape[-2] != 1:
             self._merge_prefix()
             return super().update(key_states, value_states, *args, **kwargs)
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        keys = keys.view(keys.shape)  # a fresh view object to carry the prefix
-        keys._cpuboost_prefix = (self.prefix, self.beams)
+        self._write_slots(key_states, value_states)
+        n = self._steps * self.beams
+        keys, values = self._slots[0][:, :, :n], self._slots[1][:, :, :n]
+        keys._cpuboost_prefix = (self.prefix, self.beams, self.history[:, :self._steps])
         self._pending = keys
         return keys, values
 
+    def _write_slots(self, key_states, value_states) -> None:
+        rows, kv_heads, _, d = key_states.shape
+        requests, beams, step = rows // self.beams, self.beams, self._steps
+        cap = self._slots[0].shape[-2] // beams if self._slots is not None else 0
+        if step + 1 > cap:  # first step, or past capacity: allocate (doubling), keep content
+            prompt = self.prefix[0].shape[-2]
+            new_cap = max(step + 1, self.capacity - prompt, 2 * cap, 8)
+            slots = tuple(torch.empty(requests, kv_heads, new_cap * beams, d, dtype=t.dtype)
+                          for t in (key_states, value_states))
+            history = torch.empty(rows, new_cap, dtype=torch.long)
+            if step:
+                for new, old in zip(slots, self._slots):
+                    new[:, :, :step * beams].copy_(old[:, :, :step * beams])
+                history[:, :step].copy_(self.history[:, :step])
+            self._slots, self.history = slots, history
+        for buf, new in zip(self._slots, (key_states, value_states)):
+            buf[:, :, step * beams:(step + 1) * beams].copy_(
+                new.reshape(requests, beams, kv_heads, d).transpose(1, 2))
+        self.history[:, step] = torch.arange(rows) % beams  # each beam's own slot
+        self._steps += 1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search's reorder: only the path table moves, never keys or values."""
+        if self.prefix is None:
+            return super().reorder_cache(beam_idx)
+        if self._steps:
+            self.history[:, :self._steps] = self.history[beam_idx, :self._steps]
+
+    def _paths(self, slots: torch.Tensor) -> torch.Tensor:
+        """Each row's own generated keys (rows, kv_heads, steps, d), gathered along its path."""
+        requests, kv_heads, _, d = slots.shape
+        rows, steps = requests * self.beams, self._steps
+        grid = slots[:, :, :steps * self.beams].reshape(requests, kv_heads, steps, self.beams, d)
+        req = torch.arange(rows) // self.beams
+        picked = grid[req[:, None], :, torch.arange(steps)[None, :], self.history[:, :steps]]
+        return picked.permute(0, 2, 1, 3)  # (rows, steps, kv_heads, d) -> (rows, kv, steps, d)
+
     def _merge_prefix(self) -> None:
-        """Back to one cache per beam (a multi-token step, cropping, batch reshuffles)."""
+        """Back to one plain cache per beam (a multi-token step, cropping, batch reshuffles)."""
         if self.prefix is None:
             return
         pk, pv = (t.repeat_interleave(self.beams, dim=0) for t in self.prefix)
-        n = self._filled()
-        if n:
-            pk, pv = torch.cat([pk, self.keys], dim=-2), torch.cat([pv, self.values], dim=-2)
-        self.prefix, self.keys, self.values, self._k, self._v = None, pk, pv, None, None
+        if self._steps:
+            pk = torch.cat([pk, self._paths(self._slots[0])], dim=-2)
+            pv = torch.cat([pv, self._paths(self._slots[1])], dim=-2)
+        self.prefix = self._slots = self.history = None
+        self._steps = 0
+        self.keys, self.values, self._k, self._v = pk.contiguous(), pv.contiguous(), None, None
 
     def crop(self, tokens_to_remove: int) -> None:
         self._merge_prefix()
@@ -84,7 +133,8 @@ class BeamLayer(PreallocatedLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.prefix = self._pending = None
+        self.prefix = self._slots = self.history = self._pending = None
+        self._steps = 0
 
 
 def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -101,42 +151,60 @@ def _part(q, k, v, mask, scale):
 
 
 def _split_mask(mask, prompt: int, beams: int, rows: int):
-    """The (batch*beams, 1, 1, kv) decode mask -> additive float masks for the prompt part
-    (one row per request) and the generated part (per beam), or None where all is visible."""
+    """The (requests*beams, 1, 1, kv) decode mask -> additive float masks for the prompt part
+    (one row per request) and the generated positions (per beam), or None where all is
+    visible."""
     if mask is None:
         return None, None
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
-    mask = mask.float()
-    m_prompt = mask[::beams, :, :, :prompt]  # (batch, 1, 1, prompt)
-    m_gen = mask[:, :, :, prompt:]
+    mask = _additive(mask)
+    m_prompt = mask[::beams, :, :, :prompt]  # (requests, 1, 1, prompt)
+    m_gen = mask[:, 0, 0, prompt:]  # (rows, steps)
     return m_prompt.expand(-1, -1, rows, -1), m_gen
 
 
+def _additive(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
+    return mask.float()
+
+
+def _path_mask(history: torch.Tensor, m_gen, beams: int, groups: int) -> torch.Tensor:
+    """Additive mask of the generated part: row (request, beam, group) sees slot (step, j) only
+    if beam j's token at that step is on its path. (requests, 1, beams * groups, steps * beams)"""
+    rows, steps = history.shape
+    on_path = history[:, :, None] == torch.arange(beams)  # (rows, steps, beams)
+    mask = torch.zeros(on_path.shape).masked_fill(~on_path, float("-inf"))
+    if m_gen is not None:
+        mask = mask + m_gen[:, :, None]
+    mask = mask.reshape(rows // beams, beams, 1, steps * beams)
+    return mask.expand(-1, -1, groups, -1).reshape(rows // beams, 1, beams * groups, -1)
+
+
+def _rows(x: torch.Tensor, requests: int, beams: int) -> torch.Tensor:
+    """(requests, kv_heads, beams * groups, ...) -> (requests * beams, kv_heads, groups, ...)"""
+    _, kv_heads, _, *rest = x.shape
+    return x.reshape(requests, kv_heads, beams, -1, *rest).transpose(1, 2).reshape(
+        requests * beams, kv_heads, -1, *rest)
+
+
 def beam_step(query, key, value, attention_mask, scaling) -> torch.Tensor:
-    """A beam cache's decode step: attention over the request's prompt part and the beam's
-    generated part, merged exactly. Returns (n, 1, heads, d)."""
-    (pk, pv), beams = key._cpuboost_prefix
+    """A beam cache's decode step: attention over the request's prompt part and over its
+    generated slots masked to each beam's path, merged exactly. Returns (rows, 1, heads, d)."""
+    (pk, pv), beams, history = key._cpuboost_prefix
     key._cpuboost_used = True
-    n, heads, _, d = query.shape  # n = batch * beams, one query position
-    batch, kv_heads, prompt, _ = pk.shape
+    n, heads, _, d = query.shape  # n = requests * beams, one query position
+    requests, kv_heads, prompt, _ = pk.shape
     groups = heads // kv_heads
     dtype = query.dtype
     m_prompt, m_gen = _split_mask(attention_mask, prompt, beams, beams * groups)
-    # prompt part: the beams (and grouped heads) of a request are its query rows
-    qp = _grouped(query, kv_heads).reshape(batch, beams, kv_heads, groups, d)
-    qp = qp.transpose(1, 2).reshape(batch, kv_heads, beams * groups, d)
-    o1, l1 = _part(qp, pk, pv, None if m_prompt is None else m_prompt.to(dtype), scaling)
-    o1 = o1.reshape(batch, kv_heads, beams, groups, d).transpose(1, 2).reshape(
-        n, kv_heads, groups, d)
-    l1 = l1.reshape(batch, kv_heads, beams, groups, 1).transpose(1, 2).reshape(
-        n, kv_heads, groups, 1)
-    # generated part: per beam
-    o2, l2 = _part(_grouped(query, kv_heads), key, value,
-                   None if m_gen is None else m_gen.to(dtype), scaling)
+    # a request's beams (and grouped heads) are its query rows, for both parts
+    q = _grouped(query, kv_heads).reshape(requests, beams, kv_heads, groups, d)
+    q = q.transpose(1, 2).reshape(requests, kv_heads, beams * groups, d)
+    o1, l1 = _part(q, pk, pv, None if m_prompt is None else m_prompt.to(dtype), scaling)
+    o2, l2 = _part(q, key, value, _path_mask(history, m_gen, beams, groups).to(dtype), scaling)
     top = torch.maximum(l1, l2)
     w1, w2 = torch.exp(l1 - top), torch.exp(l2 - top)
-    out = (o1 * w1 + o2 * w2) / (w1 + w2)  # (n, kv_heads, groups, d)
+    out = _rows((o1 * w1 + o2 * w2) / (w1 + w2), requests, beams)  # (n, kv_heads, groups, d)
     return out.reshape(n, heads, 1, d).transpose(1, 2).to(dtype).contiguous()
 
 

@@ -129,8 +129,8 @@ def _beam_cache(model: nn.Module, cfg: LlmConfig, rec) -> bool:
     if why_not:
         rec.skip("beam search", f"{why_not}: beams keep a full cache each")
         return False
-    rec.apply("beam search: the prompt's keys/values are held once per request, beam "
-              "reordering moves only generated positions")
+    rec.apply("beam search: the prompt's keys/values are held once per request; reordering "
+              "beams permutes a path table, keys and values never move")
     return True
 
 

@@ -48,7 +48,7 @@ def test_beam_layer_holds_the_prompt_once_and_refuses_unconsumed_prefix():
     layer.update(k.repeat_interleave(3, 0), v.repeat_interleave(3, 0))  # prompt, 3 beams
     assert layer.prefix[0].shape == (1, 2, 5, 4)
     keys, _ = layer.update(*kv(3, 1, 1))
-    assert keys.shape == (3, 2, 1, 4) and layer.get_seq_length() == 6
+    assert keys.shape == (1, 2, 3, 4) and layer.get_seq_length() == 6  # 1 step x 3 beam slots
     with pytest.raises(PrefixNotConsumed, match="beam_cache=False"):
         layer.update(*kv(3, 1, 2))  # nothing attended over the prompt part
 
@@ -110,3 +110,38 @@ def test_generate_writes_into_the_preallocated_cache(monkeypatch):
                       do_sample=False, pad_token_id=0)
     layers = fast.config.num_hidden_layers
     assert updates == [12] * layers + [1] * (4 * layers)  # the prompt, then 4 decode steps
+
+
+def test_beam_reorder_moves_no_keys_and_attention_follows_each_path():
+    """The same prompt, steps and reorders through a BeamLayer and a plain per-beam layer: the
+    beam layer's slots never move, and its attention equals attention over the plain paths."""
+    import torch.nn.functional as F
+    from cpuboost.llm.beam import beam_step
+    beams, requests, heads = 3, 2, 4
+    beam_layer, plain = BeamLayer(capacity=4, beams=beams), PreallocatedLayer(capacity=4)
+    pk, pv = kv(requests, 5, 0)
+    prompt = (pk.repeat_interleave(beams, 0), pv.repeat_interleave(beams, 0))
+    beam_layer.update(*prompt)
+    plain.update(*prompt)
+    g = torch.Generator().manual_seed(3)
+    for step in range(6):  # past the capacity of 4: the slots grow once
+        k, v = kv(requests * beams, 1, 10 + step)
+        keys, values = beam_layer.update(k, v)
+        ref_k, ref_v = plain.update(k, v)
+        q = torch.randn(requests * beams, heads, 1, 4, generator=g)
+        out = beam_step(q, keys, values, None, 0.5)
+        want = F.scaled_dot_product_attention(q, ref_k.repeat_interleave(2, 1),
+                                              ref_v.repeat_interleave(2, 1), scale=0.5)
+        torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
+        # generate() picks beams: within each request, any beam may continue any other
+        idx = torch.randint(0, beams, (requests * beams,), generator=g)
+        idx += torch.arange(requests).repeat_interleave(beams) * beams
+        filled = (step + 1) * beams
+        before = beam_layer._slots[0][:, :, :filled].clone()
+        beam_layer.reorder_cache(idx)
+        plain.reorder_cache(idx)
+        assert torch.equal(beam_layer._slots[0][:, :, :filled], before)  # only the paths moved
+    assert beam_layer.get_seq_length() == plain.get_seq_length() == 11
+    beam_layer.batch_select_indices(torch.arange(requests * beams))  # back to plain caches
+    assert torch.equal(beam_layer.keys, plain.keys) and torch.equal(beam_layer.values,
+                                                                    plain.values)
