@@ -40,6 +40,7 @@ class BeamLayer(PreallocatedLayer):
         self.history = None  # (requests * beams, steps): the beam whose slot is on each path
         self._steps = 0
         self._pending = None  # the key tensor handed out with the parts, until attention uses it
+        self.deduplicated = False  # the next (prompt) update holds one row per request
 
     def get_seq_length(self) -> int:
         if self.prefix is not None:
@@ -54,6 +55,11 @@ class BeamLayer(PreallocatedLayer):
                 "with cpuboost.llm.optimize(..., beam_cache=False).")
         self._pending = None
         first = not self.is_initialized and self.prefix is None
+        if first and self.deduplicated:  # BeamPrefill ran the prompt once per request
+            self.deduplicated = False
+            self.prefix = (key_states.contiguous(), value_states.contiguous())
+            self.lazy_initialization(key_states, value_states)
+            return key_states, value_states
         if first and self.beams > 1 and key_states.shape[0] % self.beams == 0:
             # prompt: every beam of a request holds the same rows; keep one of each
             self.prefix = (key_states[::self.beams].contiguous(),
@@ -135,6 +141,54 @@ class BeamLayer(PreallocatedLayer):
         super().reset()
         self.prefix = self._slots = self.history = self._pending = None
         self._steps = 0
+
+
+_PER_ROW = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
+
+
+class BeamPrefill:
+    """Stands for the model's ``forward`` when beam search uses ``BeamLayer`` caches:
+    ``generate()`` repeats every prompt once per beam before the first forward, so the prompt
+    would be computed ``beams`` times. If all rows of each request are identical, the prompt
+    runs once per request and the logits are repeated per beam. Any other call goes to the
+    model's own forward unchanged. An object, so the model still pickles and deep-copies."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        forward = type(model).forward
+        layers = getattr(kwargs.get("cache", kwargs.get("past_key_values")), "layers", None)
+        if args or not layers or kwargs.get("output_hidden_states") or \
+                kwargs.get("output_attentions") or not all(
+                    isinstance(layer, BeamLayer) and not layer.is_initialized and
+                    layer.prefix is None for layer in layers):
+            return forward(model, *args, **kwargs)
+        beams = layers[0].beams
+        rows = [kwargs[k] for k in _PER_ROW if isinstance(kwargs.get(k), torch.Tensor)]
+        if beams < 2 or not rows or any(not _repeated(t, beams) for t in rows):
+            return forward(model, *args, **kwargs)
+        once = {k: (v[::beams] if k in _PER_ROW and isinstance(v, torch.Tensor) else v)
+                for k, v in kwargs.items()}
+        for layer in layers:
+            layer.deduplicated = True
+        try:
+            out = forward(model, **once)
+        finally:
+            for layer in layers:
+                layer.deduplicated = False
+        out.logits = out.logits.repeat_interleave(beams, dim=0)
+        return out
+
+
+def _repeated(t: torch.Tensor, beams: int) -> bool:
+    """True if rows come in groups of ``beams`` identical rows."""
+    n = t.shape[0]
+    if n % beams:
+        return False
+    grouped = t.reshape(n // beams, beams, *t.shape[1:])
+    return bool((grouped == grouped[:, :1]).all())
 
 
 def _grouped(q: torch.Tensor, kv_heads: int) -> torch.Tensor:

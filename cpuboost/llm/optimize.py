@@ -129,8 +129,9 @@ def _beam_cache(model: nn.Module, cfg: LlmConfig, rec) -> bool:
     if why_not:
         rec.skip("beam search", f"{why_not}: beams keep a full cache each")
         return False
-    rec.apply("beam search: the prompt's keys/values are held once per request; reordering "
-              "beams permutes a path table, keys and values never move")
+    model.__dict__["forward"] = beam.BeamPrefill(model)
+    rec.apply("beam search: the prompt is computed and its keys/values held once per request; "
+              "reordering beams permutes a path table, keys and values never move")
     return True
 
 

@@ -69,16 +69,25 @@ def test_beam_search_uses_the_prompt_once_cache(arch):
     ids, mask = prompts()
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
               num_beams=4, do_sample=False, pad_token_id=0)
+    rows = []
+    own_forward = type(fast).forward
+
+    def count_rows(self, *a, **k):
+        rows.append(k["input_ids"].shape[0])
+        return own_forward(self, *a, **k)
     with torch.no_grad():
         PreallocatedCache.__init__ = spy
+        type(fast).forward = count_rows
         try:
             got = fast.generate(**kw)
         finally:
             PreallocatedCache.__init__ = original
+            type(fast).forward = own_forward
         want = model.generate(**kw)
     assert torch.equal(got, want)
     layers = [layer for layer in seen[0].layers if isinstance(layer, BeamLayer)]
     assert layers and all(layer.prefix[0].shape[0] == 2 for layer in layers)  # 2 requests
+    assert rows[0] == 2 and set(rows[1:]) == {8}  # the prompt once per request, steps per beam
 
 
 def test_beam_cache_not_applied_where_attention_is_the_models_own():
