@@ -66,7 +66,8 @@ class BeamLayer(PreallocatedLayer):
                            value_states[::self.beams].contiguous())
             self.lazy_initialization(key_states, value_states)
             return key_states, value_states
-        if self.prefix is None or key_states.shape[-2] != 1:
+        if self.prefix is None or key_states.shape[-2] != 1 or \
+                key_states.shape[0] != self.prefix[0].shape[0] * self.beams:
             self._merge_prefix()
             return super().update(key_states, value_states, *args, **kwargs)
         self._write_slots(key_states, value_states)
@@ -167,8 +168,11 @@ class BeamPrefill:
             return forward(model, *args, **kwargs)
         beams = layers[0].beams
         rows = [kwargs[k] for k in _PER_ROW if isinstance(kwargs.get(k), torch.Tensor)]
-        if beams < 2 or not rows or any(not _repeated(t, beams) for t in rows):
-            return forward(model, *args, **kwargs)
+        n = rows[0].shape[0] if rows else 0
+        unknown = [k for k, v in kwargs.items() if k not in _PER_ROW and
+                   isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n]
+        if beams < 2 or not rows or unknown or any(not _repeated(t, beams) for t in rows):
+            return forward(model, *args, **kwargs)  # e.g. per-row inputs it does not know
         once = {k: (v[::beams] if k in _PER_ROW and isinstance(v, torch.Tensor) else v)
                 for k, v in kwargs.items()}
         for layer in layers:
