@@ -149,6 +149,10 @@ def concat_outputs(outputs: list, hint, path: str = "output"):
         return torch.cat(outputs, dim=hint)
     if isinstance(first, Mapping):
         keys = list(first.keys())
+        if isinstance(hint, Mapping) and any(k not in hint for k in keys):
+            missing = [k for k in keys if k not in hint]
+            raise ConfigError(f"output_concat_hint has no entry for {path} keys {missing}; add "
+                              "them (a dimension, or None for a list per stream)")
         joined = {k: concat_outputs([o[k] for o in outputs],
                                     hint[k] if isinstance(hint, Mapping) else hint,
                                     f"{path}[{k!r}]") for k in keys}
@@ -160,8 +164,11 @@ def concat_outputs(outputs: list, hint, path: str = "output"):
         hints = hint if isinstance(hint, (list, tuple)) else [hint] * len(first)
         return _rebuild(first, [concat_outputs([o[i] for o in outputs], hints[i],
                                                f"{path}[{i}]") for i in range(len(first))])
-    if all(o == first for o in outputs[1:]):
-        return first
+    try:  # the same plain value from every stream (None, a flag): keep one
+        if all(bool(o == first) for o in outputs[1:]):
+            return first
+    except (TypeError, ValueError, RuntimeError):  # == gave something without one truth value
+        pass
     return list(outputs)
 
 

@@ -325,3 +325,15 @@ def test_process_exits_cleanly_with_streams_alive_or_collected(tmp_path, how):
         r = subprocess.run([sys.executable, str(script), how], capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 0, r.stderr
+
+
+def test_output_hints_name_what_is_missing():
+    from cpuboost.runtime.split import concat_outputs
+    outs = [{"a": torch.ones(2, 1), "b": torch.zeros(2, 1)}] * 2
+    with pytest.raises(ConfigError, match=r"no entry for output keys \['b'\]"):
+        concat_outputs(outs, MultiStreamModuleHint(a=0))
+    joined = concat_outputs(outs, MultiStreamModuleHint(a=0, b=None))
+    assert joined["a"].shape == (4, 1) and isinstance(joined["b"], list)
+    # plain values: kept once when equal, a list when they differ or cannot be compared
+    assert concat_outputs([None, None], 0) is None
+    assert concat_outputs([3, 4], 0) == [3, 4]
