@@ -13,13 +13,12 @@ from typing import Mapping
 
 from cpuboost.hw.features import CpuFeatures, detect
 from cpuboost.hw.topology import Topology, format_cpulist, read_topology
-from cpuboost.launch.plan import Machine
+from cpuboost.launch.plan import THREAD_VARS, Machine
 
 FAST, SLOW, UNAVAILABLE = "fast", "slow but correct", "unavailable"
 ISA_ORDER = ("avx2", "avx512", "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx_vnni",
              "amx_bf16", "amx_int8", "amx_fp16", "neon", "sve", "sve2", "arm_bf16", "i8mm",
              "arm_fp16")
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -127,7 +126,7 @@ def _problems(f: CpuFeatures, topo: Topology, t: TorchInfo, env: Mapping[str, st
             "over the CPU build",
             f"pip install --force-reinstall 'torch=={base}' --index-url "
             "https://download.pytorch.org/whl/cpu")
-    for var in _THREAD_VARS:
+    for var in THREAD_VARS:
         value = env.get(var)
         if value is None:
             continue
@@ -190,7 +189,7 @@ def collect(features: CpuFeatures | None = None, topology: Topology | None = Non
                "cxx_compiler": t.compiler}
     tools = {"jemalloc": m.allocators.get("jemalloc"), "tcmalloc": m.allocators.get("tcmalloc"),
              "intel_openmp": m.iomp, "numactl": m.numactl, "taskset": m.taskset}
-    watched = _THREAD_VARS + ("KMP_AFFINITY", "KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_PLACES",
+    watched = THREAD_VARS + ("KMP_AFFINITY", "KMP_BLOCKTIME", "OMP_PROC_BIND", "OMP_PLACES",
                               "LD_PRELOAD", "MALLOC_CONF")
     environment = {k: env[k] for k in watched if k in env}
     return Report(cpu, topology_d, torch_d, tools, environment,

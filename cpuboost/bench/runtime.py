@@ -107,8 +107,9 @@ def run_instances(case: str, setup_s: float = 30.0, duration: float = 15.0) -> d
     """`cpuboost run` with one instance on every core vs one instance per core, each with the
     default allocator and with what `--memory-allocator auto` picks (if that is another one).
     Ratios are against one instance with the default allocator."""
+    from cpuboost.hw.topology import read_topology
     from cpuboost.launch.execute import find_machine
-    cores = len(os.sched_getaffinity(0))
+    cores = len(read_topology().cores())  # what `cpuboost run` plans on: physical cores
     allocators = ["default"] + (["auto"] if find_machine().allocators else [])
     rows = []
     for n in (1, cores):

@@ -55,12 +55,6 @@ class Topology:
             counts[c.core] = counts.get(c.core, 0) + 1
         return max(counts.values(), default=1)
 
-    def node_of(self, cpu_id: int) -> int:
-        for c in self.cpus:
-            if c.id == cpu_id:
-                return c.node
-        raise KeyError(cpu_id)
-
     # -- construction -----------------------------------------------------------------------------
     @staticmethod
     def synthetic(sockets: int = 1, cores_per_socket: int = 2, threads_per_core: int = 1,

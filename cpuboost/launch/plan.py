@@ -26,7 +26,7 @@ INSTALL_HINT = {
                 "`dnf install gperftools-libs` (Fedora/RHEL) or `conda install gperftools`",
     "intel": "install it with `pip install intel-openmp` or `conda install intel-openmp`",
 }
-_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 
 @dataclass(frozen=True)
@@ -285,7 +285,7 @@ def plan(topology: Topology, options: LaunchOptions = LaunchOptions(),
         env["LD_PRELOAD"] = ":".join(preload + [p for p in environ.get("LD_PRELOAD", "").split(":")
                                                 if p and p not in preload])
     unset = []
-    for var in _THREAD_VARS[1:]:
+    for var in THREAD_VARS[1:]:
         if var in environ:
             unset.append(var)
             notes.append(f"{var}={environ[var]} was set; removed so OMP_NUM_THREADS decides")

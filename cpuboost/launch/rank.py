@@ -12,6 +12,8 @@ import sys
 
 
 def _cpus(text: str) -> list[int]:
+    # the kernel list format, as cpuboost.hw.topology reads it; this file imports nothing of
+    # cpuboost (which would import torch before the environment is set)
     out = []
     for part in text.split(","):
         lo, _, hi = part.partition("-")

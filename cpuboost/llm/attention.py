@@ -20,7 +20,8 @@ MATH_FROM = 64  # cached positions from which the fp32 math path beats flash (no
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
-def _float_mask(mask: torch.Tensor) -> torch.Tensor:
+def additive_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool (True = attend) or float mask as an additive fp32 mask."""
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
     return mask.float()
@@ -38,12 +39,12 @@ def decode_attention(query, key, value, mask, scaling):
         mask = None if mask is None else mask.reshape(mask.shape[0], 1, 1, length)
     if groups > 1 or length < MATH_FROM:
         q = query.reshape(n, kv_heads, groups, d)
-        m = None if mask is None else _float_mask(mask).to(q.dtype)
+        m = None if mask is None else additive_mask(mask).to(q.dtype)
         out = _flash(q, key, value, 0.0, False, attn_mask=m, scale=scale)[0]
     else:
         scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale
         if mask is not None:
-            scores = scores + _float_mask(mask)
+            scores = scores + additive_mask(mask)
         out = torch.matmul(torch.softmax(scores, -1), value.float()).to(query.dtype)
     return out.reshape(n, heads, 1, d).transpose(1, 2).contiguous()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from cpuboost.llm.attention import additive_mask
 from cpuboost.llm.cache import PreallocatedLayer
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -214,16 +215,10 @@ def _split_mask(mask, prompt: int, beams: int, rows: int):
     visible."""
     if mask is None:
         return None, None
-    mask = _additive(mask)
+    mask = additive_mask(mask)
     m_prompt = mask[::beams, :, :, :prompt]  # (requests, 1, 1, prompt)
     m_gen = mask[:, 0, 0, prompt:]  # (rows, steps)
     return m_prompt.expand(-1, -1, rows, -1), m_gen
-
-
-def _additive(mask: torch.Tensor) -> torch.Tensor:
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=torch.float32).masked_fill(~mask, float("-inf"))
-    return mask.float()
 
 
 def _path_mask(history: torch.Tensor, m_gen, beams: int, groups: int) -> torch.Tensor:

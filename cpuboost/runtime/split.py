@@ -201,6 +201,9 @@ def embedding_bag_split(indices: int | str = 1, offsets: int | str = 2,
         except (IndexError, KeyError) as e:
             raise ConfigError(f"embedding_bag_split: the call has no argument {e}; name the "
                               "indices/offsets arguments by position or keyword") from None
+        if not all(isinstance(t, torch.Tensor) for t in (idx, off)):
+            raise ConfigError(f"embedding_bag_split: indices and offsets must be tensors, got "
+                              f"{type(idx).__name__} and {type(off).__name__}")
         if off.dim() not in (1, 2) or idx.dim() != off.dim():
             raise ConfigError(f"embedding_bag_split: offsets {tuple(off.shape)} and indices "
                               f"{tuple(idx.shape)} must both be 1-D, or both 2-D (tables x ...)")

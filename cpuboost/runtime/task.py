@@ -52,7 +52,7 @@ def _serve(jobs: queue.SimpleQueue, pool: CPUPool, started: Future) -> None:
     except BaseException as e:  # noqa: BLE001 - reported to the creator
         started.set_exception(e)
         return
-    started.set_result(threading.get_native_id())
+    started.set_result(None)
     while True:
         job = jobs.get()
         if job is _STOP:
@@ -84,7 +84,7 @@ class Task:
         self._thread = threading.Thread(target=_serve, args=(self._jobs, cpu_pool, started),
                                         name=f"cpuboost-task-{cpu_pool.core_ids}", daemon=True)
         self._thread.start()
-        self.native_id = started.get()  # raises if binding failed
+        started.get()  # raises if binding failed
         # runs on close(), when the Task is garbage collected, or at interpreter exit
         self._finalizer = weakref.finalize(self, _stop, self._jobs, self._thread)
 

@@ -291,6 +291,8 @@ def test_embedding_bag_split_2d_with_unequal_tables_is_refused():
         split((idx, off), {}, 2)
     with pytest.raises(ConfigError, match="no argument"):
         split((idx,), {}, 2)
+    with pytest.raises(ConfigError, match="must be tensors, got Tensor and list"):
+        split((idx, [[0, 1], [0, 2]]), {}, 2)
 
 
 EXIT_SCRIPT = """
