@@ -112,6 +112,9 @@ class _Int8(PostOpHolder, nn.Module):
         # graph mode: (scale, zero point) to put the float output on, for a consumer pair
         # (an int8 layer and a residual add) that reads it as a dequantized tensor
         self.output_grid: Optional[tuple[float, int]] = None
+        # (scale, zero point) of this layer's own calibrated output range, when only residual
+        # adds read the output (quant.shared_qdq): graph mode makes it the output_grid
+        self.residual_grid: Optional[tuple[float, int]] = None
         self.post_op = post_op
         self.training = False
         return qw

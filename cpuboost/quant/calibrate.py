@@ -100,3 +100,16 @@ def observe_inputs(targets: dict[str, nn.Module], make: Callable[[str], Observer
                 obs.observe(x)
         handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
     return observers, handles
+
+
+def observe_outputs(targets: dict[str, nn.Module], make: Callable[[str], Observer]):
+    """Forward hooks feeding each target's (float tensor) output to its observer."""
+    observers, handles = {}, []
+    for name, module in targets.items():
+        obs = observers[name] = make(name)
+
+        def hook(mod, args, output, obs=obs):
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                obs.observe(output)
+        handles.append(module.register_forward_hook(hook))
+    return observers, handles

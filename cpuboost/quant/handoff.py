@@ -22,8 +22,9 @@ from cpuboost.report import PassRecord
 _IDENTITIES = (FusedAway, FoldedBatchNorm, DropoutIdentity, nn.Identity, nn.Dropout)
 
 
-def _consumer(flow: Dataflow, key):
-    """The module call that finally uses ``key``, hopping over identity modules."""
+def consumer(flow: Dataflow, key):
+    """(the module call or op that finally uses ``key``, the key it reads), hopping over
+    identity modules (a fused activation, a folded BatchNorm, an eval Dropout)."""
     nxt = flow.sole_consumer(key)
     while isinstance(nxt, ModuleCall) and isinstance(nxt.module, _IDENTITIES):
         key = nxt.out_key
@@ -41,7 +42,7 @@ def hand_off(model: nn.Module, flow: Dataflow, rec: PassRecord) -> None:
         a = call.module
         if not isinstance(a, _Int8) or call.index in flow.absorbed or has_user_hooks(a):
             continue
-        nxt, key = _consumer(flow, call.out_key)
+        nxt, key = consumer(flow, call.out_key)
         if not isinstance(nxt, ModuleCall) or not isinstance(nxt.module, _Int8):
             continue
         b = nxt.module
@@ -52,4 +53,4 @@ def hand_off(model: nn.Module, flow: Dataflow, rec: PassRecord) -> None:
         rec.apply(f"{names.get(id(a), call.name)} -> {names.get(id(b), nxt.name)}")
 
 
-__all__ = ["hand_off"]
+__all__ = ["consumer", "hand_off"]

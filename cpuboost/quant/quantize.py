@@ -20,14 +20,14 @@ from cpuboost.nn.int8 import _Int8, affine_qparams
 from cpuboost.passes import (PassContext, fold_bn, fuse_pointwise, replace_module,
                              transformer_layers, weight_bytes)
 from cpuboost.passes._dataflow import Dataflow, record
-from cpuboost.quant.calibrate import CalibrationData, observe_inputs
+from cpuboost.quant.calibrate import CalibrationData, observe_inputs, observe_outputs
 from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Config
 from cpuboost.quant.handoff import hand_off
 from cpuboost.quant.layers import (WEIGHT_ONLY, bf16_module, float_parts, int8_module,
                                    kind_of, targets)
 from cpuboost.quant.observers import Observer, make_observer
 from cpuboost.quant.recipe import LayerRecipe, Recipe
-from cpuboost.quant.shared_qdq import quantize_shared_outputs
+from cpuboost.quant.shared_qdq import quantize_shared_outputs, residual_only_convs
 from cpuboost.quant.smooth import ChannelStats, choose
 from cpuboost.report import OptimizationReport, PassRecord, attach
 from cpuboost.verify import cosine, sqnr_db
@@ -76,6 +76,8 @@ class Prepared:
     rec: PassRecord
     given: Optional[Recipe] = None  # a recipe to apply instead of calibrating
     observers: Optional[dict[str, Observer]] = None
+    # convs whose output only residual adds read: their output range (see quant.shared_qdq)
+    residual: dict[str, Observer] = field(default_factory=dict)
     channels: dict[str, ChannelStats] = field(default_factory=dict)  # SmoothQuant statistics
     handles: list = field(default_factory=list)
     calib_seconds: float = 0.0
@@ -106,8 +108,12 @@ def prepare_model(model: nn.Module, cfg: QuantConfig, first, inplace: bool,
     if not cfg.dynamic and recipe is None:
         observed = {n: m for n, m in prepared.targets.items()
                     if kind_of(m) not in WEIGHT_ONLY}
-        prepared.observers, prepared.handles = observe_inputs(
-            observed, lambda name: make_observer(cfg.observer, name, cfg.percentile))
+        make = lambda name: make_observer(cfg.observer, name, cfg.percentile)  # noqa: E731
+        residual = {} if flow is None else residual_only_convs(
+            flow, {n: m for n, m in observed.items() if kind_of(m) == "conv"})
+        prepared.observers, prepared.handles = observe_inputs(observed, make)
+        prepared.residual, handles = observe_outputs(residual, make)
+        prepared.handles += handles
     if cfg.smooth_quant and recipe is None:
         linears = {n: m for n, m in prepared.targets.items() if kind_of(m) == "linear"}
         prepared.channels, handles = observe_inputs(linears, lambda name: ChannelStats())
@@ -147,7 +153,7 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
     if p.flow is not None and not p.cfg.dynamic:
         _timed(p.report, "int8_hand_off", lambda r: hand_off(work, p.flow, r))
     if graph_mode:
-        _compile(work, p.hw, p.report, None if p.cfg.dynamic else p.flow)
+        _compile(work, p.hw, p.report, p.flow, p.cfg.dynamic)
     if p.first is not None:
         p.report.accuracy = _output_check(p.reference, run_sample(work, p.first, _FIRST))
     p.report.weight_bytes_after = weight_bytes(work)
@@ -238,6 +244,18 @@ def _act_qparams(p: Prepared, name: str, qmax: int):
     return affine_qparams(*obs.clip_range(), qmax, p.cfg.activation_symmetric)
 
 
+def _residual_grid(p: Prepared, name: str) -> Optional[tuple[float, int]]:
+    """uint8 (scale, zero point) for the output of a conv only residual adds read: from its
+    calibrated output range, or from the recipe."""
+    if p.given is not None:
+        r = p.given.layers[name]
+        return None if r.output_scale is None else (r.output_scale, r.output_zero_point)
+    obs = p.residual.get(name)
+    if obs is None or not obs.seen:
+        return None
+    return affine_qparams(*obs.clip_range(), 255, False)
+
+
 def _smoothing(p: Prepared, name: str, m: nn.Module, act, qmax: int):
     """(act qparams, (smoothing vector or None, alpha or None)) for a layer: SmoothQuant's
     choice when it was asked for and beats no smoothing, or what the recipe says."""
@@ -278,13 +296,18 @@ def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
         shape = p.flow.first_shape(m) if p.flow is not None else None
         q = int8_module(m, act, p.cfg, qmax, shape, smooth=smoothing[0])
         _swap(p, m, q)
+        grid = _residual_grid(p, name)
+        if grid is not None:
+            q.residual_grid = grid
         seen = p.observers.get(name) if p.observers is not None else None
         p.layers[name] = LayerRecipe(
             kind_of(m), "int8", getattr(q, "x_scale", None), getattr(q, "x_zp", None),
             (seen.lo, seen.hi) if seen is not None else (
                 p.given.layers[name].observed_range if p.given is not None else None),
             smooth_alpha=smoothing[1],
-            smoothing=None if smoothing[0] is None else tuple(smoothing[0].tolist()))
+            smoothing=None if smoothing[0] is None else tuple(smoothing[0].tolist()),
+            output_scale=None if grid is None else grid[0],
+            output_zero_point=None if grid is None else grid[1])
         done[name] = (q, m)
     if not done:
         _nothing_quantized(p.rec)
@@ -325,9 +348,9 @@ def _layer_sqnr(model, converted, first) -> dict[str, float]:
 
 
 def _compile(model: nn.Module, hw: CpuFeatures, report: OptimizationReport,
-             flow: Optional[Dataflow]) -> None:
+             flow: Optional[Dataflow], dynamic: bool) -> None:
     from cpuboost.compile.graph_mode import graph_mode
-    if flow is not None:
+    if not dynamic:
         _timed(report, "quantize_shared_outputs",
                lambda r: quantize_shared_outputs(model, flow, r))
     for m in model.modules():

@@ -32,6 +32,9 @@ class LayerRecipe:
     reason: str = ""  # why it is float, or how it was decided
     smooth_alpha: Optional[float] = None  # SmoothQuant strength chosen for this layer
     smoothing: Optional[tuple] = None  # its per-input-channel divisor s (see quant.smooth)
+    # a conv whose output only residual adds read: the uint8 grid graph mode puts it on
+    output_scale: Optional[float] = None
+    output_zero_point: Optional[int] = None
 
     def check(self, name: str, dynamic: bool) -> None:
         if self.dtype not in DTYPES:
@@ -41,13 +44,18 @@ class LayerRecipe:
                               f"{self.kind} layer can be int8 or fp32.")
         if self.dtype == "int8" and not dynamic and self.kind not in ("embedding",
                                                                       "embedding_bag", "rnn"):
-            scale, zp = self.input_scale, self.input_zero_point
-            if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-                raise ConfigError(f"recipe layer {name!r}: input_scale {scale!r} must be a "
-                                  "positive finite number.")
-            if not (isinstance(zp, int) and 0 <= zp <= 255):
-                raise ConfigError(f"recipe layer {name!r}: input_zero_point {zp!r} must be an "
-                                  "integer in 0..255.")
+            _check_qparams(name, "input", self.input_scale, self.input_zero_point)
+        if self.output_scale is not None or self.output_zero_point is not None:
+            _check_qparams(name, "output", self.output_scale, self.output_zero_point)
+
+
+def _check_qparams(name: str, which: str, scale, zp) -> None:
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"recipe layer {name!r}: {which}_scale {scale!r} must be a positive "
+                          "finite number.")
+    if not (isinstance(zp, int) and 0 <= zp <= 255):
+        raise ConfigError(f"recipe layer {name!r}: {which}_zero_point {zp!r} must be an "
+                          "integer in 0..255.")
 
 
 @dataclass(frozen=True)

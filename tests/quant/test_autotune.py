@@ -56,6 +56,8 @@ def test_edited_recipe_is_applied(outlier_case, tmp_path):
     (lambda d: d.update(format="other"), "not a cpuboost quantization recipe"),
     (lambda d: d.update(version=99), "version"),
     (lambda d: d["layers"]["fc1"].update(input_scale=-1.0), "positive finite"),
+    (lambda d: d["layers"]["fc1"].update(output_scale=0.1, output_zero_point=300),
+     "output_zero_point 300"),
     (lambda d: d["layers"]["fc1"].update(dtype="int4"), "dtype"),
     (lambda d: d["layers"]["fc1"].update(scale=1.0), "unexpected field"),
 ])

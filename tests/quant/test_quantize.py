@@ -191,9 +191,60 @@ def test_graph_mode_compiles_the_int8_model():
     assert report.applied("graph_mode")
     # the stem's output feeds block 0's conv1 and its residual add: quantized once
     assert report.applied("quantize_shared_outputs") == [
+        "blocks.1.downsample.0: output (read only by residual adds) quantized to its "
+        "calibrated range",
         "stem: output quantized once for blocks.0.conv1 and the residual add"]
     assert compiled.stem.output_grid == (compiled.blocks[0].conv1.x_scale,
                                          compiled.blocks[0].conv1.x_zp)
+    # the downsample's grid covers what calibration saw at its output (BatchNorm folded in)
+    ds = compiled.blocks[1].downsample[0]
+    float_ds = model.blocks[1].downsample
+    with torch.no_grad():
+        seen = torch.cat([float_ds(model.blocks[0](model.stem(*c))).flatten() for c in calib])
+    scale, zp = ds.output_grid
+    assert ds.output_grid == ds.residual_grid
+    assert abs((0 - zp) * scale - seen.min().item()) <= scale
+    assert abs((255 - zp) * scale - seen.max().item()) <= scale
+    # eager int8 keeps the residual float; the recipe carries the grid to a re-quantization
+    assert eager.blocks[1].downsample[0].output_grid is None
+    recipe = cpuboost.quantization.recipe_of(compiled)
+    assert (recipe.layers["blocks.1.downsample.0"].output_scale,
+            recipe.layers["blocks.1.downsample.0"].output_zero_point) == (scale, zp)
+    again = cpuboost.quantize(model, recipe=recipe, example_inputs=calib[0], graph_mode=True)
+    assert again.blocks[1].downsample[0].output_grid == (scale, zp)
+    assert torch.equal(run(again, case, x), run(compiled, case, x))
+
+
+class _PooledStem(nn.Module):
+    """conv -> BatchNorm -> ReLU -> max pool, read by two convs (ResNet's stem)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.relu, self.pool = nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = self.pool(self.relu(self.bn(self.stem(x))))
+        return self.fc((self.a(y) * self.b(y)).mean((2, 3)))
+
+
+def test_graph_mode_quantizes_before_max_pooling():
+    torch.manual_seed(0)
+    model = _PooledStem().eval()
+    model.bn.running_mean.uniform_(-1, 1)
+    calib = [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    eager = cpuboost.quantize(model, calib)
+    compiled = cpuboost.quantize(model, calib, graph_mode=True)
+    assert compiled.a.x_scale == compiled.b.x_scale and compiled.a.x_zp == compiled.b.x_zp
+    assert compiled.stem.output_grid == (compiled.a.x_scale, compiled.a.x_zp)
+    assert cpuboost.report_of(compiled).applied("quantize_shared_outputs") == [
+        "stem: output quantized for a, b (max pooling runs on uint8)"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        # max commutes with rounding to the grid: the same uint8 values reach a and b
+        assert sqnr_db(eager(x), compiled(x)) > 35
 
 
 class _Recurrent(nn.Module):
