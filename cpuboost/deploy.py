@@ -34,6 +34,7 @@ from torch import nn
 from cpuboost.checks import as_call, check_model, run_sample
 from cpuboost.errors import ExportError, PackageError, UnsupportedDtypeError
 from cpuboost.hw import detect
+from cpuboost.nn.int8 import plain_int8_weights
 from cpuboost.verify import compare
 
 FORMAT = 1
@@ -145,7 +146,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
     t_args, t_kwargs, specs = _traced_inputs(args, kwargs, carries, max_batch)
     t0 = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), plain_int8_weights(model):
             program = torch.export.export(entry, (t_args, t_kwargs), dynamic_shapes=specs,
                                           strict=False)
     except Exception as e:

@@ -177,3 +177,19 @@ def test_weights_are_frozen_and_packed_for_onednn(tmp_path):
     wrapper = next(n for n in inner.namelist() if n.endswith("wrapper.cpp"))
     code = inner.read(wrapper).decode()
     assert "mkldnn" in code and "aoti_torch_cpu_convolution(" not in code
+
+
+def test_int8_model_exports(tmp_path):
+    """A quantized model is all in eval mode (the modules quantize puts in included) and
+    exports: the package runs the int8 model's numerics."""
+    case = TOY_MODELS["residual"]
+    model = build_eval(case)
+    torch.manual_seed(1)
+    q = cpuboost.quantize(model, [case.inputs(4) for _ in range(3)])
+    assert not any(m.training for m in q.modules())
+    loaded = cpuboost.load(cpuboost.export(q, case.inputs(2), tmp_path / "int8.cbpk"))
+    from cpuboost.nn.int8 import _Int8
+    assert all(m.packed for m in q.modules() if isinstance(m, _Int8))  # eager form kept
+    x = case.inputs(3)
+    with torch.no_grad():
+        assert rel_err(loaded(*x), q(*x)) < 2e-2

@@ -12,6 +12,8 @@ preceding ops. That form is also ``reference_forward``, the plain-PyTorch oracle
 """
 from __future__ import annotations
 
+import contextlib
+
 import importlib
 from typing import NamedTuple, Optional
 
@@ -77,6 +79,20 @@ class QuantizedWeight(NamedTuple):
 
     def dim(self) -> int:
         return self.q.dim()
+
+
+@contextlib.contextmanager
+def plain_int8_weights(model: nn.Module):
+    """The int8 layers of ``model`` hold their weights plain (traceable) inside, packed again
+    on exit: for capturing an eager int8 model with torch.export."""
+    packed = [m for m in model.modules() if isinstance(m, _Int8) and m.packed]
+    for m in packed:
+        m.for_compile()
+    try:
+        yield
+    finally:
+        for m in packed:
+            m.for_eager()
 
 
 class _Int8(PostOpHolder, nn.Module):

@@ -36,7 +36,10 @@ def names_of(root: nn.Module, target: nn.Module) -> list[str]:
 
 
 def replace_module(root: nn.Module, target: nn.Module, new: nn.Module) -> list[str]:
-    """Put ``new`` wherever ``target`` is registered; the user's hooks move with it."""
+    """Put ``new`` wherever ``target`` is registered; the user's hooks and its eval mode move
+    with it (a new module starts in training mode, which export and the checks refuse)."""
+    if not target.training:
+        new.eval()
     for attr in _HOOK_DICTS:
         if hasattr(target, attr) and hasattr(new, attr):
             getattr(new, attr).update(getattr(target, attr))
