@@ -87,6 +87,27 @@ def test_cycling_inputs_one_request_per_call():
     assert rows["eager_fp32"]["graphs_compiled"] == 0
 
 
+def test_graph_mode_rows_count_their_own_graphs(monkeypatch):
+    """Lengths 3/5/7: a static graph, then one with the length dynamic. A graph-mode row takes
+    the count from its compiled forward, not from Dynamo's process-wide counter (which missed
+    recompilations in the full bench: 1 graph reported for the dynamic-length BERT)."""
+    from cpuboost.bench import harness
+    from cpuboost.bench.zoo import BenchCase, Cycle
+    monkeypatch.setattr(harness, "_compiled_graphs", lambda: 0)  # a counter that sees nothing
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.GELU()).eval()
+        return model, Cycle([(torch.randn(1, n, 8),) for n in (3, 5, 7)])
+
+    result = run_case(BenchCase("lengths", build), ("eager_fp32", "cpuboost_compile_fp32"),
+                      rounds=1, round_s=0.01)
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["eager_fp32"]["graphs_compiled"] == 0
+    assert rows["cpuboost_compile_fp32"]["graphs_compiled"] == 2
+    assert rows["cpuboost_compile_fp32"]["max_rel_diff"] <= 1e-4
+
+
 def test_compiled_variants_get_their_own_process(monkeypatch, tmp_path):
     from cpuboost.cli import bench as cli_bench
     from cpuboost.cli.main import main
