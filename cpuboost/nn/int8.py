@@ -13,7 +13,6 @@ preceding ops. That form is also ``reference_forward``, the plain-PyTorch oracle
 from __future__ import annotations
 
 import contextlib
-
 import importlib
 from typing import NamedTuple, Optional
 
