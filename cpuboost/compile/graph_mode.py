@@ -8,6 +8,7 @@ bf16 every call runs under CPU autocast, which freezing turns into bf16 weight c
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -45,6 +46,7 @@ class CompiledForward:
         self.compiled = torch.compile(type(self.model).forward.__get__(self.model),
                                       backend=self._backend)
         self.calls = self.graphs = self.dynamic_graphs = 0
+        self.failed = False  # the compiler raised: forward runs eager (see _fall_back)
 
     def _backend(self, gm, example_inputs):
         """cpuboost_backend, counting the graphs this forward compiled (a graph break or a
@@ -65,17 +67,40 @@ class CompiledForward:
 
     def __call__(self, *args, **kwargs):
         low = self.dtype != torch.float32
+        if self.failed:
+            with torch.autocast("cpu", dtype=self.dtype, enabled=low):
+                return type(self.model).forward(self.model, *args, **kwargs)
         first = self.calls == 0
         counters = torch._dynamo.utils.counters
         breaks_before = dict(counters["graph_break"]) if first else None
         t0 = time.perf_counter()
-        with inductor_scope(self.linear_pass), _own_limit(), torch.autocast(
-                "cpu", dtype=self.dtype, enabled=low):
-            out = self.compiled(*args, **kwargs)
+        try:
+            with inductor_scope(self.linear_pass), _own_limit(), torch.autocast(
+                    "cpu", dtype=self.dtype, enabled=low):
+                out = self.compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            self._fall_back(e)
+            return self(*args, **kwargs)
         self.calls += 1  # counted once it succeeded: a failed first call reports next time
         if first and self.record is not None:
             self._report(time.perf_counter() - t0, breaks_before, counters)
         return out
+
+    def _fall_back(self, error: Exception) -> None:
+        """Inductor failed on this model (a compiler bug: e.g. its int8 add fusion asserts on
+        ``conv(x) + conv(x)``): run the model's own forward from now on, eager form restored
+        (int8 layers packed again), and say so in the report and as a warning."""
+        self.failed = True
+        for m in self.model.modules():
+            if m is not self.model and callable(getattr(m, "for_eager", None)):
+                m.for_eager()
+        inner = getattr(error, "inner_exception", None) or error
+        why = f"{type(inner).__name__}: {str(inner).strip()[:200] or 'no message'}"
+        if self.record is not None:
+            self.record.skip("forward", f"the compiler failed ({why}); forward runs eager")
+        warnings.warn(f"cpuboost graph_mode: the compiler failed on {type(self.model).__name__} "
+                      f"({why}); it runs uncompiled (correct, not faster). See "
+                      "cpuboost.report_of(model).", RuntimeWarning, stacklevel=3)
 
     def _report(self, seconds, breaks_before, counters):
         breaks = {r: n - breaks_before.get(r, 0) for r, n in counters["graph_break"].items()

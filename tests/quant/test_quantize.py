@@ -247,6 +247,39 @@ def test_graph_mode_quantizes_before_max_pooling():
         assert sqnr_db(eager(x), compiled(x)) > 35
 
 
+class _Doubled(nn.Module):
+    """conv -> y + y: both sides of the add are the same conv output, so there is no second
+    conv to fuse the add into and the output keeps no grid of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(y + y)
+
+
+def test_a_conv_added_to_itself_gets_no_residual_grid_and_compiler_failures_fall_back():
+    """``conv(x) + conv(x)`` gets no grid. Inductor's int8 add fusion then asserts on it (a
+    torch bug): graph mode runs the model uncompiled, int8 layers packed again, with a warning
+    and a report entry, instead of failing the user's call."""
+    torch.manual_seed(0)
+    model = _Doubled().eval()
+    calib = [torch.randn(2, 3, 8, 8) for _ in range(2)]
+    eager = cpuboost.quantize(model, calib)
+    with pytest.warns(RuntimeWarning, match="the compiler failed on _Doubled"):
+        q = cpuboost.quantize(model, calib, graph_mode=True)
+    assert q.conv.residual_grid is None and q.conv.output_grid is None
+    report = cpuboost.report_of(q)
+    assert not report.applied("quantize_shared_outputs")
+    assert any("forward runs eager" in why for _, why in report.pass_named("graph_mode").skipped)
+    assert q.conv.packed and q.head.packed
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(q(x), eager(x))
+
+
 class _Recurrent(nn.Module):
     def __init__(self, kind):
         super().__init__()
