@@ -42,7 +42,8 @@ def inductor_scope(linear_pass: OneDnnLinear):
     so oneDNN packs them once) measured on ResNet-50 bs1: 0.94x without, 1.51x with (each vs
     eager in its own process). The C++ wrapper (no Python between kernels) measured per forward,
     one process each: ResNet-50 bs1 fp32 44.0 -> 40.6 ms, bf16 26.8 -> 24.3 ms, BERT-base bs1
-    bf16 81.7 -> 69.0 ms; it adds 3-6 s of compile time. Entering and leaving costs ~26 us."""
+    bf16 81.7 -> 69.0 ms; it adds 3-6 s of compile time. Entering and leaving costs ~110 us
+    (each ``patch`` builds a class), so graph mode enters it only while Dynamo compiles."""
     import torch._inductor.config as cfg
     passes = _chained(cfg.post_grad_custom_pre_pass, linear_pass)
     with cfg.patch(freezing=True, cpp_wrapper=True, post_grad_custom_pre_pass=passes):

@@ -81,3 +81,43 @@ def test_no_copy_of_the_weights_is_kept():
     opt.register_forward_hook(lambda *a: None)  # the root's hooks are its own
     assert not model._forward_hooks
     assert cpuboost.report_of(opt).pass_named("remove_dropout") is None  # a module change
+
+
+def test_backend_scope_is_in_effect_only_while_compiling(monkeypatch):
+    """Graph mode enters the backend's scope from Dynamo's compile-start callback: a
+    recompilation (a new batch size) is made with freezing and our passes, calls that compile
+    nothing patch no config, and a compile of someone else's function never sees our scope."""
+    import torch._inductor.config as cfg
+    from cpuboost.compile import graph_mode
+    compiled_with = []
+
+    def recording_backend(gm, example_inputs):
+        compiled_with.append((cfg.freezing, cfg.cpp_wrapper))
+        return real_backend(gm, example_inputs)
+
+    real_backend = graph_mode.cpuboost_backend
+    monkeypatch.setattr(graph_mode, "cpuboost_backend", recording_backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 4)).eval()
+    opt = cpuboost.optimize(model, graph_mode=True, sample_input=torch.randn(2, 16))
+    forward = opt.__dict__["forward"]
+    assert forward.graphs == 1 and forward.linear_pass.decisions  # compiled under the scope
+    before = (cfg.freezing, cfg.cpp_wrapper, cfg.post_grad_custom_pre_pass)
+    seen = []
+
+    def spy(gm, example_inputs):  # another library's backend, compiling in the same process
+        seen.append((cfg.freezing, cfg.post_grad_custom_pre_pass))
+        return gm.forward
+
+    other = torch.compile(lambda x: x * 2 + 1, backend=spy)
+    with torch.no_grad():
+        for batch in (2, 5, 7, 2):
+            x = torch.randn(batch, 16)
+            assert rel_err(model(x), opt(x)) <= 1e-4
+            assert (cfg.freezing, cfg.cpp_wrapper, cfg.post_grad_custom_pre_pass) == before
+            other(x)
+    assert forward.graphs == 2  # the second batch size compiled one dynamic graph
+    assert compiled_with == [(True, True), (True, True)]
+    assert seen and all(s == (before[0], before[2]) for s in seen)
