@@ -37,22 +37,24 @@ SHAPE_POLICY = ("shape policy: the first input shape compiles a static graph; wh
 # compiled, 2.77x alone. Each instance gets its own cache and limit (isolate_recompiles).
 _LIMIT = 64
 
-_CALLING = threading.local()  # .owner: the CompiledForward whose call runs on this thread
+# Per thread: .owner, the CompiledForward whose call runs on this thread; .scope, the backend's
+# scope while Dynamo compiles on this thread (streams may call one model from several threads).
+_CALLING = threading.local()
 _HOOKED = threading.Lock()
 
 
 def _compile_started(args) -> None:
     owner = getattr(_CALLING, "owner", None)
-    if owner is not None and owner._compiling is None:
+    if owner is not None and getattr(_CALLING, "scope", None) is None:
         stack = contextlib.ExitStack()
         stack.enter_context(inductor_scope(owner.linear_pass))
-        owner._compiling = stack
+        _CALLING.scope = stack
 
 
-def _compile_ended(args) -> None:
-    owner = getattr(_CALLING, "owner", None)
-    if owner is not None and owner._compiling is not None:
-        stack, owner._compiling = owner._compiling, None
+def _compile_ended(args=None) -> None:
+    stack = getattr(_CALLING, "scope", None)
+    if stack is not None:
+        _CALLING.scope = None
         stack.close()
 
 
@@ -73,7 +75,6 @@ class CompiledForward:
 
     def _setup(self):
         self.linear_pass = OneDnnLinear()
-        self._compiling = None  # the backend's scope while Dynamo compiles for this forward
         _hook_compiles()
         self.compiled = torch.compile(type(self.model).forward.__get__(self.model),
                                       backend=self._backend, recompile_limit=_LIMIT,
@@ -116,9 +117,7 @@ class CompiledForward:
             return self(*args, **kwargs)
         finally:
             _CALLING.owner = outer
-            if self._compiling is not None:  # a compile that raised before its end callback
-                stack, self._compiling = self._compiling, None
-                stack.close()
+            _compile_ended()  # (already closed unless a compile raised before its end callback)
         self.calls += 1  # counted once it succeeded: a failed first call reports next time
         if first and self.record is not None:
             self._report(time.perf_counter() - t0, breaks_before, counters)

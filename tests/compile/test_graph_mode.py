@@ -121,3 +121,53 @@ def test_backend_scope_is_in_effect_only_while_compiling(monkeypatch):
     assert forward.graphs == 2  # the second batch size compiled one dynamic graph
     assert compiled_with == [(True, True), (True, True)]
     assert seen and all(s == (before[0], before[2]) for s in seen)
+
+
+def test_a_call_on_another_thread_cannot_end_a_compile(monkeypatch):
+    """Streams call one graph-mode model from several threads: the scope of a compile lives
+    with the compiling thread, so calls finishing on another thread meanwhile leave it alone."""
+    import threading
+    import torch._inductor.config as cfg
+    from cpuboost.compile import graph_mode
+    compiled_with = []
+    real_backend = graph_mode.cpuboost_backend
+
+    def recording_backend(gm, example_inputs):
+        compiled_with.append(cfg.freezing)
+        out = real_backend(gm, example_inputs)
+        compiled_with.append(cfg.freezing)
+        return out
+
+    monkeypatch.setattr(graph_mode, "cpuboost_backend", recording_backend)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(),
+                                torch.nn.Linear(32, 4)).eval()
+    small, big = torch.randn(3, 16), torch.randn(6, 16)
+    opt = cpuboost.optimize(model, graph_mode=True, sample_input=small)
+    done, outs = threading.Event(), {}
+
+    def compile_new_shape():  # thread A: a recompilation that takes seconds
+        with torch.no_grad():
+            outs["big"] = opt(big)
+        done.set()
+
+    def call_compiled_shape():  # thread B: many short calls ending while A compiles
+        with torch.no_grad():
+            while True:
+                outs["small"] = opt(small)
+                outs["calls"] = outs.get("calls", 0) + 1
+                if done.is_set():
+                    break
+
+    threads = [threading.Thread(target=compile_new_shape), threading.Thread(
+        target=call_compiled_shape)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    with torch.no_grad():
+        assert rel_err(model(big), outs["big"]) <= 1e-4
+        assert rel_err(model(small), outs["small"]) <= 1e-4
+    assert outs["calls"] > 1 and len(compiled_with) == 4 and all(compiled_with)
+    assert not cfg.freezing
