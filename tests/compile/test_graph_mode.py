@@ -171,3 +171,25 @@ def test_a_call_on_another_thread_cannot_end_a_compile(monkeypatch):
         assert rel_err(model(small), outs["small"]) <= 1e-4
     assert outs["calls"] > 1 and len(compiled_with) == 4 and all(compiled_with)
     assert not cfg.freezing
+
+
+def test_each_instance_has_its_own_recompile_limit(monkeypatch):
+    """Dynamo's default limit of 8 graphs was per code object: once one instance of a class had
+    compiled 8 graphs, a second instance of that class silently ran eager. Each graph-mode
+    forward now has its own cache, so the second instance still compiles."""
+    import torch._dynamo.config as dynamo_config
+    monkeypatch.setattr(dynamo_config, "automatic_dynamic_shapes", False)  # a graph per shape
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+
+    first, second = cpuboost.optimize(make(), graph_mode=True), cpuboost.optimize(
+        make(), graph_mode=True)
+    with torch.no_grad():
+        for batch in range(1, dynamo_config.recompile_limit + 2):
+            first(torch.randn(batch, 8))
+        second(torch.randn(3, 8))
+    assert first.__dict__["forward"].graphs == dynamo_config.recompile_limit + 1
+    assert second.__dict__["forward"].graphs == 1
