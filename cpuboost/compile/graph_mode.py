@@ -59,11 +59,14 @@ def _compile_ended(args=None) -> None:
 
 
 def _hook_compiles() -> None:
-    """Register the compile callbacks once per process, when the first model is compiled (not
-    at import). They act only while a graph-mode forward runs on the compiling thread."""
+    """Register the compile callbacks when a model is first compiled (not at import), and again
+    after ``torch._dynamo.reset()`` cleared them; checked on every call (~1 us). They act only
+    while a graph-mode forward runs on the compiling thread."""
     from torch._dynamo.callback import callback_handler
+    if _compile_started in callback_handler.start_callbacks:
+        return
     with _HOOKED:
-        if _compile_started not in callback_handler.start_callbacks:  # (again, if cleared)
+        if _compile_started not in callback_handler.start_callbacks:
             callback_handler.register_start_callback(_compile_started)
             callback_handler.register_end_callback(_compile_ended)
 
@@ -108,6 +111,7 @@ class CompiledForward:
         counters = torch._dynamo.utils.counters
         breaks_before = dict(counters["graph_break"]) if first else None
         t0 = time.perf_counter()
+        _hook_compiles()
         outer, _CALLING.owner = getattr(_CALLING, "owner", None), self
         try:
             with torch.autocast("cpu", dtype=self.dtype) if low else contextlib.nullcontext():

@@ -120,6 +120,10 @@ def test_backend_scope_is_in_effect_only_while_compiling(monkeypatch):
             other(x)
     assert forward.graphs == 2  # the second batch size compiled one dynamic graph
     assert compiled_with == [(True, True), (True, True)]
+    torch._dynamo.reset()  # clears Dynamo's callbacks too: the next compile must still get ours
+    with torch.no_grad():
+        assert rel_err(model(x), opt(x)) <= 1e-4
+    assert compiled_with[2:] == [(True, True)]
     assert seen and all(s == (before[0], before[2]) for s in seen)
 
 
