@@ -59,9 +59,9 @@ def _compile_ended(args=None) -> None:
 
 
 def _hook_compiles() -> None:
-    """Register the compile callbacks when a model is first compiled (not at import), and again
-    after ``torch._dynamo.reset()`` cleared them; checked on every call (~1 us). They act only
-    while a graph-mode forward runs on the compiling thread."""
+    """Register the compile callbacks on a graph-mode call (not at import), and again after
+    ``torch._dynamo.reset()`` cleared them; checked on every call (~1 us). They act only while
+    a graph-mode forward runs on the compiling thread."""
     from torch._dynamo.callback import callback_handler
     if _compile_started in callback_handler.start_callbacks:
         return
@@ -78,7 +78,6 @@ class CompiledForward:
 
     def _setup(self):
         self.linear_pass = OneDnnLinear()
-        _hook_compiles()
         self.compiled = torch.compile(type(self.model).forward.__get__(self.model),
                                       backend=self._backend, recompile_limit=_LIMIT,
                                       isolate_recompiles=True)
