@@ -94,6 +94,7 @@ def test_graph_mode_rows_count_their_own_graphs(monkeypatch):
     from cpuboost.bench import harness
     from cpuboost.bench.zoo import BenchCase, Cycle
     monkeypatch.setattr(harness, "_compiled_graphs", lambda: 0)  # a counter that sees nothing
+    torch._dynamo.reset()  # Dynamo learns dynamic dims per code object: forget other tests'
 
     def build():
         torch.manual_seed(0)

@@ -177,12 +177,11 @@ def test_a_call_on_another_thread_cannot_end_a_compile(monkeypatch):
     assert not cfg.freezing
 
 
-def test_each_instance_has_its_own_recompile_limit(monkeypatch):
+def test_each_instance_has_its_own_recompile_limit():
     """Dynamo's default limit of 8 graphs was per code object: once one instance of a class had
     compiled 8 graphs, a second instance of that class silently ran eager. Each graph-mode
     forward now has its own cache, so the second instance still compiles."""
     import torch._dynamo.config as dynamo_config
-    monkeypatch.setattr(dynamo_config, "automatic_dynamic_shapes", False)  # a graph per shape
     torch._dynamo.reset()
     torch.manual_seed(0)
 
@@ -191,7 +190,8 @@ def test_each_instance_has_its_own_recompile_limit(monkeypatch):
 
     first, second = cpuboost.optimize(make(), graph_mode=True), cpuboost.optimize(
         make(), graph_mode=True)
-    with torch.no_grad():
+    # a graph per shape (config.patch: pytest's monkeypatch deletes a torch config on undo)
+    with torch.no_grad(), dynamo_config.patch(automatic_dynamic_shapes=False):
         for batch in range(1, dynamo_config.recompile_limit + 2):
             first(torch.randn(batch, 8))
         second(torch.randn(3, 8))
