@@ -13,6 +13,8 @@ it, 303 us without), more than all the compiled graph's kernels of a small model
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import threading
 import time
 import warnings
@@ -36,6 +38,25 @@ SHAPE_POLICY = ("shape policy: the first input shape compiles a static graph; wh
 # instance silently ran eager: GPT-2 bf16 generate measured 0.53x after an fp32 copy had
 # compiled, 2.77x alone. Each instance gets its own cache and limit (isolate_recompiles).
 _LIMIT = 64
+
+
+@functools.cache
+def _features() -> tuple[bool, bool]:
+    """(torch.compile takes ``isolate_recompiles``, Dynamo has compile callbacks): torch 2.13
+    has both. An older torch gets the patches around every call instead (correct, ~170 us
+    slower per call)."""
+    isolated = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+    try:
+        from torch._dynamo.callback import callback_handler
+    except ImportError:
+        return isolated, False
+    return isolated, hasattr(callback_handler, "register_start_callback")
+
+
+def _own_limit():
+    """The per-call form of the per-instance limit, for a torch without isolate_recompiles."""
+    import torch._dynamo.config as dynamo_config
+    return dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, _LIMIT))
 
 # Per thread: .owner, the CompiledForward whose call runs on this thread; .scope, the backend's
 # scope while Dynamo compiles on this thread (streams may call one model from several threads).
@@ -78,9 +99,10 @@ class CompiledForward:
 
     def _setup(self):
         self.linear_pass = OneDnnLinear()
+        isolated, _ = _features()
+        own = {"recompile_limit": _LIMIT, "isolate_recompiles": True} if isolated else {}
         self.compiled = torch.compile(type(self.model).forward.__get__(self.model),
-                                      backend=self._backend, recompile_limit=_LIMIT,
-                                      isolate_recompiles=True)
+                                      backend=self._backend, **own)
         self.calls = self.graphs = self.dynamic_graphs = 0
         self.failed = False  # the compiler raised: forward runs eager (see _fall_back)
 
@@ -110,10 +132,13 @@ class CompiledForward:
         counters = torch._dynamo.utils.counters
         breaks_before = dict(counters["graph_break"]) if first else None
         t0 = time.perf_counter()
-        _hook_compiles()
+        isolated, callbacks = _features()
+        if callbacks:
+            _hook_compiles()
         outer, _CALLING.owner = getattr(_CALLING, "owner", None), self
         try:
-            with torch.autocast("cpu", dtype=self.dtype) if low else contextlib.nullcontext():
+            with self._older_torch_scope(isolated, callbacks), torch.autocast(
+                    "cpu", dtype=self.dtype) if low else contextlib.nullcontext():
                 out = self.compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as e:
             self._fall_back(e)
@@ -125,6 +150,17 @@ class CompiledForward:
         if first and self.record is not None:
             self._report(time.perf_counter() - t0, breaks_before, counters)
         return out
+
+    def _older_torch_scope(self, isolated: bool, callbacks: bool):
+        """What the callbacks and the per-instance cache do, as patches around the call."""
+        if isolated and callbacks:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        if not callbacks:
+            stack.enter_context(inductor_scope(self.linear_pass))
+        if not isolated:
+            stack.enter_context(_own_limit())
+        return stack
 
     def _fall_back(self, error: Exception) -> None:
         """Inductor failed on this model (a compiler bug: e.g. its int8 add fusion asserts on

@@ -83,12 +83,16 @@ def test_no_copy_of_the_weights_is_kept():
     assert cpuboost.report_of(opt).pass_named("remove_dropout") is None  # a module change
 
 
-def test_backend_scope_is_in_effect_only_while_compiling(monkeypatch):
-    """Graph mode enters the backend's scope from Dynamo's compile-start callback: a
-    recompilation (a new batch size) is made with freezing and our passes, calls that compile
-    nothing patch no config, and a compile of someone else's function never sees our scope."""
+@pytest.mark.parametrize("torch_has", [(True, True), (False, False)],
+                         ids=["callbacks", "older-torch"])
+def test_backend_scope_is_in_effect_only_while_compiling(monkeypatch, torch_has):
+    """Graph mode enters the backend's scope from Dynamo's compile-start callback (on a torch
+    without compile callbacks or isolate_recompiles: around every call): a recompilation (a new
+    batch size) is made with freezing and our passes, configs are as before after every call,
+    and a compile of someone else's function never sees our scope."""
     import torch._inductor.config as cfg
     from cpuboost.compile import graph_mode
+    monkeypatch.setattr(graph_mode, "_features", lambda: torch_has)
     compiled_with = []
 
     def recording_backend(gm, example_inputs):
