@@ -7,8 +7,8 @@ backend's scope is in effect, so the trace is made with freezing; for bf16 every
 CPU autocast, which freezing turns into bf16 weight constants.
 
 The scope is entered from Dynamo's compile-start callback, not around every call: patching
-Inductor's and Dynamo's configs per call cost 170 us (DLRM-like int8 graph: 475 us per call with
-it, 303 us without), more than all the compiled graph's kernels of a small model.
+Inductor's and Dynamo's configs per call cost 170 us (a tables-only DLRM-like int8 graph: 475 us
+per call with it, 303 us without), more than all the compiled graph's kernels of a small model.
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def _own_limit():
     """The per-call form of the per-instance limit, for a torch without isolate_recompiles."""
     import torch._dynamo.config as dynamo_config
     return dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, _LIMIT))
+
 
 # Per thread: .owner, the CompiledForward whose call runs on this thread; .scope, the backend's
 # scope while Dynamo compiles on this thread (streams may call one model from several threads).
