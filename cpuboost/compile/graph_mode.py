@@ -30,7 +30,8 @@ _GRAPHS = "graphs compiled so far:"
 SHAPE_POLICY = ("shape policy: the first input shape compiles a static graph; when a dim takes a "
                 "second size, one graph with that dim dynamic is compiled and serves every later "
                 "size (Dynamo's automatic dynamic shapes) - no padding, no compile per length "
-                "(BERT-base, lengths 17/45/64/99/128: 2 graphs)")
+                "(BERT-base, lengths 17/45/64/99/128: 2 graphs; 1 when another instance of the "
+                "class already saw several sizes, as Dynamo learns dynamic dims per code object)")
 
 
 # Dynamo counts recompilations per code object, so every compiled instance of one class (an
