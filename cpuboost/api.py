@@ -91,6 +91,9 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     report = OptimizationReport(str(cfg.compute_dtype).replace("torch.", ""), cfg.level,
                                 hw.summary(), weight_bytes_before=weight_bytes(model))
     steps = [s for s in PLAN if s.wanted(cfg)]
+    # attached before any step: graph mode's check of the model's state after compiling (see
+    # compile/state_watch.py) would see a later attribute as a change and compile again
+    attach(work, report)
     if call is None:
         _run(work, [s for s in steps if not s.needs_flow], cfg, hw, report, None)
         _defer(work, [s for s in steps if s.needs_flow], cfg, hw, report)
