@@ -27,13 +27,14 @@ from cpuboost.compile.graph_passes import OneDnnLinear, onednn_where_faster
 from cpuboost.compile.shared_constants import shared_folding
 
 
-def _chained(existing, ours) -> tuple:
-    """Others' passes first, then ours, once (a surrounding scope() may have added it)."""
+def _chained(existing, ours: OneDnnLinear) -> tuple:
+    """Others' passes first, then ours (the Linear pass, then attention), once (a surrounding
+    scope() may have added them)."""
     passes = () if existing is None else (
         tuple(existing) if isinstance(existing, (list, tuple)) else (existing,))
     if any(isinstance(p, OneDnnLinear) for p in passes):
         return passes
-    return (*passes, ours)
+    return (*passes, ours, ours.attention)
 
 
 @contextlib.contextmanager

@@ -212,7 +212,9 @@ class CompiledForward:
                   if n - breaks_before.get(r, 0) > 0}
         self.record.apply(f"forward compiled with backend 'cpuboost' in {seconds:.1f}s "
                           f"(first call), {len(breaks)} graph break reason(s), "
-                          f"{self.linear_pass.replaced} Linear(s) on oneDNN")
+                          f"{self.linear_pass.replaced} Linear(s) on oneDNN, "
+                          f"{self.linear_pass.attention.replaced} attention(s) on cpuboost's "
+                          "bf16 kernel")
         for reason, n in breaks.items():
             self.record.skip("forward", f"graph break x{n}: {reason[:200]}")
         self.record.seconds += seconds

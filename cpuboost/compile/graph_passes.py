@@ -21,6 +21,7 @@ import contextlib
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from cpuboost.compile.attention_pass import FastAttention
 from cpuboost.compile.shared_constants import made_once
 from cpuboost.hw import detect
 from cpuboost.passes.kernel_choice import mkl_or_onednn
@@ -32,6 +33,7 @@ class OneDnnLinear(CustomGraphPass):
     def __init__(self):
         self.decisions: list[tuple[tuple[int, int, int], str]] = []  # ((M, K, N), kernel)
         self.replaced = 0
+        self.attention = FastAttention()  # chained after this pass (backend.inductor_scope)
 
     def choose(self, batch: int, k: int, n: int, dtype: torch.dtype) -> str:
         from torch.utils._python_dispatch import _disable_current_modes
