@@ -13,8 +13,9 @@ source is the model (``torch.compiler.skip_guard_on_all_nn_modules_unsafe``) and
 place, records the version of every dict those guards read from, the type of every object they
 read, and the items of every list; one comparison of those before each call (~60 us for
 BERT-base) tells whether anything the graph was traced from has changed since. Guards on values
-this cannot watch (a set, an object without a ``__dict__``) are kept. What stays out of reach is
-what freezing already ignores: a tensor changed in place.
+this cannot watch (a set, an object without a ``__dict__``) are kept, and so are Dynamo's tensor
+guards (a tensor attribute can be resized in place). Out of reach: what freezing already ignores
+(a weight changed in place) and torch's own classes (see ``_torchs``).
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import types
 
 import torch
 
-# Values whose content cannot change: a guard on one is covered by watching the dict it is in.
+# Values that cannot change in place: a guard on one is covered by watching the dict it is in.
 _FIXED = (bool, int, float, complex, str, bytes, type(None), tuple, frozenset, torch.Tensor,
           type, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
           types.ModuleType, property, enum.Enum, torch.dtype, torch.device)
@@ -79,7 +80,7 @@ class ModelState:
                 entries)):
             if not kept and entry.guard_type == "EMPTY_NN_MODULE_HOOKS_DICT":
                 self._add(found[3], entry.value)
-            elif not kept:
+            elif not kept and entry.guard_type != "TENSOR_MATCH":  # (a tensor can be resized)
                 kept = not (entry.has_value and self._watch(entry.value, found))
             keep.append(kept)
         dicts, lists, objects, empty = found
