@@ -12,13 +12,14 @@ and non-contiguous head dims are left to torch.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from cpuboost.kernels import attention_op
+from cpuboost.kernels import _SOURCE, attention_op
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -43,7 +44,8 @@ def _rewritable(node: torch.fx.Node, int8: bool) -> bool:
             torch.float32, torch.bfloat16, torch.bool)):
         return False
     # only the output is read (logsumexp is for training)
-    return all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)
+    return bool(node.users) and all(
+        u.target is operator.getitem and u.args[1] == 0 for u in node.users)
 
 
 class FastAttention(CustomGraphPass):
@@ -76,7 +78,5 @@ class FastAttention(CustomGraphPass):
             self.replaced += 1
 
     def uuid(self) -> str:
-        from cpuboost.kernels import _SOURCE
-        import hashlib
         return "cpuboost-attention-" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12] + (
             "-off" if attention_op() is None else "")

@@ -101,6 +101,7 @@ class CompiledForward:
         self.calls = self.graphs = self.dynamic_graphs = 0
         self.changes = 0  # times the model's state changed after a compile
         self.failed = False  # the compiler raised: forward runs eager (see _fall_back)
+        self._lock = threading.Lock()
         self._setup()
 
     def _setup(self):
@@ -113,7 +114,6 @@ class CompiledForward:
             own["options"] = {"guard_filter_fn": self.watch.filter}
         self.compiled = torch.compile(type(self.model).forward.__get__(self.model),
                                       backend=self._backend, **own)
-        self._lock = threading.Lock()
 
     def _backend(self, gm, example_inputs):
         """cpuboost_backend, counting the graphs this forward compiled (a graph break or a
