@@ -12,6 +12,7 @@ and non-contiguous head dims are left to torch.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import operator
@@ -78,5 +79,9 @@ class FastAttention(CustomGraphPass):
             self.replaced += 1
 
     def uuid(self) -> str:
-        return "cpuboost-attention-" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12] + (
-            "-off" if attention_op() is None else "")
+        return _source_key() + ("-off" if attention_op() is None else "")
+
+
+@functools.cache
+def _source_key() -> str:  # read once: uuid() is asked at every compile's cache lookup
+    return "cpuboost-attention-" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]

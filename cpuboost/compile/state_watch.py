@@ -117,17 +117,13 @@ class ModelState:
             self._add(dicts, d)
         return True
 
-    def _now(self, state) -> tuple:
-        dicts, _, lists, _, objects, _ = state
-        return (dicts, tuple(map(dict_version(), dicts)), lists,
-                tuple(tuple(map(id, x)) for x in lists), objects, tuple(map(type, objects)))
-
     def changed(self) -> bool:
         """Whether anything watched differs from when the graphs were traced (~50 us for the
         2700 dicts, objects and hook dicts of a ResNet-50)."""
-        state = self._state
-        now = self._now(state)
-        return any(self._empty) or any(now[i] != state[i] for i in (1, 3, 5))
+        dicts, versions, lists, ids, objects, types_ = self._state
+        return (any(self._empty) or tuple(map(dict_version(), dicts)) != versions
+                or tuple(map(type, objects)) != types_
+                or tuple(tuple(map(id, x)) for x in lists) != ids)
 
     def __len__(self):
         return len(self._state[0]) + len(self._state[2]) + len(self._state[4]) + len(
