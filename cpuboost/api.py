@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from cpuboost import _env
-from cpuboost.checks import as_call, check_dtype, check_model, check_requests, run_sample
+from cpuboost.checks import (as_call, check_dtype, check_model, check_requests, emulated_bf16,
+                             run_sample)
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
@@ -90,6 +91,9 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     work = model if cfg.inplace else _shell(model) if cfg.graph_mode else copy.deepcopy(model)
     report = OptimizationReport(str(cfg.compute_dtype).replace("torch.", ""), cfg.level,
                                 hw.summary(), weight_bytes_before=weight_bytes(model))
+    slow = emulated_bf16(cfg.compute_dtype, hw)
+    if slow:
+        report.warnings.append(slow)
     steps = [s for s in PLAN if s.wanted(cfg)]
     # attached before any step: graph mode's check of the model's state after compiling (see
     # compile/state_watch.py) would see a later attribute as a change and compile again

@@ -28,3 +28,15 @@ def run(model, case, inputs):
 def rel_err(ref, out):
     ref, out = ref.double(), out.double()
     return ((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def onednn_packs(dtype) -> bool:
+    """Whether torch's oneDNN can pack ``dtype`` weights on this CPU (bf16 cannot on AVX2-only
+    CPUs: tests of the bf16 oneDNN kernels skip there; the fallbacks are tested instead)."""
+    from cpuboost.hw.features import detect, onednn_runs
+    return onednn_runs(dtype, detect())
+
+
+def skip_unless_onednn_packs(dtype) -> None:
+    if not onednn_packs(dtype):
+        pytest.skip(f"this CPU's oneDNN cannot pack {dtype} weights")

@@ -40,6 +40,14 @@ class CpuFeatures:
         return bool(self.flags & {"avx512_bf16", "amx_bf16", "arm_bf16"})
 
     @property
+    def int8_pairs_saturate(self) -> bool:
+        """x86 without VNNI: oneDNN multiplies u8 x s8 with vpmaddubsw, which adds each pair of
+        neighbouring products (input channels 2i, 2i+1) into a saturating int16 (measured: a
+        Linear whose neighbouring int8 weights are 127, 127 fed 255s is off by thousands)."""
+        return self.arch in ("x86_64", "AMD64") and not self.flags & {
+            "avx512_vnni", "avx_vnni", "amx_int8"}
+
+    @property
     def native_fp16(self) -> bool:
         return bool(self.flags & {"avx512_fp16", "amx_fp16", "arm_fp16"})
 
@@ -78,3 +86,15 @@ def detect() -> CpuFeatures:
         mkldnn=torch.backends.mkldnn.is_available(),
         mkl=torch.backends.mkl.is_available(),
     )
+
+
+def onednn_runs(dtype: torch.dtype, hw: CpuFeatures) -> bool:
+    """Whether torch's oneDNN kernels can run ``dtype`` on this CPU and build (bf16 weight
+    packing needs AVX512BW/VL/DQ or AVX-NE-CONVERT: on an AVX2-only CPU it raises)."""
+    if not hw.mkldnn:
+        return False
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if dtype == torch.float16:
+        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return True

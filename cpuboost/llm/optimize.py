@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cpuboost._memory import release_freed_memory
-from cpuboost.checks import check_model
+from cpuboost.checks import check_model, emulated_bf16
 from cpuboost.errors import ConfigError, UnsupportedRequestError
 from cpuboost.hw import detect
 from cpuboost.llm import rewrites
@@ -46,11 +46,8 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
                     inplace=inplace, max_seq_len=max_seq_len, beam_cache=beam_cache,
                     graph_mode=graph_mode)
     hw = detect()
-    if cfg.dtype == torch.bfloat16 and not hw.native_bf16:
-        # correct everywhere (oneDNN emulates), just not faster: say so, do not refuse
-        warning = "this CPU has no native bf16: bf16 runs correctly but slower than on one that has"
-    else:
-        warning = None
+    # correct everywhere (emulated), just slower: say so, do not refuse
+    warning = emulated_bf16(cfg.dtype, hw)
     report = OptimizationReport(dtype=str(cfg.dtype).replace("torch.", ""),
                                 level=cfg.woq.name if cfg.woq else "llm",
                                 hardware=hw.summary())

@@ -13,6 +13,7 @@ from torch import nn
 
 from cpuboost.llm.config import LlmConfig, WoqConfig
 from cpuboost.llm.structure import is_linear
+from cpuboost.hw.features import detect, onednn_runs
 from cpuboost.nn.fused import FusedConv1DLinear, FusedLinear, is_hf_conv1d
 from cpuboost.nn.woq import WoqLinear, why_not_woq
 from cpuboost.passes._context import replace_module
@@ -78,9 +79,9 @@ def _dense(m: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return (w.t() if is_hf_conv1d(m) else w), (None if m.bias is None else m.bias.detach())
 
 
-def _packed(m: nn.Module, dtype: torch.dtype) -> nn.Module:
+def _packed(m: nn.Module, dtype: torch.dtype, backend: str) -> nn.Module:
     cls = FusedConv1DLinear if is_hf_conv1d(m) else FusedLinear
-    packed = cls(m, dtype, "onednn")
+    packed = cls(m, dtype, backend)
     packed.orig_dtype = dtype  # the model is cast to dtype: its state_dict says so too
     return packed
 
@@ -102,6 +103,10 @@ def linears(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
     tied = head_w is not None and any(p is head_w for m in model.modules() if m is not head
                                       for p in m.parameters(recurse=False))
     done: dict[str, int] = {}
+    backend = "onednn" if onednn_runs(cfg.dtype, detect()) else "aten"
+    if backend == "aten":
+        rec.notes.append(f"oneDNN cannot pack {cfg.dtype} weights on this CPU: float linears "
+                         "keep a plain weight and run aten's kernel")
     # by name, fetching each module when its turn comes: holding them all in a list would
     # keep every float weight alive until the end (peak memory = float + quantized model)
     for name in [n for n, m in model.named_modules() if is_linear(m)]:
@@ -113,10 +118,11 @@ def linears(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
                                        cfg.woq.symmetric, cfg.dtype)
             kind = cfg.woq.name
         else:
-            new = _packed(m, cfg.dtype)
-            kind = f"packed {str(cfg.dtype).replace('torch.', '')}"
+            new = _packed(m, cfg.dtype, backend)
+            kind = (f"packed {str(cfg.dtype).replace('torch.', '')}" if backend == "onednn"
+                    else f"plain {str(cfg.dtype).replace('torch.', '')} (aten)")
             if cfg.woq:
-                rec.skip(name, f"kept float ({reason}); packed for oneDNN instead")
+                rec.skip(name, f"kept float ({reason})")
         replace_module(model, m, new)
         del m
         done[kind] = done.get(kind, 0) + 1

@@ -29,6 +29,16 @@ def _autocast_dtype() -> Optional[torch.dtype]:
     return None
 
 
+def _check_onednn(backend: str, dtype: torch.dtype) -> None:
+    from cpuboost.errors import UnsupportedRequestError
+    from cpuboost.hw.features import detect, onednn_runs
+    if backend == "onednn" and not onednn_runs(dtype, detect()):
+        raise UnsupportedRequestError(
+            f"oneDNN cannot pack {dtype} weights on this CPU ({detect().summary()}; bf16 "
+            "packing needs AVX512BW/VL/DQ or AVX-NE-CONVERT): use backend='aten', or "
+            "compute in float32.")
+
+
 class _Fused(PostOpHolder, nn.Module):
     """Shared machinery: weight storage (packed or dense), folding, dtype policy, state_dict."""
 
@@ -36,6 +46,7 @@ class _Fused(PostOpHolder, nn.Module):
 
     def _init_common(self, src: nn.Module, compute_dtype: torch.dtype, backend: str):
         assert backend in ("onednn", "aten"), backend
+        _check_onednn(backend, compute_dtype)
         self.backend = backend
         self.compute_dtype = compute_dtype
         self.orig_dtype = src.weight.dtype
@@ -353,6 +364,7 @@ class FusedConvTranspose(_Fused):
 
 def set_backend(module: _Fused, backend: str, pack_shape=None, batch_hint=None) -> None:
     """Re-store a fused module's (folded) weight for another backend / packing shape."""
+    _check_onednn(backend, module.compute_dtype)
     w, b = module._folded_dense()
     module.backend = backend
     if pack_shape is not None and hasattr(module, "pack_shape"):

@@ -37,15 +37,64 @@ def _register_decomposed_ops() -> None:
     importlib.import_module("torch.ao.quantization.fx._decomposed")
 
 
-def quantize_weight(w: torch.Tensor, per_channel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 weight (dim 0 = output channels) and its fp32 scale per output channel."""
+def pairs_saturate() -> bool:
+    """Whether this CPU's int8 kernels add neighbouring u8 x s8 products in int16 (see
+    ``CpuFeatures.int8_pairs_saturate``): then weights are quantized pair-bounded."""
+    from cpuboost.hw import detect  # hw imports torch only; imported late like the ops
+    return detect().int8_pairs_saturate
+
+
+def pair_extent(w: torch.Tensor) -> torch.Tensor:
+    """Per output channel (dim 0), the largest sum of the positive parts, or of the negative
+    parts, of two neighbouring weights along the input-channel dim (1): channels 2i and 2i+1,
+    as vpmaddubsw pairs them (an odd count pairs the last with oneDNN's zero padding)."""
+    w = w.float()
+    if w.shape[1] % 2:
+        w = F.pad(w.movedim(1, -1), (0, 1)).movedim(-1, 1)
+    pairs = w.reshape(w.shape[0], w.shape[1] // 2, 2, -1)
+    pos = pairs.clamp(min=0).sum(2).flatten(1).amax(1)
+    neg = pairs.clamp(max=0).sum(2).flatten(1).amin(1).neg()
+    return torch.maximum(pos, neg)
+
+
+def quantize_weight(w: torch.Tensor, per_channel: bool = True, pairwise: Optional[bool] = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weight (dim 0 = output channels) and its fp32 scale per output channel.
+
+    ``pairwise`` (default: where the CPU needs it, ``pairs_saturate()``): the scale is set by
+    ``pair_extent`` instead of max |w|, so that any two neighbouring int8 weights sum to at most
+    128 in either sign and u8 inputs up to 255 cannot saturate the int16 pair sum (255 * 128 <
+    32767). That costs a fraction of a bit where the largest weights have large neighbours,
+    against a whole bit for 7-bit weights or activations."""
     w = w.detach().float().contiguous()  # a transposed view (transformers' Conv1D) too
-    flat = w.reshape(w.shape[0], -1)
-    amax = flat.abs().amax(dim=1) if per_channel else flat.abs().amax().expand(w.shape[0])
+    pairwise = pairs_saturate() if pairwise is None else pairwise
+    if pairwise and w.dim() > 1:
+        amax = pair_extent(w)
+    else:
+        amax = w.reshape(w.shape[0], -1).abs().amax(dim=1)
+    if not per_channel:
+        amax = amax.amax().expand(w.shape[0])
     scale = (amax / W_MAX).clamp(min=_EPS).contiguous()
     view = (-1,) + (1,) * (w.dim() - 1)
     q = torch.round(w / scale.view(view)).clamp(W_MIN, W_MAX).to(torch.int8)
     return q.contiguous(), scale
+
+
+def _strided_1x1_is_wrong() -> bool:
+    from cpuboost.hw import detect
+    f = detect()
+    return f.arch in ("x86_64", "AMD64") and "avx512" not in f.flags
+
+
+def requantize_if_saturating(qw: torch.Tensor, scale: torch.Tensor, per_channel: bool
+                             ) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """A given int8 weight (a saved model from a VNNI CPU) whose neighbouring weights could
+    saturate this CPU's int16 pair sums, quantized again pair-bounded from its float values;
+    None when it is safe as it is."""
+    if not pairs_saturate() or qw.dim() < 2 or float(pair_extent(qw).max()) <= W_MAX + 1:
+        return None
+    view = (-1,) + (1,) * (qw.dim() - 1)
+    return quantize_weight(qw.float() * scale.view(view), per_channel, pairwise=True)
 
 
 def affine_qparams(lo: float, hi: float, qmax: int, symmetric: bool = False
@@ -108,8 +157,13 @@ class _Int8(PostOpHolder, nn.Module):
         self._inv_smooth = None if smooth is None else 1.0 / self.smooth
         if smooth is not None and not isinstance(weight, QuantizedWeight):
             weight = weight.float() * self.smooth  # (out, in) * (in,)
+        # True when a given int8 weight was quantized again for this CPU (requantize_if_saturating)
+        self.requantized = False
         if isinstance(weight, QuantizedWeight):
             qw, self.w_scale = weight.q.contiguous(), weight.scale.float().contiguous()
+            again = requantize_if_saturating(qw, self.w_scale, per_channel)
+            if again is not None:
+                (qw, self.w_scale), self.requantized = again, True
         else:
             qw, self.w_scale = quantize_weight(weight, per_channel)
         self.w_zp = torch.zeros(qw.shape[0], dtype=torch.int64)
@@ -294,6 +348,8 @@ class _Int8(PostOpHolder, nn.Module):
         parts = [act, "per_channel" if self.per_channel else "per_tensor"]
         if self.qmax != 255:
             parts.append(f"input range 0..{self.qmax}")
+        if self.requantized:
+            parts.append("weight quantized again: its int16 pair sums would saturate here")
         if self.post_op_name != "none":
             parts.append(f"post_op={self.post_op_name}")
         if self.out_q is not None:
@@ -361,9 +417,21 @@ class Int8Conv(_Int8):
         self.stride, self.padding = tuple(stride), tuple(padding)
         self.dilation, self.groups = tuple(dilation), groups
         lift = (lambda v, pad: [pad] + list(v)) if self.nd == 1 else (lambda v, pad: list(v))
+        # a strided 1x1 conv reads every s-th pixel: on x86 without AVX-512 oneDNN's int8 1x1
+        # kernel gave wrong, run-to-run different results for stride 2 with channels-last
+        # input (in-channels 8, 24: measured), so the input is subsampled first and the conv
+        # runs at stride 1 - the same sum of the same products, in eager and compiled form
+        self.subsample = None
+        self.input_shape = None if input_shape is None else tuple(input_shape)
+        if (all(k == 1 for k in weight.shape[2:]) and not any(self.padding)
+                and any(v > 1 for v in self.stride) and _strided_1x1_is_wrong()):
+            self.subsample = self.stride
+            stride = (1,) * self.nd
+            if input_shape is not None:
+                input_shape = (*input_shape[:2], *(-(-d // v) for d, v in
+                                                   zip(input_shape[2:], self.subsample)))
         self._stride, self._padding = lift(stride, 1), lift(padding, 0)
         self._dilation = lift(dilation, 1)
-        self.input_shape = None if input_shape is None else tuple(input_shape)
         if input_shape is not None and self.nd == 1:
             input_shape = (input_shape[0], input_shape[1], 1, input_shape[2])
         self.pack_shape = None if input_shape is None else list(input_shape)
@@ -386,10 +454,15 @@ class Int8Conv(_Int8):
         fmt = torch.channels_last if self.nd == 2 else torch.channels_last_3d
         return x.contiguous(memory_format=fmt)
 
+    def _subsampled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.subsample is None:
+            return x
+        return x[(slice(None), slice(None)) + tuple(slice(None, None, v) for v in self.subsample)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed or torch.compiler.is_compiling():
             return self.reference_forward(x)
-        qx, scale, zp = self._kernel_input(self._layout(x))
+        qx, scale, zp = self._kernel_input(self._layout(self._subsampled(x)))
         out_scale, out_zp, out_dtype = self._kernel_output(x)
         y = _qconv(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, self._stride,
                    self._padding, self._dilation, self.groups, out_scale, out_zp, out_dtype,
@@ -398,8 +471,9 @@ class Int8Conv(_Int8):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
-        y = conv(self._qdq_input(x), self._dequantized_weight(), self.bias, self.stride,
-                 self.padding, self.dilation, self.groups)
+        stride = self.stride if self.subsample is None else 1
+        y = conv(self._qdq_input(self._subsampled(x)), self._dequantized_weight(), self.bias,
+                 stride, self.padding, self.dilation, self.groups)
         return self._reference_output(y, x)
 
     def describe(self) -> dict:

@@ -76,7 +76,4 @@ def autocast_scope(model: nn.Module, ctx: PassContext) -> nn.Module:
             m.register_forward_hook(scope.exit, always_call=True)
             count += 1
     ctx.record.apply(f"{count} module(s) run under torch.autocast('cpu', {dtype})")
-    if dtype == torch.bfloat16 and not ctx.hw.native_bf16:
-        ctx.record.notes.append("this CPU has no native bf16 (AVX512-BF16/AMX/Arm BF16): results "
-                                "are correct but bf16 will be slower than fp32")
     return model

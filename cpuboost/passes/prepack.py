@@ -12,6 +12,7 @@ from torch import nn
 from cpuboost.nn import FusedConv, FusedConvTranspose, FusedLinear, set_backend
 from cpuboost.nn.fused import FusedConv1DLinear, _Fused, is_hf_conv1d
 from cpuboost.passes._context import PassContext, names_of, replace_module
+from cpuboost.hw.features import onednn_runs
 from cpuboost.passes.kernel_choice import linear_backend
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -92,17 +93,6 @@ def module_parents(model: nn.Module) -> dict:
         for child in parent.children():
             out.setdefault(id(child), []).append(parent)
     return out
-
-
-def onednn_runs(dtype: torch.dtype, hw) -> bool:
-    """Whether torch's oneDNN kernels can run ``dtype`` on this CPU and build."""
-    if not hw.mkldnn:
-        return False
-    if dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if dtype == torch.float16:
-        return torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return True
 
 
 def _backend(ctx: PassContext) -> str:

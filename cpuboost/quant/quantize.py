@@ -133,11 +133,12 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
         _calibration_notes(p.observers, p.cfg, calib)
     p.report.passes.append(p.rec)
     t0 = time.perf_counter()
-    qmax = _activation_qmax(p.hw)
+    qmax = 255
     floats = _convert(p, qmax)
-    if qmax != 255:
-        p.rec.notes.append(f"activations use 0..{qmax}: without VNNI, u8 x s8 products "
-                           "saturate at full range")
+    if p.hw.int8_pairs_saturate:
+        p.rec.notes.append("weights quantized pair-bounded: without VNNI, oneDNN adds two u8 x s8 "
+                           "products in a saturating int16, so neighbouring int8 weights are "
+                           "kept to a sum of 128 (activations keep all 8 bits)")
     sqnr = _layer_sqnr(work, floats, p.first) if p.first is not None else {}
     for name, (q, f) in floats.items():
         measured = f" (SQNR {sqnr[name]:.1f} dB)" if name in sqnr else (
@@ -193,14 +194,6 @@ def _check_data(cfg: QuantConfig, data: CalibrationData) -> None:
     if data.func is not None and data.example is None:
         raise ConfigError("calib_data is a function, so pass example_inputs= too (one input "
                           "the model accepts): it shows which layers run and feeds the checks.")
-
-
-def _activation_qmax(hw: CpuFeatures) -> int:
-    """255, or 127 on x86 without VNNI: there oneDNN multiplies u8 x s8 with vpmaddubsw, whose
-    int16 sums saturate at full range (the reduce_range of PyTorch's fbgemm recipes)."""
-    if hw.arch in ("x86_64", "AMD64") and not hw.flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
-        return 127
-    return 255
 
 
 def _timed(report: OptimizationReport, name: str, run) -> None:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import cpuboost
-from tests.conftest import BF16_RTOL, FP32_RTOL, rel_err
+from tests.conftest import BF16_RTOL, FP32_RTOL, onednn_packs, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -41,7 +41,8 @@ def test_bert_variable_lengths(dtype):
     report = cpuboost.report_of(opt)
     assert report.numerics.passed, str(report)
     assert len(report.applied("prepack")) == 2 * 6 + 2  # q,k,v,o,ffn x2 per layer; pooler; classifier
-    assert report.applied("fuse_pointwise")  # intermediate dense + GELU
+    if onednn_packs(dtype or torch.float32):  # aten's kernels (bf16 on AVX2) take no post-op
+        assert report.applied("fuse_pointwise")  # intermediate dense + GELU
     for seq in (7, 16, 33):  # lengths other than the sample's
         x = _bert_inputs(seq)
         with torch.no_grad():
@@ -60,6 +61,7 @@ def test_resnet_folds_and_fuses(dtype):
     report = cpuboost.report_of(opt)
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
     assert len(report.applied("fold_bn")) == n_bn
-    assert report.applied("fuse_pointwise")
+    if onednn_packs(dtype or torch.float32):
+        assert report.applied("fuse_pointwise")
     with torch.no_grad():
         assert rel_err(model(x).logits, opt(x).logits.float()) <= (BF16_RTOL if dtype else FP32_RTOL)

@@ -1,6 +1,8 @@
 """The numerics check: a pass that breaks outputs on the sample is dropped and reported."""
 import dataclasses
+import warnings
 
+import pytest
 import torch
 
 import cpuboost
@@ -43,10 +45,14 @@ def test_cpu_without_native_bf16_is_reported(monkeypatch):
     monkeypatch.setattr("cpuboost.api.detect", lambda: fake)
     case, model = toy("conv_bn")
     x = case.inputs(2)
-    opt = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=x)
-    notes = cpuboost.report_of(opt).pass_named("autocast_scope").notes
-    assert any("no native bf16" in n and "slower" in n for n in notes)
-    assert cpuboost.report_of(opt).numerics.passed
+    with pytest.warns(RuntimeWarning, match="without bf16 instructions.*avx2.*dtype=None"):
+        opt = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=x)
+    report = cpuboost.report_of(opt)
+    assert any("emulated" in w and "slower than float32" in w for w in report.warnings)
+    assert report.numerics.passed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 (and bf16 where native) warn nothing
+        cpuboost.optimize(model, sample_input=x)
 
 
 def test_report_prints_every_pass():

@@ -4,7 +4,7 @@ import torch
 
 import cpuboost
 from cpuboost.compile import shared_constants as sc
-from tests.conftest import rel_err
+from tests.conftest import rel_err, skip_unless_onednn_packs
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,6 +35,7 @@ def constants(monkeypatch):
 def test_generate_graphs_share_packed_weights(dtype, constants):
     """Prefill (M = prompt length) and decode (M = 1) graphs: each Linear/Conv1D weight and the
     LM head packed once for oneDNN, whichever graph packed it first; tokens as eager."""
+    skip_unless_onednn_packs(dtype or torch.float32)
     torch._dynamo.reset()
     model = _tiny_gpt2()
     ids = torch.randint(5, 300, (1, 6), generator=torch.Generator().manual_seed(1))

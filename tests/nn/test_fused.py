@@ -7,12 +7,15 @@ import torch
 from torch import nn
 
 from cpuboost.nn import POST_OPS, FusedConv, FusedConvTranspose, FusedLinear, set_backend
-from tests.conftest import rel_err
+from cpuboost.errors import UnsupportedRequestError
+from tests.conftest import onednn_packs, rel_err, skip_unless_onednn_packs
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def _build(kind, backend, dtype):
+    if backend == "onednn":
+        skip_unless_onednn_packs(dtype)
     torch.manual_seed(0)
     if kind == "linear":
         src, x = nn.Linear(24, 40), torch.randn(3, 5, 24)
@@ -51,7 +54,9 @@ def test_matches_reference_and_original(kind, backend, dtype, post_op):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_dict_has_original_keys_shapes_dtypes(kind):
-    src, fused, _ = _build(kind, "onednn", torch.bfloat16)
+    # bf16 storage of an fp32 model; packed where this CPU's oneDNN can pack bf16
+    src, fused, _ = _build(kind, "onednn" if onednn_packs(torch.bfloat16) else "aten",
+                           torch.bfloat16)
     sd, fsd = src.state_dict(), fused.state_dict()
     assert list(sd) == list(fsd)
     for k in sd:
@@ -87,10 +92,25 @@ def test_deepcopy_pickle_and_backend_switch(kind):
         assert rel_err(ref, fused(x)) <= 1e-5
 
 
-def test_packed_weight_is_the_only_copy():
-    src, fused, _ = _build("linear", "onednn", torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_weight_is_the_only_copy(dtype):
+    src, fused, _ = _build("linear", "onednn", dtype)
     assert fused._w.is_mkldnn and not list(fused.parameters())
-    assert fused.weight_bytes() == (40 * 24 + 40) * 2  # bf16, no fp32 copy kept
+    assert fused.weight_bytes() == (40 * 24 + 40) * dtype.itemsize  # no fp32 copy kept
+
+
+def test_onednn_refuses_a_dtype_it_cannot_pack_here(monkeypatch):
+    """On an AVX2-only CPU torch's bf16 reorder raises a bare RuntimeError; the module says
+    what is missing and what to do instead, and the aten backend still works."""
+    import cpuboost.hw.features as features
+    monkeypatch.setattr(features, "onednn_runs", lambda dtype, hw: dtype != torch.bfloat16)
+    src, x = nn.Linear(24, 40), torch.randn(3, 24)
+    with pytest.raises(UnsupportedRequestError, match="cannot pack torch.bfloat16.*backend='aten'"):
+        FusedLinear(src, torch.bfloat16, "onednn")
+    fused = FusedLinear(src, torch.bfloat16, "aten")
+    with pytest.raises(UnsupportedRequestError, match="cannot pack"):
+        set_backend(fused, "onednn")
+    assert rel_err(src(x), fused(x).float()) <= RTOL[torch.bfloat16]
 
 
 def test_weight_property_reads_original():

@@ -7,7 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from cpuboost.nn.int8 import Int8Conv, Int8Linear, quantize_weight
+import cpuboost.nn.int8 as int8_module
+from cpuboost.nn.int8 import (Int8Conv, Int8Linear, QuantizedWeight, pair_extent,
+                              quantize_weight)
 from cpuboost.nn.postops import POST_OPS
 from cpuboost.verify import sqnr_db
 
@@ -139,3 +141,71 @@ def test_transposed_weight_view_is_quantized_by_value_not_by_memory_layout():
     from_copy = Int8Linear(stored.t().contiguous(), bias, act)
     assert torch.equal(from_view(x), from_copy(x))
     assert sqnr_db(x @ stored + bias, from_view(x)) > MIN_SQNR
+
+
+def _extreme_inputs(k: int, shape_rest=()) -> torch.Tensor:
+    """Inputs at both ends of a 0..255 grid (scale 1, zero point 0): 255 where the weight
+    pairs are large, so any int16 pair sum that could saturate does."""
+    return torch.full((4, k, *shape_rest), 255.0)
+
+
+@pytest.mark.parametrize("pairwise", [True, False])
+def test_pairwise_weights_keep_neighbour_sums_within_int16(pairwise):
+    """Pair-bounded (the default on x86 without VNNI): every two neighbouring input-channel
+    weights sum to at most 128 in either sign, so 255 * sum fits vpmaddubsw's int16."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 33, 3)
+    w[:, 4:6] = 3.0  # neighbours both at the row's largest magnitude
+    w[:, 10:12] = -3.0
+    q, scale = quantize_weight(w, pairwise=pairwise)
+    extent = pair_extent(q.float())
+    assert (extent <= 128).all() if pairwise else (extent > 128).all()
+    assert sqnr_db(w, q.float() * scale.view(-1, 1, 1)) > 30  # still a fine weight
+
+
+def test_linear_with_large_neighbouring_weights_is_exact_at_extreme_inputs():
+    """The adversarial case for non-VNNI CPUs: neighbouring weights 127, 127 fed 255s were off
+    by thousands before weights were pair-bounded. Here the kernel equals its reference."""
+    w = torch.zeros(8, 64)
+    w[:, 0::4] = w[:, 1::4] = 1.0
+    w[:, 2::4] = w[:, 3::4] = -1.0
+    x = _extreme_inputs(64)
+    q = Int8Linear(w, None, (1.0, 0))
+    torch.testing.assert_close(q(x), q.reference_forward(x), atol=1e-3, rtol=1e-5)
+    assert sqnr_db(x @ w.t(), q(x)) > 30
+
+
+def test_a_given_int8_weight_that_would_saturate_is_quantized_again(monkeypatch):
+    """A saved int8 weight from a VNNI CPU (neighbours 127, 127) loaded where pairs saturate:
+    it is requantized pair-bounded from its float values, and the kernel is exact."""
+    monkeypatch.setattr(int8_module, "pairs_saturate", lambda: True)
+    qw = torch.tensor([127, 127, 0, -128] * 16, dtype=torch.int8).repeat(8, 1)
+    given = QuantizedWeight(qw, torch.full((8,), 0.01))
+    layer = Int8Linear(given, None, (1.0, 0))
+    assert layer.requantized and "quantized again" in repr(layer)
+    assert (pair_extent(layer.qweight.float()) <= 128).all()
+    x = _extreme_inputs(64)
+    torch.testing.assert_close(layer(x), layer.reference_forward(x), atol=1e-3, rtol=1e-5)
+    assert sqnr_db(x @ (qw.float() * 0.01).t(), layer(x)) > 30
+    safe = Int8Linear(QuantizedWeight(torch.full((8, 64), 60, dtype=torch.int8),
+                                      torch.full((8,), 0.01)), None, (1.0, 0))
+    assert not safe.requantized
+
+
+@pytest.mark.parametrize("in_channels", [8, 16, 24])
+@pytest.mark.parametrize("stride", [2, 3])
+def test_strided_1x1_conv_is_exact_and_repeatable(in_channels, stride):
+    """oneDNN's AVX2 int8 1x1 conv at stride 2 on channels-last input with 8 or 24 in-channels
+    returned wrong, run-to-run different values (off by ~1); cpuboost subsamples first there."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, 16, 1, stride)
+    x = torch.randn(2, in_channels, 14, 14).relu()
+    q = Int8Conv(conv.weight, conv.bias, _act(x), (stride, stride), (0, 0), (1, 1), 1,
+                 input_shape=tuple(x.shape))
+    ref = q.reference_forward(x)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    outs = [q(cl) for _ in range(4)] + [q(x)]
+    for y in outs:
+        assert y.shape == conv(x).shape
+        torch.testing.assert_close(y, ref, atol=ATOL, rtol=1e-5)
+    assert sqnr_db(conv(x), outs[0]) > MIN_SQNR

@@ -5,7 +5,7 @@ from torch import nn
 import cpuboost
 from cpuboost.nn import FusedConv, FusedLinear
 from cpuboost.testing import TOY_MODELS, build_eval
-from tests.conftest import FP32_RTOL, rel_err
+from tests.conftest import FP32_RTOL, onednn_packs, rel_err
 
 
 def _skips(opt):
@@ -89,7 +89,8 @@ def test_transformers_conv1d_is_packed(dtype):
     ids = torch.randint(5, 300, (2, 7))
     opt = cpuboost.optimize(model, dtype=dtype, sample_input={"input_ids": ids})
     assert isinstance(opt.transformer.h[0].mlp.c_fc, FusedConv1DLinear)
-    assert "gelu" in opt.transformer.h[0].mlp.c_fc.post_op.name  # NewGELU fused in
+    if onednn_packs(dtype or torch.float32):  # aten's kernel (bf16 on AVX2) fuses nothing
+        assert "gelu" in opt.transformer.h[0].mlp.c_fc.post_op.name  # NewGELU fused in
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
         ref = model(ids).logits
     with torch.no_grad():
