@@ -28,7 +28,7 @@ from cpuboost.quant.layers import (WEIGHT_ONLY, bf16_module, float_parts, int8_m
 from cpuboost.quant.observers import Observer, make_observer
 from cpuboost.quant.recipe import LayerRecipe, Recipe
 from cpuboost.quant.shared_qdq import quantize_shared_outputs, residual_only_convs
-from cpuboost.quant.smooth import ChannelStats, choose
+from cpuboost.quant.smooth import ChannelStats, choose, judge_clip
 from cpuboost.report import OptimizationReport, PassRecord, attach
 from cpuboost.verify import cosine, sqnr_db
 
@@ -114,7 +114,7 @@ def prepare_model(model: nn.Module, cfg: QuantConfig, first, inplace: bool,
         prepared.observers, prepared.handles = observe_inputs(observed, make)
         prepared.residual, handles = observe_outputs(residual, make)
         prepared.handles += handles
-    if cfg.smooth_quant and recipe is None:
+    if (cfg.smooth_quant or _judges_clip(cfg)) and recipe is None:
         linears = {n: m for n, m in prepared.targets.items() if kind_of(m) == "linear"}
         prepared.channels, handles = observe_inputs(linears, lambda name: ChannelStats())
         prepared.handles += handles
@@ -234,7 +234,26 @@ def _act_qparams(p: Prepared, name: str, qmax: int):
     obs = p.observers[name]
     if not obs.seen:
         return "did not run during calibration, so its input range is unknown"
-    return affine_qparams(*obs.clip_range(), qmax, p.cfg.activation_symmetric)
+    act = affine_qparams(*obs.clip_range(), qmax, p.cfg.activation_symmetric)
+    stats = p.channels.get(name)
+    if not _judges_clip(p.cfg) or stats is None or stats.sample is None:
+        return act
+    full = affine_qparams(obs.lo, obs.hi, qmax, p.cfg.activation_symmetric)
+    if full == act:
+        return act
+    best, errs = judge_clip(stats, float_parts(p.targets[name])[0], [act, full], qmax,
+                            p.cfg.weight_granularity == "per_channel")
+    if best == 1:
+        p.rec.notes.append(f"{name}: full observed input range kept (int8 output error on "
+                           f"calibration rows x{errs[1] / max(errs[0], 1e-30):.2f} of the "
+                           "histogram's clip)")
+    return (act, full)[best]
+
+
+def _judges_clip(cfg) -> bool:
+    """Static histogram calibration: Linear inputs get the clip with the lower int8 output
+    error, of the histogram's and the full observed range (smooth.judge_clip)."""
+    return not cfg.dynamic and getattr(cfg, "observer", None) == "histogram"
 
 
 def _residual_grid(p: Prepared, name: str) -> Optional[tuple[float, int]]:
@@ -258,7 +277,7 @@ def _smoothing(p: Prepared, name: str, m: nn.Module, act, qmax: int):
             return act, (None, None)
         return act, (torch.tensor(r.smoothing, dtype=torch.float32), r.smooth_alpha)
     stats = p.channels.get(name)
-    if stats is None or stats.sample is None:
+    if not p.cfg.smooth_quant or stats is None or stats.sample is None:
         return act, (None, None)
     weight, _ = float_parts(m)
     cfg = p.cfg

@@ -77,6 +77,20 @@ def _fake_int8(x: torch.Tensor, w: torch.Tensor, qparams, qmax: int, per_channel
     return xq @ (qw.float() * w_scale[:, None]).t()  # (M, out)
 
 
+def judge_clip(stats: ChannelStats, weight: torch.Tensor, candidates: list[tuple[float, int]],
+               qmax: int, per_channel: bool) -> tuple[int, list[float]]:
+    """Index of the input qparams, among ``candidates``, whose int8 product with the weight is
+    nearest the float product on the layer's calibration rows, and each one's squared error.
+    An activation histogram's L2-optimal clip ignores what the clipped values are multiplied
+    by: in transformers a few outlier channels meet large weights, and clipping them costs
+    more than the coarser grid of the full range (all-MiniLM-L6-v2: see docs/quantize.md)."""
+    w = weight.detach().float()
+    reference = stats.sample @ w.t()
+    errs = [float((_fake_int8(stats.sample, w, qp, qmax, per_channel) - reference).pow(2).sum())
+            for qp in candidates]
+    return min(range(len(errs)), key=errs.__getitem__), errs
+
+
 def choose(stats: ChannelStats, weight: torch.Tensor, qmax: int, symmetric: bool,
            per_channel: bool, alpha: Optional[float] = None,
            unsmoothed: Optional[tuple[float, int]] = None) -> Smoothing:
@@ -108,4 +122,4 @@ def choose(stats: ChannelStats, weight: torch.Tensor, qmax: int, symmetric: bool
     return best
 
 
-__all__ = ["ALPHAS", "ChannelStats", "Smoothing", "choose"]
+__all__ = ["ALPHAS", "ChannelStats", "Smoothing", "choose", "judge_clip"]

@@ -102,3 +102,59 @@ def test_histogram_growth_over_many_orders_of_magnitude():
 def test_symmetric_qparams_center_zero():
     scale, zp = affine_qparams(-1.0, 3.0, 255, True)
     assert zp == 128 and scale == pytest.approx(6.0 / 255)
+
+
+
+def _outlier_rows(outlier_weight: float):
+    """A Linear's calibration rows: Gaussian, with channel 0 carrying rare large values (a
+    transformer's outlier feature); ``outlier_weight`` is how much the layer reads it."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    with torch.no_grad():
+        lin.weight[:, 0] = outlier_weight
+    calib = []
+    for _ in range(4):
+        x = torch.randn(64, 64)
+        x[::8, 0] = torch.linspace(20, 60, 8)
+        calib.append((x,))
+    return torch.nn.Sequential(lin).eval(), calib
+
+
+def _stats(calib):
+    from cpuboost.quant.smooth import ChannelStats
+    stats = ChannelStats()
+    for (x,) in calib:
+        stats.observe(x)
+    return stats
+
+
+@pytest.mark.parametrize("outlier_weight, expected", [(1.0, 1), (0.0, 0)])
+def test_clip_is_judged_by_the_int8_output_error(outlier_weight, expected):
+    """Clipping channel 0 at 8 costs output accuracy only where the weights read channel 0."""
+    from cpuboost.quant.smooth import judge_clip
+    model, calib = _outlier_rows(outlier_weight)
+    clip, full = affine_qparams(-4.0, 8.0, 255), affine_qparams(-4.0, 60.0, 255)
+    best, errs = judge_clip(_stats(calib), model[0].weight, [clip, full], 255, True)
+    assert best == expected and errs[expected] < errs[1 - expected]
+
+
+def test_quantize_keeps_the_full_range_where_the_clip_costs_output_accuracy(monkeypatch):
+    """Wiring: where the histogram's clip (here forced to 8, as it clips GELU outputs' long
+    tails in all-MiniLM-L6-v2) makes the int8 output worse, quantize uses the observed range,
+    says so, and the output is the better for it."""
+    import cpuboost
+    from cpuboost.verify import sqnr_db
+    model, calib = _outlier_rows(outlier_weight=1.0)
+    clipped = cpuboost.quantize(model, calib, cpuboost.StaticInt8Config(observer="percentile",
+                                                                        percentile=99.0))
+    monkeypatch.setattr(HistogramObserver, "clip_range", lambda self: (self.lo, 8.0))
+    q = cpuboost.quantize(model, calib)
+    notes = cpuboost.report_of(q).pass_named("quantize").notes
+    assert any(n.startswith("0: full observed input range kept") for n in notes), notes
+    assert (255 - q[0].x_zp) * q[0].x_scale >= 59.0
+    x = calib[0][0]
+    with torch.no_grad():
+        assert sqnr_db(model(x), q(x)) > sqnr_db(model(x), clipped(x)) + 6
+    ignored, _ = _outlier_rows(outlier_weight=0.0)
+    kept = cpuboost.quantize(ignored, calib)
+    assert (255 - kept[0].x_zp) * kept[0].x_scale < 9
