@@ -52,6 +52,7 @@ def _rewritable(node: torch.fx.Node, int8: bool) -> bool:
 class FastAttention(CustomGraphPass):
     def __init__(self):
         self.replaced = 0
+        self.missed = 0  # calls it would have replaced, where the kernel cannot run
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         op = None
@@ -64,7 +65,8 @@ class FastAttention(CustomGraphPass):
                 continue
             op = op or attention_op()
             if op is None:
-                return
+                self.missed += 1
+                continue
             q = node.args[0]
             scale = node.kwargs.get("scale")
             scale = 1.0 / math.sqrt(q.meta["val"].shape[-1]) if scale is None else float(scale)

@@ -215,6 +215,10 @@ class CompiledForward:
                           f"{self.linear_pass.replaced} Linear(s) on oneDNN, "
                           f"{self.linear_pass.attention.replaced} attention(s) on cpuboost's "
                           "bf16 kernel")
+        if self.linear_pass.attention.missed:
+            from cpuboost.kernels import unavailable
+            self.record.skip("forward", f"{self.linear_pass.attention.missed} attention(s) kept on "
+                                        f"torch's kernel: {unavailable()}")
         for reason, n in breaks.items():
             self.record.skip("forward", f"graph break x{n}: {reason[:200]}")
         self.record.seconds += seconds

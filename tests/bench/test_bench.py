@@ -127,6 +127,33 @@ def test_compiled_variants_get_their_own_process(monkeypatch, tmp_path):
                        ["eager_fp32", "compile_fp32", "cpuboost_compile_bf16"]]
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_variants_are_skipped_where_bf16_is_emulated(monkeypatch, tmp_path, native):
+    import dataclasses
+    from cpuboost.cli import bench as cli_bench
+    from cpuboost.cli.main import main
+    from cpuboost.hw import features
+    flags = {"avx2", "avx512_bf16"} if native else {"avx2"}
+    fake = dataclasses.replace(features.detect(), flags=frozenset(flags))
+    monkeypatch.setattr("cpuboost.hw.detect", lambda: fake)
+    spawned = []
+
+    def fake_spawn(case, variants, rounds, memory=False, llm=None):
+        spawned.extend(variants)
+        return {"case": case, "rows": [], "error": None}
+
+    monkeypatch.setattr(cli_bench, "_spawn", fake_spawn)
+    assert main(["bench", "--cases", "dlrm_bs256", "--rounds", "1", "--out", str(tmp_path)]) == 0
+    saved = json.loads(next(tmp_path.glob("bench-*.json")).read_text())
+    bf16 = {v for v in spawned if "bf16" in v}
+    assert bool(bf16) == native and bool(saved["skipped"]) != native
+    assert all("bf16" in v for v in saved["skipped"])
+    spawned.clear()  # asked for by name: run anyway
+    main(["bench", "--cases", "dlrm_bs256", "--rounds", "1", "--out", str(tmp_path),
+          "--variants", "cpuboost_bf16"])
+    assert "cpuboost_bf16" in spawned
+
+
 def test_generate_requests_time_generate():
     """A Generate request times model.generate(); optimize checks numerics on its forward."""
     import pytest

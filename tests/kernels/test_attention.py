@@ -8,7 +8,8 @@ import cpuboost
 from cpuboost.kernels import attention_op, unavailable
 from tests.conftest import BF16_RTOL, rel_err
 
-pytestmark = pytest.mark.skipif(attention_op() is None, reason=f"kernel unavailable: {unavailable()}")
+needs_kernel = pytest.mark.skipif(attention_op() is None,
+                                  reason=f"kernel unavailable: {unavailable()}")
 TOL = 1e-2  # bf16 inputs and probabilities, fp32 accumulation (measured ~3.5e-3)
 
 
@@ -36,6 +37,7 @@ def _reference(q, k, v, mask, scale):
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mask", ["none", "keys", "full", "bool"])
+@needs_kernel
 def test_matches_sdpa(shape, dtype, mask):
     b, h, lq, lk, d = shape
     q, k, v = _qkv(b, h, lq, lk, d, strided=d == 64, dtype=dtype)
@@ -52,6 +54,7 @@ def test_matches_sdpa(shape, dtype, mask):
     assert _rel(_reference(q, k, v, m, 0.2), out) < TOL
 
 
+@needs_kernel
 def test_a_fully_masked_row_is_zero_and_the_thread_count_changes_nothing():
     q, k, v = _qkv(1, 2, 6, 6, 64, strided=True, dtype=torch.float32)
     m = torch.ones(1, 1, 6, 6, dtype=torch.bool)
@@ -74,6 +77,7 @@ def test_a_fully_masked_row_is_zero_and_the_thread_count_changes_nothing():
     (lambda q, k, v: (q, k, v.bfloat16(), None), "one dtype"),
     (lambda q, k, v: (q, k, v, torch.zeros(1, 1, 1, 7)), "does not broadcast"),
 ])
+@needs_kernel
 def test_bad_input_says_what_is_wrong(bad, message):
     q, k, v = _qkv(1, 2, 5, 5, 64, strided=False, dtype=torch.float32)
     with pytest.raises(RuntimeError, match=message):
@@ -97,6 +101,7 @@ def _attention_note(model) -> str:
 
 
 @pytest.mark.parametrize("dtype, used", [(torch.bfloat16, 2), (None, 0)], ids=["bf16", "fp32"])
+@needs_kernel
 def test_graph_mode_uses_it_for_bf16_not_fp32(dtype, used):
     torch._dynamo.reset()
     model, inputs = _tiny_bert()
@@ -107,6 +112,7 @@ def test_graph_mode_uses_it_for_bf16_not_fp32(dtype, used):
     assert rel_err(ref, out.float()) <= (BF16_RTOL if dtype else 1e-4)
 
 
+@needs_kernel
 def test_int8_graphs_use_it():
     torch._dynamo.reset()
     model, inputs = _tiny_bert()
@@ -117,3 +123,21 @@ def test_int8_graphs_use_it():
     assert "2 attention(s) on cpuboost's bf16 kernel" in _attention_note(q)
     cos = F.cosine_similarity(ref.flatten(), out.float().flatten(), 0)
     assert cos > 0.99
+
+
+def test_the_report_says_why_the_kernel_was_not_used(monkeypatch):
+    """Where the kernel cannot run (no AVX512-BF16, no compiler), graphs keep torch's attention
+    and the report gives the reason instead of a bare count of 0."""
+    import cpuboost.compile.attention_pass as attention_pass
+    import cpuboost.kernels as kernels
+    monkeypatch.setattr(attention_pass, "attention_op", lambda: None)
+    monkeypatch.setattr(kernels, "unavailable", lambda: "the CPU has no AVX512-BF16")
+    torch._dynamo.reset()
+    model, inputs = _tiny_bert()
+    q = cpuboost.quantize(model, [inputs], example_inputs=inputs, graph_mode=True)
+    assert "0 attention(s) on cpuboost's bf16 kernel" in _attention_note(q)
+    skipped = [why for _, why in cpuboost.report_of(q).pass_named("graph_mode").skipped]
+    assert "2 attention(s) kept on torch's kernel: the CPU has no AVX512-BF16" in skipped
+    with torch.no_grad():
+        ref, out = model(**inputs).last_hidden_state, q(**inputs).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.99
