@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from cpuboost.hw.features import detect, onednn_runs
 from cpuboost.llm.config import LlmConfig, WoqConfig
 from cpuboost.llm.structure import is_linear
-from cpuboost.hw.features import detect, onednn_runs
 from cpuboost.nn.fused import FusedConv1DLinear, FusedLinear, is_hf_conv1d
 from cpuboost.nn.woq import WoqLinear, why_not_woq
 from cpuboost.passes._context import replace_module

@@ -1,5 +1,7 @@
+import importlib
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -30,6 +32,38 @@ def test_library_activation_is_fused():
     assert isinstance(opt[1], FusedAway) and isinstance(opt[3], FusedAway)
     assert opt[0].post_op.name == "gelu_tanh" and opt[2].post_op.name == "tanh"
     assert rel_err(model(x), opt(x)) <= FP32_RTOL
+
+
+@pytest.mark.measured_fusion
+@pytest.mark.parametrize("fused_us, apart_us, fuses", [(1946.0, 1643.0, False), (900.0, 1000.0, True)])
+def test_an_activation_measured_slower_fused_stays_apart(monkeypatch, fused_us, apart_us, fuses):
+    """On AVX2 oneDNN's fused GELU cost more than GELU as its own op (1946 vs 1643 us measured):
+    it stays apart there, with the timings in the report; ReLU is always fused."""
+    fp = importlib.import_module("cpuboost.passes.fuse_pointwise")
+    monkeypatch.setattr(fp, "post_op_costs", lambda name, dtype, threads: (fused_us * 1e-6,
+                                                                          apart_us * 1e-6))
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4), nn.ReLU()).eval()
+    x = torch.randn(3, 8)
+    opt = cpuboost.optimize(model, sample_input=x)
+    assert isinstance(opt[1], FusedAway) == fuses and isinstance(opt[3], FusedAway)
+    skipped = cpuboost.report_of(opt).pass_named("fuse_pointwise").skipped
+    assert bool(skipped) != fuses
+    if not fuses:
+        assert "gelu not fused: oneDNN's fused gelu measured slower" in skipped[0][1]
+        assert "1946 vs 1643 us" in skipped[0][1]
+    assert rel_err(model(x), opt(x)) <= FP32_RTOL
+
+
+@pytest.mark.measured_fusion
+def test_post_op_costs_are_measured_once_per_process():
+    fp = importlib.import_module("cpuboost.passes.fuse_pointwise")
+    from cpuboost.nn.postops import POST_OPS
+    fp.post_op_costs.cache_clear()
+    first = fp.post_op_costs("gelu", torch.float32, torch.get_num_threads())
+    assert all(0 < t < 1 for t in first)
+    assert fp.post_op_costs("gelu", torch.float32, torch.get_num_threads()) == first
+    assert fp.fusing_pays(POST_OPS["relu"], torch.float32)  # never measured: always pays
+    assert fp.post_op_costs.cache_info().currsize == 1
 
 
 def test_shared_activation_fuses_only_if_every_call_can():

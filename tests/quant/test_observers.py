@@ -104,7 +104,6 @@ def test_symmetric_qparams_center_zero():
     assert zp == 128 and scale == pytest.approx(6.0 / 255)
 
 
-
 def _outlier_rows(outlier_weight: float):
     """A Linear's calibration rows: Gaussian, with channel 0 carrying rare large values (a
     transformer's outlier feature); ``outlier_weight`` is how much the layer reads it."""
