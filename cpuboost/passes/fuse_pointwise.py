@@ -35,11 +35,11 @@ class FusedAway(nn.Identity):
 def post_op_costs(name: str, dtype: torch.dtype, threads: int) -> tuple[float, float]:
     """Seconds per call of oneDNN's linear with the post-op ``name`` fused, and of the same
     linear followed by the activation as its own op, measured once per process on this CPU
-    (128 x 768 -> 1024, a BERT-base shape: the fused post-op's extra cost grows with K on AVX2,
-    measured; at K = 64 fused and apart cost the same). oneDNN applies post-ops
-    with one element-wise code generator for linear and conv alike. Measured on an AVX2 Zen 3
-    at 128 x 768 -> 3072: GELU fused +1.61 ms vs +0.45 ms as its own op, SiLU +1.77 vs +0.49,
-    tanh +2.50 vs +0.86; ReLU, sigmoid and hardswish cheaper fused. On AVX-512 fusing won."""
+    (128 x 768 -> 1024, a BERT-base shape: on AVX2 the fused post-op's extra cost grew with K;
+    at K = 64 fused and apart cost the same). oneDNN applies post-ops with one element-wise
+    code generator for linear and conv alike. Measured on an AVX2 Zen 3 at 128 x 768 -> 3072:
+    GELU fused +1.61 ms vs +0.45 ms as its own op, SiLU +1.77 vs +0.49, tanh +2.50 vs +0.86;
+    ReLU, sigmoid and hardswish cheaper fused."""
     op = POST_OPS[name]
     x = torch.randn(128, 768).to(dtype)
     packed = torch.ops.mkldnn._reorder_linear_weight(torch.randn(1024, 768).to(dtype), 128)
