@@ -37,11 +37,15 @@ def _register_decomposed_ops() -> None:
     importlib.import_module("torch.ao.quantization.fx._decomposed")
 
 
+def _detect():
+    from cpuboost.hw import detect  # hw imports torch only; imported late like the ops
+    return detect()
+
+
 def pairs_saturate() -> bool:
     """Whether this CPU's int8 kernels add neighbouring u8 x s8 products in int16 (see
     ``CpuFeatures.int8_pairs_saturate``): then weights are quantized pair-bounded."""
-    from cpuboost.hw import detect  # hw imports torch only; imported late like the ops
-    return detect().int8_pairs_saturate
+    return _detect().int8_pairs_saturate
 
 
 def pair_extent(w: torch.Tensor) -> torch.Tensor:
@@ -78,12 +82,6 @@ def quantize_weight(w: torch.Tensor, per_channel: bool = True, pairwise: Optiona
     view = (-1,) + (1,) * (w.dim() - 1)
     q = torch.round(w / scale.view(view)).clamp(W_MIN, W_MAX).to(torch.int8)
     return q.contiguous(), scale
-
-
-def _strided_1x1_is_wrong() -> bool:
-    from cpuboost.hw import detect
-    f = detect()
-    return f.arch in ("x86_64", "AMD64") and "avx512" not in f.flags
 
 
 def requantize_if_saturating(qw: torch.Tensor, scale: torch.Tensor, per_channel: bool
@@ -417,14 +415,13 @@ class Int8Conv(_Int8):
         self.stride, self.padding = tuple(stride), tuple(padding)
         self.dilation, self.groups = tuple(dilation), groups
         lift = (lambda v, pad: [pad] + list(v)) if self.nd == 1 else (lambda v, pad: list(v))
-        # a strided 1x1 conv reads every s-th pixel: on x86 without AVX-512 oneDNN's int8 1x1
-        # kernel gave wrong, run-to-run different results for stride 2 with channels-last
-        # input (in-channels 8, 24: measured), so the input is subsampled first and the conv
-        # runs at stride 1 - the same sum of the same products, in eager and compiled form
+        # a strided 1x1 conv reads every s-th pixel: where oneDNN's kernel for it is wrong
+        # (CpuFeatures.int8_strided_1x1_wrong) the input is subsampled first and the conv runs
+        # at stride 1 - the same sum of the same products, in eager and compiled form
         self.subsample = None
         self.input_shape = None if input_shape is None else tuple(input_shape)
         if (all(k == 1 for k in weight.shape[2:]) and not any(self.padding)
-                and any(v > 1 for v in self.stride) and _strided_1x1_is_wrong()):
+                and any(v > 1 for v in self.stride) and _detect().int8_strided_1x1_wrong):
             self.subsample = self.stride
             stride = (1,) * self.nd
             if input_shape is not None:

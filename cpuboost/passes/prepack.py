@@ -9,10 +9,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from cpuboost.hw.features import onednn_runs
 from cpuboost.nn import FusedConv, FusedConvTranspose, FusedLinear, set_backend
 from cpuboost.nn.fused import FusedConv1DLinear, _Fused, is_hf_conv1d
 from cpuboost.passes._context import PassContext, names_of, replace_module
-from cpuboost.hw.features import onednn_runs
 from cpuboost.passes.kernel_choice import linear_backend
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)

@@ -133,8 +133,7 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
         _calibration_notes(p.observers, p.cfg, calib)
     p.report.passes.append(p.rec)
     t0 = time.perf_counter()
-    qmax = 255
-    floats = _convert(p, qmax)
+    floats = _convert(p)
     if p.hw.int8_pairs_saturate:
         p.rec.notes.append("weights quantized pair-bounded: without VNNI, oneDNN adds two u8 x s8 "
                            "products in a saturating int16, so neighbouring int8 weights are "
@@ -196,6 +195,12 @@ def _check_data(cfg: QuantConfig, data: CalibrationData) -> None:
                           "the model accepts): it shows which layers run and feeds the checks.")
 
 
+# Activations use the whole uint8 range everywhere: on x86 without VNNI the weights are
+# pair-bounded instead (nn.int8.quantize_weight). Int8 layers keep a qmax field so files saved
+# with 0..127 activations still load.
+_QMAX = 255
+
+
 def _timed(report: OptimizationReport, name: str, run) -> None:
     rec = report.record(name)
     t0 = time.perf_counter()
@@ -218,7 +223,7 @@ def _calibration_notes(observers: dict[str, Observer], cfg: StaticInt8Config,
                              f"over [{lo:.3g}, {hi:.3g}] ({cfg.observer})")
 
 
-def _act_qparams(p: Prepared, name: str, qmax: int):
+def _act_qparams(p: Prepared, name: str):
     """(scale, zero point) for a layer's input, None for dynamic or weight-only, or a str: why
     it stays float."""
     weight_only = kind_of(p.targets[name]) in WEIGHT_ONLY
@@ -234,14 +239,14 @@ def _act_qparams(p: Prepared, name: str, qmax: int):
     obs = p.observers[name]
     if not obs.seen:
         return "did not run during calibration, so its input range is unknown"
-    act = affine_qparams(*obs.clip_range(), qmax, p.cfg.activation_symmetric)
+    act = affine_qparams(*obs.clip_range(), _QMAX, p.cfg.activation_symmetric)
     stats = p.channels.get(name)
     if not _judges_clip(p.cfg) or stats is None or stats.sample is None:
         return act
-    full = affine_qparams(obs.lo, obs.hi, qmax, p.cfg.activation_symmetric)
+    full = affine_qparams(obs.lo, obs.hi, _QMAX, p.cfg.activation_symmetric)
     if full == act:
         return act
-    best, errs = judge_clip(stats, float_parts(p.targets[name])[0], [act, full], qmax,
+    best, errs = judge_clip(stats, float_parts(p.targets[name])[0], [act, full], _QMAX,
                             p.cfg.weight_granularity == "per_channel")
     if best == 1:
         p.rec.notes.append(f"{name}: full observed input range kept (int8 output error on "
@@ -268,7 +273,7 @@ def _residual_grid(p: Prepared, name: str) -> Optional[tuple[float, int]]:
     return affine_qparams(*obs.clip_range(), 255, False)
 
 
-def _smoothing(p: Prepared, name: str, m: nn.Module, act, qmax: int):
+def _smoothing(p: Prepared, name: str, m: nn.Module, act):
     """(act qparams, (smoothing vector or None, alpha or None)) for a layer: SmoothQuant's
     choice when it was asked for and beats no smoothing, or what the recipe says."""
     if p.given is not None:
@@ -281,7 +286,7 @@ def _smoothing(p: Prepared, name: str, m: nn.Module, act, qmax: int):
         return act, (None, None)
     weight, _ = float_parts(m)
     cfg = p.cfg
-    sm = choose(stats, weight, qmax, getattr(cfg, "activation_symmetric", False),
+    sm = choose(stats, weight, _QMAX, getattr(cfg, "activation_symmetric", False),
                 cfg.weight_granularity == "per_channel", cfg.smooth_alpha,
                 unsmoothed=act)
     if sm.scale is None:
@@ -291,11 +296,11 @@ def _smoothing(p: Prepared, name: str, m: nn.Module, act, qmax: int):
     return (None if cfg.dynamic else sm.qparams), (sm.scale, sm.alpha)
 
 
-def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
+def _convert(p: Prepared) -> dict[str, tuple[nn.Module, nn.Module]]:
     """Swap each target for its int8 module. Returns name -> (int8, float module it replaced)."""
     done = {}
     for name, m in p.targets.items():
-        act = _act_qparams(p, name, qmax)
+        act = _act_qparams(p, name)
         if isinstance(act, str):
             given = p.given.layers.get(name) if p.given is not None else None
             dtype = "bf16" if given is not None and given.dtype == "bf16" else "fp32"
@@ -304,9 +309,9 @@ def _convert(p: Prepared, qmax: int) -> dict[str, tuple[nn.Module, nn.Module]]:
             p.rec.skip(name, f"kept in {dtype}: {act}")
             p.layers[name] = LayerRecipe(kind_of(m), dtype, reason=act)
             continue
-        act, smoothing = _smoothing(p, name, m, act, qmax)
+        act, smoothing = _smoothing(p, name, m, act)
         shape = p.flow.first_shape(m) if p.flow is not None else None
-        q = int8_module(m, act, p.cfg, qmax, shape, smooth=smoothing[0])
+        q = int8_module(m, act, p.cfg, _QMAX, shape, smooth=smoothing[0])
         _swap(p, m, q)
         grid = _residual_grid(p, name)
         if grid is not None:
