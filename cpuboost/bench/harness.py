@@ -73,11 +73,14 @@ def _int8(name: str, model, sample, case) -> nn.Module:
                              graph_mode=name == "cpuboost_compile_int8")
 
 
-def _variant(name: str, model, inputs, case) -> Callable[[], object]:
+def _variant(name: str, model, inputs, case, peers=None) -> Callable[[], object]:
     if isinstance(inputs, Cycle):  # each variant walks the same sequence of requests
         sample, inputs = inputs.first(), inputs.fresh()
     else:
         sample = inputs.forward_inputs if isinstance(inputs, Generate) else inputs
+    if peers and name in peers:  # another library: peers[name](model, sample) -> run(inputs)
+        runner = peers[name](model, sample)
+        return lambda: runner(inputs.take() if isinstance(inputs, Cycle) else inputs)
     if name == "eager_fp32":
         return lambda: call(model, inputs)
     if name == "eager_bf16":
@@ -141,7 +144,10 @@ def _progress(case: str, done: int, total: int, text: str) -> None:
     print(f"\r[{case}] [{bar}] {done}/{total} {text:<28}", end="", file=sys.stderr, flush=True)
 
 
-def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> dict:
+def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0,
+             peers=None) -> dict:
+    """``peers`` maps extra variant names to ``make(model, sample) -> run(inputs)``, for
+    libraries outside cpuboost's dependencies (benchmarks/peers.py)."""
     variants = [v for v in variants
                 if (case.int8 or v not in INT8) and (case.llm or v not in LLM)]
     model, inputs = case.build()
@@ -154,7 +160,7 @@ def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0) -> 
             t0 = time.perf_counter()
             graphs_before = _compiled_graphs()
             with PeakRss() as mem:
-                fn = _variant(name, model, inputs, case)
+                fn = _variant(name, model, inputs, case, peers)
                 outputs[name] = fn()  # first call: includes compilation / deferred work
                 for _ in range(len(inputs.items) if isinstance(inputs, Cycle) else 1):
                     fn()  # see every request shape once before timing (compiles happen here)
