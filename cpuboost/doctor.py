@@ -153,7 +153,8 @@ def _problems(f: CpuFeatures, topo: Topology, t: TorchInfo, env: Mapping[str, st
             "`cpuboost run` can bind cores but not memory", "apt-get install numactl")
     if not machine.allocators:
         add("info", "neither jemalloc nor tcmalloc is installed; both cut allocation time of "
-            "inference servers", "apt-get install libjemalloc2 (then `cpuboost run` preloads it)")
+            "inference servers (`cpuboost run` sets glibc's malloc to keep freed memory "
+            "meanwhile)", "apt-get install libjemalloc2 (then `cpuboost run` preloads it)")
     if f.arch.lower() in ("x86_64", "amd64") and "avx2" not in f.flags:
         add("warning", "no AVX2: every kernel falls back to slow generic code", "use a newer CPU")
     return out

@@ -105,12 +105,12 @@ def instance_main(argv=None) -> int:
 
 def run_instances(case: str, setup_s: float = 30.0, duration: float = 15.0) -> dict:
     """`cpuboost run` with one instance on every core vs one instance per core, each with the
-    default allocator and with what `--memory-allocator auto` picks (if that is another one).
-    Ratios are against one instance with the default allocator."""
+    default allocator and with what `--memory-allocator auto` picks (jemalloc, tcmalloc, or
+    glibc's malloc set to keep freed memory). Ratios are against one instance with the default
+    allocator."""
     from cpuboost.hw.topology import read_topology
-    from cpuboost.launch.execute import find_machine
     cores = len(read_topology().cores())  # what `cpuboost run` plans on: physical cores
-    allocators = ["default"] + (["auto"] if find_machine().allocators else [])
+    allocators = ["default", "auto"]
     rows = []
     for n in (1, cores):
         for allocator in allocators:

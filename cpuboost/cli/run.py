@@ -28,8 +28,9 @@ def add_parser(sub) -> None:
     mode.add_argument("--throughput-mode", action="store_true",
                       help="one instance per NUMA node, using all its cores")
     p.add_argument("--memory-allocator", default="auto",
-                   choices=["auto", "default", "jemalloc", "tcmalloc"],
-                   help="preload this allocator (auto: jemalloc, else tcmalloc, else default)")
+                   choices=["auto", "default", "jemalloc", "tcmalloc", "glibc"],
+                   help="preload this allocator (auto: jemalloc, else tcmalloc, else glibc's "
+                        "malloc set to keep freed memory; default: leave glibc's as it is)")
     p.add_argument("--omp-runtime", default="default", choices=["auto", "default", "intel"],
                    help="OpenMP runtime (default: the one torch ships; intel preloads libiomp5)")
     p.add_argument("--instance-idx", type=int, help="start only this instance of the plan")

@@ -8,10 +8,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Mapping
 
+from cpuboost._memory import GLIBC_TUNED
 from cpuboost.errors import ConfigError
 from cpuboost.hw.topology import Topology, format_cpulist
 
-ALLOCATORS = ("auto", "default", "jemalloc", "tcmalloc")
+ALLOCATORS = ("auto", "default", "jemalloc", "tcmalloc", "glibc")
 OMP_RUNTIMES = ("auto", "default", "intel")
 LATENCY_CORES = 4  # cores per instance in --latency-mode (IPEX's choice)
 
@@ -202,20 +203,26 @@ def _allocate(o: LaunchOptions, per_node: dict[int, list[int]], n: int, per: int
 
 
 def _allocator_env(o: LaunchOptions, machine: Machine, preload: list[str],
-                   env: dict[str, str], notes: list[str]) -> str:
+                   env: dict[str, str], notes: list[str], environ: Mapping[str, str]) -> str:
     choice = o.memory_allocator
     if choice == "auto":
-        choice = next((a for a in ("jemalloc", "tcmalloc") if a in machine.allocators), "default")
-        if choice == "default":
-            notes.append("no jemalloc or tcmalloc found; the default allocator is used ("
-                         + INSTALL_HINT["jemalloc"] + ")")
-    elif choice != "default" and choice not in machine.allocators:
+        choice = next((a for a in ("jemalloc", "tcmalloc") if a in machine.allocators), "glibc")
+        if choice == "glibc":
+            notes.append("no jemalloc or tcmalloc found; glibc's malloc is set to keep freed "
+                         "memory instead (" + INSTALL_HINT["jemalloc"] + ")")
+    elif choice not in ("default", "glibc") and choice not in machine.allocators:
         raise ConfigError(f"--memory-allocator {choice} was asked for but lib{choice} was not "
                           f"found; {INSTALL_HINT[choice]}, or use --memory-allocator auto")
-    if choice != "default":
+    if choice in ("jemalloc", "tcmalloc"):
         preload.append(machine.allocators[choice])
     if choice == "jemalloc":
         env["MALLOC_CONF"] = JEMALLOC_CONF
+    if choice == "glibc":
+        mine = sorted(k for k in GLIBC_TUNED if k in environ)
+        if mine:  # the user's own malloc settings win, all of them (they work as a set)
+            notes.append(f"{', '.join(mine)} already set: glibc's malloc left as configured")
+        else:
+            env.update(GLIBC_TUNED)
     return choice
 
 
@@ -279,7 +286,7 @@ def plan(topology: Topology, options: LaunchOptions = LaunchOptions(),
 
     env: dict[str, str] = {}
     preload: list[str] = []
-    allocator = _allocator_env(o, machine, preload, env, notes)
+    allocator = _allocator_env(o, machine, preload, env, notes, environ)
     omp = _omp_env(o, machine, preload, env, notes)
     if preload:
         env["LD_PRELOAD"] = ":".join(preload + [p for p in environ.get("LD_PRELOAD", "").split(":")

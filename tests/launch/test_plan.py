@@ -3,7 +3,7 @@ import pytest
 
 from cpuboost.errors import ConfigError
 from cpuboost.hw.topology import Topology
-from cpuboost.launch.plan import JEMALLOC_CONF, LaunchOptions as O, Machine, plan
+from cpuboost.launch.plan import GLIBC_TUNED, JEMALLOC_CONF, LaunchOptions as O, Machine, plan
 
 NUMACTL = Machine(numactl="/usr/bin/numactl", taskset="/usr/bin/taskset")
 # 2 sockets x 4 cores x 2 threads: cpus 0-3 socket/node 0, 4-7 node 1; siblings 8-11, 12-15
@@ -132,10 +132,24 @@ def test_allocator_auto_prefers_jemalloc_and_keeps_the_users_preload():
     assert (p.allocator, p.env["LD_PRELOAD"]) == ("tcmalloc", "/lib/libtc.so")
     assert "MALLOC_CONF" not in p.env
     p = plan(TWO_SOCKETS, O(), Machine())
-    assert p.allocator == "default" and "LD_PRELOAD" not in p.env
+    assert p.allocator == "glibc" and "LD_PRELOAD" not in p.env
+    assert {k: p.env[k] for k in GLIBC_TUNED} == GLIBC_TUNED
     assert any("apt-get install libjemalloc2" in n for n in p.notes)
     p = plan(TWO_SOCKETS, O(memory_allocator="default"), m)
     assert "LD_PRELOAD" not in p.env
+    assert not set(GLIBC_TUNED) & set(p.env)
+
+
+def test_glibc_tuning_is_explicit_or_auto_and_yields_to_the_users_settings():
+    jem = Machine(allocators={"jemalloc": "/lib/libjemalloc.so.2"})
+    p = plan(TWO_SOCKETS, O(memory_allocator="glibc"), jem)  # asked for, though jemalloc exists
+    assert p.allocator == "glibc" and "LD_PRELOAD" not in p.env and "MALLOC_CONF" not in p.env
+    assert {k: p.env[k] for k in GLIBC_TUNED} == GLIBC_TUNED
+    mine = {"MALLOC_TRIM_THRESHOLD_": "0"}
+    p = plan(TWO_SOCKETS, O(), Machine(), mine)
+    assert p.allocator == "glibc" and not set(GLIBC_TUNED) & set(p.env)
+    assert any("MALLOC_TRIM_THRESHOLD_ already set" in n for n in p.notes)
+    assert int(GLIBC_TUNED["MALLOC_MMAP_THRESHOLD_"]) <= 32 << 20  # glibc ignores more
 
 
 def test_missing_allocator_asked_for_explicitly_is_an_error_with_the_fix():
