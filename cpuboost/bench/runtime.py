@@ -18,16 +18,26 @@ STREAM_CASES = {  # name -> (builder, batch); the quick suite takes the first tw
     "resnet50_bs8": ("resnet", 8), "resnet50_bs16": ("resnet", 16),
     "bert_base_bs8": ("bert", 8), "dlrm_bs2048": ("dlrm", 2048)}
 INSTANCE_CASES = ("resnet50_bs2", "dlrm_bs256", "bert_base_bs8")
-FORMS = ("eager_fp32", "cpuboost_bf16")  # stock model; cpuboost.optimize(dtype=bf16)
+FORMS = ("eager_fp32", "cpuboost_bf16", "cpuboost_fp32")  # stock model; cpuboost.optimize()
+
+
+def forms() -> tuple[str, str]:
+    """The stock model and cpuboost's: in bf16 where the CPU has bf16 instructions, else fp32
+    (emulated bf16 runs several times slower than fp32 and would measure nothing useful)."""
+    from cpuboost.hw import detect
+    return ("eager_fp32", "cpuboost_bf16" if detect().native_bf16 else "cpuboost_fp32")
 
 
 def build(case: str, form: str):
     from cpuboost.bench import zoo
+    if form not in FORMS:
+        raise ValueError(f"unknown form {form!r}; known: {FORMS}")
     kind, batch = STREAM_CASES[case]
     model, inputs = {"resnet": zoo._resnet50, "bert": zoo._bert, "dlrm": zoo._dlrm}[kind](batch)
-    if form == "cpuboost_bf16":
+    if form.startswith("cpuboost_"):
         import cpuboost
-        model = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=inputs)
+        dtype = torch.bfloat16 if form == "cpuboost_bf16" else None
+        model = cpuboost.optimize(model, dtype=dtype, sample_input=inputs)
     return model, inputs, batch, kind
 
 

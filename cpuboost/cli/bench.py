@@ -176,7 +176,7 @@ def run_runtime(args) -> int:
     rounds = args.rounds or (3 if args.quick else 5)
     streams = []
     for i, case in enumerate(cases):
-        for form in runtime.FORMS:
+        for form in runtime.forms():
             print(f"[{i + 1}/{len(cases)}] {case} {form}", file=sys.stderr, flush=True)
             res = _spawn(case, ["streams"], rounds, runtime=form)
             res.setdefault("form", form)

@@ -228,6 +228,18 @@ def test_runtime_streams_bench_rows(capsys):
     assert "AUTO chose" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_runtime_bench_times_cpuboost_in_bf16_only_where_it_is_native(monkeypatch, native):
+    import types
+
+    import cpuboost.hw
+    from cpuboost.bench import runtime
+    monkeypatch.setattr(cpuboost.hw, "detect", lambda: types.SimpleNamespace(native_bf16=native))
+    assert runtime.forms() == ("eager_fp32", "cpuboost_bf16" if native else "cpuboost_fp32")
+    with pytest.raises(ValueError, match="unknown form"):
+        runtime.build("dlrm_bs256", "cpuboost_int4")
+
+
 @pytest.mark.slow
 def test_runtime_bench_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "cpuboost.cli.main", "bench", "--runtime",
