@@ -9,23 +9,23 @@ import pytest
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 
-# Activations of a few MB freed in another order than allocated: glibc 2.36 faults ~300 pages
-# per request by default here, handing the freed blocks back to the OS.
+# A request's activations, freed at its end: by default glibc 2.36 trims the 36 MB they leave at
+# the top of its heap (more than twice its adapted mmap threshold) and faults them in again on
+# the next request (6112 faults per request measured here).
 REQUESTS = textwrap.dedent("""
     import resource, sys, torch
     from cpuboost.runtime import keep_freed_memory
+    torch.set_num_threads(1)  # one thread touches the pages: the count does not vary
     applied = keep_freed_memory() if sys.argv[1] == "keep" else None
-    def request():
-        keep = []
-        for mb in (12, 3, 12, 3, 1, 12, 6):
-            keep.append(torch.ones(mb << 18))
-            if len(keep) > 2:
-                keep.pop(0)
-    request(); request()
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
+    def request():  # 3 activations of 12 MB, all freed at the end
+        keep = [torch.ones(3 << 20) for _ in range(3)]
+        del keep
+    for _ in range(6):  # the heap grows to its steady size first
         request()
-    print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10)
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        request()
+    print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 20)
 """)
 
 
@@ -43,7 +43,7 @@ def test_kept_memory_is_not_faulted_in_again():
     _, stock = _run("stock")
     assert applied == "True"
     assert kept < 16, (kept, stock)
-    assert kept <= stock, (kept, stock)
+    assert stock > 10 * max(kept, 16), (kept, stock)  # glibc's own behaviour, the reason for all this
 
 
 def test_the_users_own_malloc_settings_are_left_alone():
