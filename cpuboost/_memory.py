@@ -38,8 +38,10 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
         if not hasattr(libc, "gnu_get_libc_version"):
             return False
-        # mallopt takes an int: the trim threshold is 2 GB here, 64 GB through the environment
-        return all(libc.mallopt(ctypes.c_int(_MALLOPT[k]), ctypes.c_int(min(int(v), 2**31 - 1)))
-                   == 1 for k, v in GLIBC_TUNED.items())
+        # mallopt takes an int: the trim threshold is 2 GB here, 64 GB through the environment.
+        # Every setting is attempted (they only help as a set); True if glibc took them all.
+        took = [libc.mallopt(ctypes.c_int(_MALLOPT[k]), ctypes.c_int(min(int(v), 2**31 - 1)))
+                for k, v in GLIBC_TUNED.items()]
+        return all(t == 1 for t in took)
     except OSError:
         return False

@@ -78,9 +78,10 @@ def _variant(name: str, model, inputs, case, peers=None) -> Callable[[], object]
         sample, inputs = inputs.first(), inputs.fresh()
     else:
         sample = inputs.forward_inputs if isinstance(inputs, Generate) else inputs
-    if peers and name in peers:  # another library: peers[name](model, sample) -> run(inputs)
-        runner = peers[name](model, sample)
-        return lambda: runner(inputs.take() if isinstance(inputs, Cycle) else inputs)
+    if peers and name in peers:  # another library: make(model, sample, varying) -> run(inputs)
+        varying = isinstance(inputs, Cycle)
+        runner = peers[name](model, sample, varying)
+        return lambda: runner(inputs.take() if varying else inputs)
     if name == "eager_fp32":
         return lambda: call(model, inputs)
     if name == "eager_bf16":
@@ -146,8 +147,9 @@ def _progress(case: str, done: int, total: int, text: str) -> None:
 
 def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0,
              peers=None) -> dict:
-    """``peers`` maps extra variant names to ``make(model, sample) -> run(inputs)``, for
-    libraries outside cpuboost's dependencies (benchmarks/peers.py)."""
+    """``peers`` maps extra variant names to ``make(model, sample, varying) -> run(inputs)``
+    (``varying``: the requests change shape), for libraries outside cpuboost's dependencies
+    (benchmarks/peers.py)."""
     variants = [v for v in variants
                 if (case.int8 or v not in INT8) and (case.llm or v not in LLM)]
     model, inputs = case.build()

@@ -87,6 +87,35 @@ def test_cycling_inputs_one_request_per_call():
     assert rows["eager_fp32"]["graphs_compiled"] == 0
 
 
+@pytest.mark.parametrize("varying", [False, True])
+def test_peer_variants_run_beside_ours_on_the_same_requests(varying):
+    """benchmarks/peers.py's hook: another library's runner is built once from (model, sample,
+    varying) and timed and checked like a variant of ours, on every request of a Cycle."""
+    from cpuboost.bench.zoo import BenchCase, Cycle
+    made, served = [], []
+
+    def build():
+        torch.manual_seed(0)
+        requests = [{"input": torch.randn(2, 8)}, {"input": torch.randn(5, 8)}]
+        return nn.Linear(8, 4).eval(), Cycle(requests) if varying else requests[0]
+
+    def peer(model, sample, is_varying):
+        made.append((tuple(sample["input"].shape), is_varying))
+        weight = model.weight.detach().clone()  # its own copy, as a converted model would be
+
+        def run(inputs):
+            served.append(inputs["input"].shape[0])
+            return inputs["input"] @ weight.t() + model.bias.detach()
+        return run
+
+    result = run_case(BenchCase("peer", build), ("eager_fp32", "other_fp32"), rounds=1,
+                      round_s=0.01, peers={"other_fp32": peer})
+    assert made == [((2, 8), varying)]
+    assert set(served) == ({2, 5} if varying else {2})
+    row = next(r for r in result["rows"] if r["variant"] == "other_fp32")
+    assert row["max_rel_diff"] <= 1e-5 and row["speedup"] > 0
+
+
 def test_graph_mode_rows_count_their_own_graphs(monkeypatch):
     """Lengths 3/5/7: a static graph, then one with the length dynamic. A graph-mode row takes
     the count from its compiled forward, not from Dynamo's process-wide counter (which missed

@@ -11,7 +11,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 # A request's activations, freed at its end: by default glibc 2.36 trims the 36 MB they leave at
 # the top of its heap (more than twice its adapted mmap threshold) and faults them in again on
-# the next request (6112 faults per request measured here).
+# the next request: 6112 faults per request in about 6 of 10 processes here, 0 in the others
+# (where something else was allocated above them). So each mode runs in up to RUNS processes.
 REQUESTS = textwrap.dedent("""
     import resource, sys, torch
     from cpuboost.runtime import keep_freed_memory
@@ -29,6 +30,9 @@ REQUESTS = textwrap.dedent("""
 """)
 
 
+RUNS = 3
+
+
 def _run(mode: str, **env) -> tuple[str, float]:
     full = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     out = subprocess.run([sys.executable, "-c", REQUESTS, mode], env=dict(full, **env),
@@ -38,12 +42,21 @@ def _run(mode: str, **env) -> tuple[str, float]:
     return applied, float(faults)
 
 
+def stock_faults(run) -> float:
+    """Faults per request with glibc's defaults, from the first of RUNS processes where glibc
+    handed the memory back; skips the test where it never did (nothing to compare then)."""
+    for _ in range(RUNS):
+        faults = run()
+        if faults > 160:
+            return faults
+    pytest.skip(f"glibc kept the freed memory by itself in {RUNS} processes")
+
+
 def test_kept_memory_is_not_faulted_in_again():
-    applied, kept = _run("keep")
-    _, stock = _run("stock")
-    assert applied == "True"
-    assert kept < 16, (kept, stock)
-    assert stock > 10 * max(kept, 16), (kept, stock)  # glibc's own behaviour, the reason for all this
+    stock = stock_faults(lambda: _run("stock")[1])
+    kept = [_run("keep") for _ in range(RUNS)]  # broken settings would fault in most of them
+    assert all(applied == "True" for applied, _ in kept)
+    assert all(faults < 16 for _, faults in kept), (kept, stock)
 
 
 def test_the_users_own_malloc_settings_are_left_alone():
