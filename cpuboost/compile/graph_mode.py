@@ -213,6 +213,8 @@ class CompiledForward:
         self.record.apply(f"forward compiled with backend 'cpuboost' in {seconds:.1f}s "
                           f"(first call), {len(breaks)} graph break reason(s), "
                           f"{self.linear_pass.replaced} Linear(s) on oneDNN, "
+                          f"{self.linear_pass.own} on cpuboost's AVX2 kernel "
+                          f"({self.linear_pass.gelus_fused} with GELU fused), "
                           f"{self.linear_pass.attention.replaced} attention(s) on cpuboost's "
                           "bf16 kernel")
         if self.linear_pass.attention.missed:

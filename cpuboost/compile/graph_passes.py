@@ -13,6 +13,13 @@ of the two is measured on the running CPU (``OneDnnLinear.choose``), and where o
   still left onto a oneDNN-packed constant and drops the MKL copies.
 
 Either way Inductor's own oneDNN post-op fusions (linear + gelu...) still apply afterwards.
+
+On CPUs with AVX2 but no AVX-512, fp32 linears run cpuboost's own kernel instead
+(``cpuboost.kernels``, 1.05-1.3x oneDNN's speed in BERT-base there): Inductor's packing pattern
+emits ``cpuboost::pack_linear_weight`` and ``cpuboost::linear`` (no MKL copy either), the graph
+pass rewrites any MKL linear left the same way, and an erf-GELU computed from a linear's output
+alone is moved into the kernel (``fuse_gelu``). Not under AOT compilation: a package must run
+where cpuboost's kernel library is not loaded.
 """
 from __future__ import annotations
 
@@ -27,20 +34,115 @@ from cpuboost.hw import detect
 from cpuboost.passes.kernel_choice import mkl_or_onednn
 
 _MKL_LINEAR = (torch.ops.mkl._mkl_linear, torch.ops.mkl._mkl_linear.default)
+_SQRT_HALF = 0.7071067811865476
+
+
+def _own_kernel(dtype: torch.dtype) -> bool:
+    """cpuboost's AVX2 linear kernel for this dtype (fp32 only), outside AOT compilation."""
+    from torch._inductor.virtualized import V
+    if dtype != torch.float32 or getattr(V, "aot_compilation", False):
+        return False
+    from cpuboost.kernels import gemm_ops
+    return gemm_ops()
+
+
+def _is_op(node, target, *args) -> bool:
+    """``node`` calls ``target`` (an OpOverload or its packet); ``args``, where given, match
+    its arguments (a node or a number)."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target is not target and getattr(node.target, "overloadpacket", None) is not target:
+        return False
+    return all(a is None or _same(x, a) for x, a in zip(node.args, args)) and \
+        len(node.args) >= len(args)
+
+
+def _same(x, a) -> bool:
+    if isinstance(a, torch.fx.Node) or isinstance(x, torch.fx.Node):
+        return x is a
+    return isinstance(x, (int, float)) and abs(x - a) < 1e-6
+
+
+def _gelu_of(y: torch.fx.Node):
+    """The node computing erf-GELU of ``y``, if ``y`` feeds nothing else: the decomposed form
+    (y * 0.5) * (erf(y * 0.7071...) + 1), either operand order."""
+    aten = torch.ops.aten
+    users = list(y.users)
+    if len(users) != 2:
+        return None
+    half = next((u for u in users if _is_op(u, aten.mul, y, 0.5)), None)
+    scaled = next((u for u in users if _is_op(u, aten.mul, y, _SQRT_HALF)), None)
+    if half is None or scaled is None or len(scaled.users) != 1:
+        return None
+    erf = next(iter(scaled.users))
+    if not _is_op(erf, aten.erf, scaled) or len(erf.users) != 1:
+        return None
+    plus = next(iter(erf.users))
+    if not _is_op(plus, aten.add, erf, 1) or len(plus.users) != 1 or len(half.users) != 1:
+        return None
+    out = next(iter(plus.users))
+    if out is not next(iter(half.users)) or not _is_op(out, aten.mul):
+        return None
+    return out if set(out.args[:2]) == {half, plus} else None
+
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default,
+          torch.ops.aten.reshape.default)
+
+
+def fuse_gelu(graph: torch.fx.Graph) -> int:
+    """Move each erf-GELU applied to a ``cpuboost::linear`` output alone (or to a view of it,
+    as the 2-d GEMM of a 3-d input is) into the kernel."""
+    linear = torch.ops.cpuboost.linear.default
+    fused = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not linear or node.args[4] != 0 or \
+                getattr(node, "_erased", False):
+            continue
+        view = next(iter(node.users)) if len(node.users) == 1 else None
+        view = view if view is not None and view.target in _VIEWS else None
+        gelu = _gelu_of(view if view is not None else node)
+        if gelu is None:
+            continue
+        with graph.inserting_before(gelu):
+            new = graph.call_function(linear, (*node.args[:4], 2))
+            new.meta.update(node.meta)
+            if view is not None:
+                new = graph.call_function(view.target, (new, *view.args[1:]), view.kwargs)
+                new.meta.update(gelu.meta)
+        gelu.replace_all_uses_with(new)
+        stack = [gelu]  # the GELU's nodes and the old linear, now unused
+        while stack:
+            n = stack.pop()
+            if isinstance(n, torch.fx.Node) and n.op == "call_function" and not n.users and \
+                    not getattr(n, "_erased", False):
+                stack.extend(n.args)
+                graph.erase_node(n)
+        fused += 1
+    return fused
 
 
 class OneDnnLinear(CustomGraphPass):
     def __init__(self):
         self.decisions: list[tuple[tuple[int, int, int], str]] = []  # ((M, K, N), kernel)
-        self.replaced = 0
+        self.replaced = 0  # linears moved to oneDNN
+        self.own = 0  # linears on cpuboost's AVX2 kernel
+        self.gelus_fused = 0
         self.attention = FastAttention()  # chained after this pass (backend.inductor_scope)
 
-    def choose(self, batch: int, k: int, n: int, dtype: torch.dtype) -> str:
+    def choose(self, batch, k: int, n: int, dtype: torch.dtype) -> str:
+        """"avx2" (cpuboost's kernel), "onednn" or "mkl" for a linear of this shape."""
         from torch.utils._python_dispatch import _disable_current_modes
-        with _disable_current_modes():  # Inductor's patterns run under fake tensors: time real ones
-            choice, _, _ = mkl_or_onednn(batch, k, n, dtype, True)
-        if ((batch, k, n), choice) not in self.decisions:
-            self.decisions.append(((batch, k, n), choice))
+        if _own_kernel(dtype):
+            choice = "avx2"
+        elif not isinstance(batch, int):
+            return "onednn"  # a dynamic batch: Inductor's own choice (MKL needs a fixed one)
+        else:
+            with _disable_current_modes():  # patterns run under fake tensors: time real ones
+                choice, _, _ = mkl_or_onednn(batch, k, n, dtype, True)
+        shape = (batch if isinstance(batch, int) else str(batch), k, n)
+        if (shape, choice) not in self.decisions:
+            self.decisions.append((shape, choice))
         return choice
 
     def __call__(self, graph: torch.fx.Graph) -> None:
@@ -53,20 +155,25 @@ class OneDnnLinear(CustomGraphPass):
                 continue
             weight = getattr(gm, orig_w.target)
             n, k = weight.shape
-            if self.choose(batch, k, n, weight.dtype) != "onednn":
+            choice = self.choose(batch, k, n, weight.dtype)
+            if choice == "mkl":
                 continue
-            name = f"_cpuboost_onednn_w{self.replaced}"
+            name = f"_cpuboost_{choice}_w{self.replaced + self.own}"
             while hasattr(gm, name):
                 name += "_"
-            packed = made_once(  # one packed copy for all graphs (any batch: shared_constants)
-                ("onednn_linear",), weight,
-                lambda: torch.ops.mkldnn._reorder_linear_weight(weight, batch))
+            if choice == "avx2":  # one packed copy for all graphs (shared_constants)
+                packed = made_once(("avx2_linear",), weight,
+                                   lambda: torch.ops.cpuboost.pack_linear_weight(weight))
+                op, args = torch.ops.cpuboost.linear.default, (bias, n, 0)
+            else:  # any batch
+                packed = made_once(("onednn_linear",), weight,
+                                   lambda: torch.ops.mkldnn._reorder_linear_weight(weight, batch))
+                op, args = torch.ops.mkldnn._linear_pointwise.default, (bias, "none", [], "")
             gm.register_buffer(name, packed, persistent=False)
             with graph.inserting_before(node):
-                packed = graph.get_attr(name)
-                packed.meta["val"] = orig_w.meta.get("val")
-                new = graph.call_function(torch.ops.mkldnn._linear_pointwise.default,
-                                          (x, packed, bias, "none", [], ""))
+                packed_node = graph.get_attr(name)
+                packed_node.meta["val"] = orig_w.meta.get("val")
+                new = graph.call_function(op, (x, packed_node, *args))
                 new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
@@ -75,13 +182,18 @@ class OneDnnLinear(CustomGraphPass):
                     graph.erase_node(const)
                     if hasattr(gm, const.target):
                         delattr(gm, const.target)
-            self.replaced += 1
+            if choice == "avx2":
+                self.own += 1
+            else:
+                self.replaced += 1
+        if _own_kernel(torch.float32):
+            self.gelus_fused += fuse_gelu(graph)
 
     def uuid(self) -> str:
         # Choices are measured on this CPU at this thread count: a cached graph is reused
         # only where the same measurement would apply.
         hw = detect()
-        return f"cpuboost.OneDnnLinear.v1|{hw.model_name}|{sorted(hw.flags)}|{torch.get_num_threads()}"
+        return f"cpuboost.OneDnnLinear.v2|{hw.model_name}|{sorted(hw.flags)}|{torch.get_num_threads()}"
 
 
 @contextlib.contextmanager
@@ -98,18 +210,26 @@ def onednn_where_faster(linear_pass: OneDnnLinear):
         yield
         return
 
-    def onednn(transpose_weight_node, batch_size) -> bool:
+    def choice(transpose_weight_node, batch_size) -> str:
         weight_t = transpose_weight_node.args[0].meta.get("val")  # mm/addmm's (k, n) operand
-        if not isinstance(batch_size, int) or weight_t is None or weight_t.dim() != 2:
-            return False
+        if weight_t is None or weight_t.dim() != 2:
+            return "mkl"
         k, n = weight_t.shape
-        return linear_pass.choose(batch_size, k, n, weight_t.dtype) == "onednn"
+        return linear_pass.choose(batch_size, k, n, weight_t.dtype)
 
     def patched_weight(self, graph, is_lp_weight, transpose_weight_node, batch_size):
-        lp = is_lp_weight or onednn(transpose_weight_node, batch_size)
-        return pack_weight(self, graph, lp, transpose_weight_node, batch_size)
+        chosen = "lp" if is_lp_weight else choice(transpose_weight_node, batch_size)
+        if chosen == "avx2":  # transpose_weight_node is the (n, k) weight, as Linear holds it
+            return graph.create_node("call_function", torch.ops.cpuboost.pack_linear_weight.default,
+                                     args=(transpose_weight_node,))
+        return pack_weight(self, graph, chosen != "mkl", transpose_weight_node, batch_size)
 
     def patched_linear(self, graph, is_lp_weight, batch_size, input, packed_weight_node, bias):
+        if packed_weight_node.target is torch.ops.cpuboost.pack_linear_weight.default:
+            n = packed_weight_node.args[0].args[0].meta["val"].shape[1]  # mm's (k, n) operand
+            linear_pass.own += 1
+            return graph.create_node("call_function", torch.ops.cpuboost.linear.default,
+                                     (input, packed_weight_node, bias, n, 0))
         lp = is_lp_weight or packed_weight_node.target is torch.ops.mkldnn._reorder_linear_weight
         if lp and not is_lp_weight:
             linear_pass.replaced += 1

@@ -11,6 +11,7 @@ import torch
 # /proc/cpuinfo flag -> our name. Arm reports its features under "Features".
 _X86_FLAGS = {
     "avx2": "avx2",
+    "fma": "fma",
     "avx512f": "avx512",
     "avx512_vnni": "avx512_vnni",
     "avx512_bf16": "avx512_bf16",

@@ -1,12 +1,14 @@
 """cpuboost's own C++ kernels, for what a profile showed torch has no fast kernel for.
 
 ``attention.cpp``: scaled dot-product attention for the short sequences of encoder models (see
-its header). Built on first use with the C++ compiler Inductor uses anyway (``$CXX`` or ``c++``)
+its header), loaded as the op ``cpuboost::attention``. ``gemm_avx2.cpp``: fp32 linear layers on
+CPUs with AVX2 and FMA but no AVX-512 (``cpuboost::linear`` on weights packed by
+``cpuboost::pack_linear_weight``). Each is built on first use with the C++ compiler Inductor uses anyway (``$CXX`` or ``c++``)
 against the installed torch, cached under ``~/.cache/cpuboost/kernels`` (``$CPUBOOST_CACHE``) by
-a hash of the source, torch's version and the flags; loaded as the op ``cpuboost::attention``.
-No build at install time, so the install never needs torch's headers or a build backend that
-could pull another torch. Where it cannot run (no AVX512-BF16, not x86, no compiler) the callers
-keep torch's kernels; ``unavailable()`` says why.
+a hash of the source, torch's version and the flags. No build at install time, so the install
+never needs torch's headers or a build backend that could pull another torch. Where a kernel
+cannot run (the CPU lacks its instructions, not x86, no compiler) the callers keep torch's
+kernels; ``unavailable()`` and ``gemm_unavailable()`` say why.
 """
 from __future__ import annotations
 
@@ -21,9 +23,12 @@ from pathlib import Path
 import torch
 
 _SOURCE = Path(__file__).with_name("attention.cpp")
-_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw",
-          "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma", "-w"]
+_COMMON = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-w"]
+_FLAGS = _COMMON + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+_GEMM_SOURCE = Path(__file__).with_name("gemm_avx2.cpp")
+_GEMM_FLAGS = _COMMON + ["-mavx2", "-mfma"]
 _why: list[str] = []
+_gemm_why: list[str] = []
 
 
 def unavailable() -> str | None:
@@ -39,30 +44,59 @@ def attention_op():
             "avx512_bf16" not in detect().flags:
         _why.append("the CPU has no AVX512-BF16")
         return None
-    try:
-        torch.ops.load_library(str(_built()))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        _why.append(f"the kernel did not build or load: {str(e).strip()[-300:]}")
+    if not _load(_SOURCE, _FLAGS, _why):
         return None
     _register_fake()
     return torch.ops.cpuboost.attention.default
 
 
-def _built() -> Path:
+def gemm_unavailable() -> str | None:
+    """Why the AVX2 linear kernel is not used on this machine, or None when it is."""
+    return None if gemm_ops() else (_gemm_why[0] if _gemm_why else "not loaded")
+
+
+@functools.cache
+def gemm_ops() -> bool:
+    """Whether ``torch.ops.cpuboost.linear`` / ``pack_linear_weight`` are loaded. Only where the
+    CPU has AVX2 and FMA but no AVX-512: there oneDNN's AVX-512 kernels are the ones to use."""
+    from cpuboost.hw import detect
+    flags = detect().flags
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _gemm_why.append("not an x86-64 CPU")
+    elif not {"avx2", "fma"} <= flags:
+        _gemm_why.append("the CPU has no AVX2+FMA")
+    elif "avx512" in flags:
+        _gemm_why.append("the CPU has AVX-512, where oneDNN's kernels are used")
+    if _gemm_why or not _load(_GEMM_SOURCE, _GEMM_FLAGS, _gemm_why):
+        return False
+    _register_gemm_fakes()
+    return True
+
+
+def _load(source: Path, flags: list[str], why: list[str]) -> bool:
+    try:
+        torch.ops.load_library(str(_built(source, flags)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        why.append(f"the kernel did not build or load: {str(e).strip()[-300:]}")
+        return False
+    return True
+
+
+def _built(source: Path, flags: list[str]) -> Path:
     from torch.utils.cpp_extension import include_paths, library_paths
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     cxx = os.environ.get("CXX", "c++")
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), torch.__version__, cxx, abi,
-                                    *_FLAGS]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source.read_text(), torch.__version__, cxx, abi,
+                                    *flags]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("CPUBOOST_CACHE", Path.home() / ".cache" / "cpuboost"))
-    target = root / "kernels" / f"attention-{key}.so"
+    target = root / "kernels" / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     libs = library_paths()
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name  # built aside, then renamed: other processes never see half
-        cmd = [cxx, *_FLAGS, abi, *[f"-I{p}" for p in include_paths()], str(_SOURCE), "-o",
+        cmd = [cxx, *flags, abi, *[f"-I{p}" for p in include_paths()], str(source), "-o",
                str(out), *[f"-L{p}" for p in libs], *[f"-Wl,-rpath,{p}" for p in libs],
                "-lc10", "-ltorch_cpu", "-ltorch"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -78,3 +112,14 @@ def _register_fake() -> None:
         b, h, n, d = q.shape
         return q.new_empty((b, n, h, d)).transpose(1, 2)
 
+
+
+def _register_gemm_fakes() -> None:
+    @torch.library.register_fake("cpuboost::pack_linear_weight")
+    def _(weight):
+        n, k = weight.shape
+        return weight.new_empty(((n + 15) // 16, k, 16))
+
+    @torch.library.register_fake("cpuboost::linear")
+    def _(x, packed, bias, out_features, act):
+        return x.new_empty((*x.shape[:-1], out_features))

@@ -29,9 +29,21 @@ def _autocast_dtype() -> Optional[torch.dtype]:
     return None
 
 
+# post-op name -> activation code of cpuboost::linear (the AVX2 kernel applies these in registers)
+_AVX2_ACTS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "tanh": 4, "sigmoid": 5, "silu": 6,
+              "hardswish": 7}
+
+
 def _check_onednn(backend: str, dtype: torch.dtype) -> None:
     from cpuboost.errors import UnsupportedRequestError
     from cpuboost.hw.features import detect, onednn_runs
+    if backend == "avx2":
+        from cpuboost.kernels import gemm_unavailable
+        why = gemm_unavailable()
+        if why or dtype != torch.float32:
+            raise UnsupportedRequestError(
+                f"cpuboost's AVX2 linear kernel cannot run {dtype} here"
+                f" ({why or 'it computes in float32 only'}): use backend='onednn' or 'aten'.")
     if backend == "onednn" and not onednn_runs(dtype, detect()):
         raise UnsupportedRequestError(
             f"oneDNN cannot pack {dtype} weights on this CPU ({detect().summary()}; bf16 "
@@ -45,7 +57,7 @@ class _Fused(PostOpHolder, nn.Module):
     out_dim = 0  # which dim of the *original* weight indexes output channels
 
     def _init_common(self, src: nn.Module, compute_dtype: torch.dtype, backend: str):
-        assert backend in ("onednn", "aten"), backend
+        assert backend in ("onednn", "aten", "avx2"), backend
         _check_onednn(backend, compute_dtype)
         self.backend = backend
         self.compute_dtype = compute_dtype
@@ -76,11 +88,13 @@ class _Fused(PostOpHolder, nn.Module):
         w = w.detach().to(self.compute_dtype).contiguous()
         self._b = None if b is None else b.detach().to(self.compute_dtype).contiguous()
         w = self._to_kernel_layout(w)
-        self._w = self._pack(w) if self.backend == "onednn" else w
+        self._w = w if self.backend == "aten" else self._pack(w)
+
+    def _unpack(self, w: torch.Tensor) -> torch.Tensor:
+        return w.to_dense() if w.is_mkldnn else w
 
     def _folded_dense(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        w = self._w.to_dense() if self._w.is_mkldnn else self._w
-        return self._from_kernel_layout(w), self._b
+        return self._from_kernel_layout(self._unpack(self._w)), self._b
 
     def _channel_view(self, v: torch.Tensor) -> torch.Tensor:
         shape = [1] * len(self.orig_shape)
@@ -180,6 +194,11 @@ class _Fused(PostOpHolder, nn.Module):
         super().__setstate__(state)
         if isinstance(packed, tuple) and packed[0] == "__dense__":
             self._w = self._pack(self._to_kernel_layout(packed[1]))
+        if self.backend == "avx2":
+            from cpuboost.kernels import gemm_ops
+            if not gemm_ops():  # pickled where the AVX2 kernel ran, loaded where it cannot
+                w = self._unpack(self._w)
+                self.backend, self._w = "aten", w
 
     def _apply(self, fn, recurse=True):
         refuse_cast(self, fn, self.compute_dtype,
@@ -217,13 +236,29 @@ class FusedLinear(_Fused):
         self._store(src.weight, src.bias)
 
     def _pack(self, w):
+        if self.backend == "avx2":
+            return torch.ops.cpuboost.pack_linear_weight(w)
         return _mkldnn._reorder_linear_weight(w, self.batch_hint)
+
+    def _unpack(self, w):
+        if self.backend == "avx2":  # [ceil(N/16), K, 16] panels back to [N, K]
+            return w.transpose(1, 2).reshape(-1, w.shape[1])[:self.out_features].contiguous()
+        return super()._unpack(w)
+
+    def accepts(self, op) -> bool:
+        """Whether this module's kernel can apply the post-op ``op`` itself."""
+        return self.backend != "avx2" or op.name in _AVX2_ACTS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
         if self.backend == "onednn":
             y = _linear_pointwise(x, self._w, self._b, self._attr, self._scalars, self._algo)
+        elif self.backend == "avx2":
+            act = _AVX2_ACTS.get(self.post_op_name)
+            y = torch.ops.cpuboost.linear.default(x, self._w, self._b, self.out_features, act or 0)
+            if act is None:  # a post-op the kernel has not (never set by the passes: accepts())
+                y = self.post_op.reference(y)
         else:
             y = self.post_op.reference(F.linear(x, self._w, self._b))
         return self._finish(y)

@@ -64,7 +64,7 @@ def fusing_pays(op: PostOp, dtype: torch.dtype) -> bool:
 
 
 def _takes_post_op(m: nn.Module) -> bool:
-    return (isinstance(m, _Fused) and m.backend == "onednn") or isinstance(m, _Int8)
+    return (isinstance(m, _Fused) and m.backend in ("onednn", "avx2")) or isinstance(m, _Int8)
 
 
 def _activation_after(flow, call):
@@ -96,7 +96,8 @@ def fuse_pointwise(model: nn.Module, ctx: PassContext) -> nn.Module:
         accepts = getattr(call.module, "accepts", None)
         if accepts is not None and not accepts(op):
             blocked[id(act)] = f"{call.name}'s kernel has no {op.name} post-op"
-        elif isinstance(call.module, _Fused) and not fusing_pays(op, call.module.compute_dtype):
+        elif isinstance(call.module, _Fused) and call.module.backend == "onednn" and \
+                not fusing_pays(op, call.module.compute_dtype):
             fused, apart = post_op_costs(op.name, call.module.compute_dtype,
                                          torch.get_num_threads())
             blocked[id(act)] = (f"oneDNN's fused {op.name} measured slower on this CPU than "

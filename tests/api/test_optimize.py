@@ -173,8 +173,10 @@ def test_packed_weight_replaces_original():
     report = cpuboost.report_of(opt)
     fused = [m for m in opt.modules() if isinstance(m, FusedLinear)]
     assert fused and all(not list(m.parameters(recurse=False)) for m in fused)
-    # folding removes BN compute but keeps BN stats (4 vectors) for state_dict; packing adds none
-    assert report.weight_bytes_after <= report.weight_bytes_before * 1.05
+    # folding removes BN compute but keeps BN stats (4 vectors) for state_dict; packing adds
+    # nothing but, for cpuboost's AVX2 kernel, zero output features up to a multiple of 16
+    padding = sum((-m.out_features % 16) * m.in_features * 4 for m in fused if m.backend == "avx2")
+    assert report.weight_bytes_after <= report.weight_bytes_before * 1.05 + padding
 
 
 def test_level_o0_changes_nothing():

@@ -7,15 +7,21 @@ import torch
 
 import cpuboost
 from cpuboost.hw import features
-from cpuboost.nn import postops
+from cpuboost.nn import fused, postops
 from cpuboost.passes.fuse_pointwise import FusedAway
 from tests.conftest import FP32_RTOL, rel_err, run, toy
 
 
-def test_pass_that_breaks_numerics_is_dropped(monkeypatch):
-    # Sabotage: a "relu" whose oneDNN post-op is really tanh. fuse_pointwise must be dropped.
+def _sabotage_relu(monkeypatch):
+    """A "relu" post-op that computes tanh, in oneDNN's call and in cpuboost's AVX2 kernel."""
     broken = dataclasses.replace(postops.POST_OPS["relu"], attr="tanh")
     monkeypatch.setitem(postops.POST_OPS, "relu", broken)
+    monkeypatch.setitem(fused._AVX2_ACTS, "relu", fused._AVX2_ACTS["tanh"])
+
+
+def test_pass_that_breaks_numerics_is_dropped(monkeypatch):
+    # Sabotage: a "relu" whose oneDNN post-op is really tanh. fuse_pointwise must be dropped.
+    _sabotage_relu(monkeypatch)
     case, model = toy("mlp_bn")
     x = case.inputs(8)
     opt = cpuboost.optimize(model, sample_input=x)
@@ -29,8 +35,7 @@ def test_pass_that_breaks_numerics_is_dropped(monkeypatch):
 
 
 def test_inplace_model_becomes_the_verified_one(monkeypatch):
-    broken = dataclasses.replace(postops.POST_OPS["relu"], attr="tanh")
-    monkeypatch.setitem(postops.POST_OPS, "relu", broken)
+    _sabotage_relu(monkeypatch)
     case, model = toy("mlp_bn")
     x = case.inputs(8)
     ref = run(model, case, x)

@@ -79,14 +79,20 @@ def test_toy_models_match_eager(name):
         assert rel_err(model(*x), out) <= 1e-4
 
 
-@pytest.mark.parametrize("winner", ["onednn", "mkl"])
+@pytest.mark.parametrize("winner", ["onednn", "mkl", "avx2"])
 def test_fp32_linear_packed_once_for_the_faster_kernel(monkeypatch, winner):
     """Where oneDNN measures faster, Inductor's packing pattern emits the oneDNN linear directly:
     no MKL pack is ever folded (it used to be made, then dropped: a transient copy of every
-    weight). Where MKL is faster, the MKL path stays."""
+    weight). Where MKL is faster, the MKL path stays. Where cpuboost's AVX2 kernel runs (an
+    AVX2 CPU without AVX-512), only its pack is folded."""
     from torch._inductor import constant_folding
     from cpuboost.compile import graph_passes
+    from cpuboost.kernels import gemm_ops
+    if winner == "avx2" and not gemm_ops():
+        pytest.skip("cpuboost's AVX2 kernel does not run on this CPU")
     monkeypatch.setattr(graph_passes, "mkl_or_onednn", lambda *a: (winner, 1.0, 1.0))
+    if winner != "avx2":
+        monkeypatch.setattr(graph_passes, "_own_kernel", lambda dtype: False)  # as on AVX-512
     folded = []
     original = constant_folding.replace_node_with_constant
 
@@ -102,5 +108,7 @@ def test_fp32_linear_packed_once_for_the_faster_kernel(monkeypatch, winner):
         out = torch.compile(model, backend="cpuboost")(x)
     mkl = [t for t in folded if "mkl_reorder" in t]
     onednn = [t for t in folded if "mkldnn._reorder_linear_weight" in t]
-    assert (len(mkl), len(onednn)) == ((0, 2) if winner == "onednn" else (2, 0))
+    own = [t for t in folded if "cpuboost.pack_linear_weight" in t]
+    assert (len(mkl), len(onednn), len(own)) == {"onednn": (0, 2, 0), "mkl": (2, 0, 0),
+                                                 "avx2": (0, 0, 2)}[winner]
     assert rel_err(model(x), out) <= 1e-4

@@ -42,6 +42,8 @@ def test_an_activation_measured_slower_fused_stays_apart(monkeypatch, fused_us, 
     fp = importlib.import_module("cpuboost.passes.fuse_pointwise")
     monkeypatch.setattr(fp, "post_op_costs", lambda name, dtype, threads: (fused_us * 1e-6,
                                                                           apart_us * 1e-6))
+    prepack = importlib.import_module("cpuboost.passes.prepack")  # oneDNN, not the AVX2 kernel
+    monkeypatch.setattr(prepack, "_linear_backend", lambda m, backend, ctx: backend)
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4), nn.ReLU()).eval()
     x = torch.randn(3, 8)
     opt = cpuboost.optimize(model, sample_input=x)

@@ -1,0 +1,157 @@
+"""cpuboost::linear (the AVX2 fp32 GEMM) against float64 F.linear, and the places that use it:
+FusedLinear's "avx2" backend and the compile backend's packing with GELU moved into the kernel."""
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cpuboost
+from cpuboost.kernels import gemm_ops, gemm_unavailable
+from cpuboost.nn import POST_OPS, FusedLinear, set_backend
+from cpuboost.nn.fused import _AVX2_ACTS
+from tests.conftest import rel_err
+
+needs_kernel = pytest.mark.skipif(not gemm_ops(), reason=f"kernel unavailable: {gemm_unavailable()}")
+TOL = 2e-6  # fp32 accumulation over K <= 1000 (measured <= 4e-7 relative)
+
+
+def _case(m, k, n, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) / k ** 0.5,
+            torch.randn(n, generator=g) if bias else None)
+
+
+def _ref(x, w, b, act="none"):
+    y = F.linear(x.double(), w.double(), None if b is None else b.double())
+    return POST_OPS[act].reference(y)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (5, 3, 17), (6, 16, 16), (7, 300, 33),
+                                     (64, 768, 96), (200, 1000, 48), (1030, 64, 40), (13, 257, 8)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_matches_float64_reference(m, k, n, bias):
+    """Row counts around the 6-row tile and the row blocks, K around the 256 block, N around
+    the 16-wide panel (the padded tail is never written)."""
+    x, w, b = _case(m, k, n, bias)
+    packed = torch.ops.cpuboost.pack_linear_weight(w)
+    assert packed.shape == ((n + 15) // 16, k, 16)
+    out = torch.ops.cpuboost.linear(x, packed, b, n, 0)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert rel_err(_ref(x, w, b), out) <= TOL
+
+
+@needs_kernel
+@pytest.mark.parametrize("act", list(_AVX2_ACTS))
+def test_activations_match_torch(act):
+    """Every post-op torch.nn names, applied in registers, over outputs spread across
+    [-12, 12] (where the erf/tanh/exp approximations differ most) and beyond."""
+    x, w, b = _case(37, 50, 70)
+    b = b * 6  # a wide spread of pre-activations, some beyond +-12
+    out = torch.ops.cpuboost.linear(x, torch.ops.cpuboost.pack_linear_weight(w), b, 70,
+                                    _AVX2_ACTS[act])
+    ref = _ref(x, w, b, act)
+    assert (out.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+@needs_kernel
+def test_any_input_layout_and_empty_batch():
+    x, w, b = _case(24, 40, 20)
+    packed = torch.ops.cpuboost.pack_linear_weight(w)
+    x3 = x.reshape(2, 3, 4, 40)
+    assert torch.ops.cpuboost.linear(x3, packed, b, 20, 0).shape == (2, 3, 4, 20)
+    strided = torch.randn(40, 24).t()  # not contiguous
+    assert rel_err(_ref(strided, w, b), torch.ops.cpuboost.linear(strided, packed, b, 20, 0)) <= TOL
+    assert torch.ops.cpuboost.linear(x[:0], packed, b, 20, 0).shape == (0, 20)
+
+
+@needs_kernel
+def test_result_does_not_depend_on_the_thread_count():
+    """Each output is the same sum in the same order whichever thread computes it (IPEX gave
+    different results when the thread count changed)."""
+    x, w, b = _case(130, 300, 200)
+    packed = torch.ops.cpuboost.pack_linear_weight(w)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(torch.ops.cpuboost.linear(x, packed, b, 200, 2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@needs_kernel
+def test_bad_arguments_say_what_is_wrong():
+    x, w, b = _case(4, 8, 16)
+    packed = torch.ops.cpuboost.pack_linear_weight(w)
+    with pytest.raises(RuntimeError, match="input has 9 features, the weight expects 8"):
+        torch.ops.cpuboost.linear(torch.randn(4, 9), packed, b, 16, 0)
+    with pytest.raises(RuntimeError, match="computes in float32"):
+        torch.ops.cpuboost.linear(x.double(), packed, b, 16, 0)
+    with pytest.raises(RuntimeError, match="not packed by cpuboost::pack_linear_weight"):
+        torch.ops.cpuboost.linear(x, w, b, 16, 0)
+    with pytest.raises(RuntimeError, match="40 output features do not fit"):
+        torch.ops.cpuboost.linear(x, packed, None, 40, 0)
+    with pytest.raises(RuntimeError, match="bias must be float32 with 16 values"):
+        torch.ops.cpuboost.linear(x, packed, torch.randn(15), 16, 0)
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        torch.ops.cpuboost.linear(x, packed, b, 16, 99)
+    with pytest.raises(RuntimeError, match="2-d float32 weight"):
+        torch.ops.cpuboost.pack_linear_weight(torch.randn(3, 4, 5))
+
+
+@needs_kernel
+def test_fused_linear_avx2_keeps_its_weight_and_state():
+    """The packed panels are the only copy: .weight, state_dict, pickling, deepcopy and a move
+    to another backend all see the original weight."""
+    torch.manual_seed(0)
+    src = nn.Linear(30, 21)
+    fused = FusedLinear(src, torch.float32, "avx2").eval()
+    x = torch.randn(3, 5, 30)
+    with torch.no_grad():
+        assert rel_err(src(x), fused(x)) <= TOL
+        assert torch.equal(fused.weight, src.weight.detach()) and torch.equal(fused.bias, src.bias)
+        assert set(fused.state_dict()) == {"weight", "bias"}
+        buf = io.BytesIO()
+        torch.save(fused, buf)
+        buf.seek(0)
+        for clone in (torch.load(buf, weights_only=False), copy.deepcopy(fused)):
+            assert clone.backend == "avx2" and torch.equal(clone(x), fused(x))
+        fused.post_op = POST_OPS["silu"]
+        assert rel_err(F.silu(src(x)), fused(x)) <= 1e-5
+        set_backend(fused, "aten")
+        assert rel_err(F.silu(src(x)), fused(x)) <= 1e-5
+
+
+@needs_kernel
+def test_optimize_puts_fp32_linears_on_the_kernel_with_activations_fused():
+    model = nn.Sequential(nn.Linear(20, 64), nn.GELU(), nn.Linear(64, 10), nn.Tanh()).eval()
+    x = torch.randn(7, 20)
+    opt = cpuboost.optimize(model, sample_input=x)
+    assert opt[0].backend == "avx2" and opt[0].post_op.name == "gelu"
+    assert opt[2].backend == "avx2" and opt[2].post_op.name == "tanh"
+    with torch.no_grad():
+        assert rel_err(model(x), opt(x)) <= 1e-5
+
+
+@needs_kernel
+def test_compiled_linears_run_the_kernel_with_gelu_inside():
+    """Under the backend, Inductor packs fp32 linears for cpuboost's kernel (no MKL or oneDNN
+    copy) and an erf-GELU after a linear runs in the kernel."""
+    from torch._inductor import config as cfg
+    model = nn.Sequential(nn.Linear(32, 96), nn.GELU(), nn.Linear(96, 16)).eval()
+    x = torch.randn(2, 9, 32)
+    torch._dynamo.reset()
+    with cfg.patch(fx_graph_cache=False), torch.no_grad():
+        opt = cpuboost.optimize(model, sample_input=x, graph_mode=True)
+        out = opt(x)
+    applied = " ".join(cpuboost.report_of(opt).applied("graph_mode"))
+    assert "0 Linear(s) on oneDNN, 2 on cpuboost's AVX2 kernel (1 with GELU fused)" in applied
+    with torch.no_grad():
+        assert rel_err(model(x), out) <= 1e-5
