@@ -78,8 +78,12 @@ def _feature_table(f: CpuFeatures, t: TorchInfo, cores: int) -> list[dict]:
     def row(name, level, why):
         rows.append({"feature": name, "level": level, "why": why})
 
+    own_gemm = x86 and {"avx2", "fma"} <= f.flags and "avx512" not in f.flags
     row("optimize fp32 (packed oneDNN GEMM/conv, folding)", FAST if t.mkldnn and simd else SLOW,
-        "oneDNN with " + (t.capability if simd else "no AVX2/AVX-512/NEON: generic kernels"))
+        "oneDNN with " + (t.capability if simd else "no AVX2/AVX-512/NEON: generic kernels") +
+        ("; linears on cpuboost's AVX2 kernel (built on first use" +
+         (f" with {t.compiler})" if t.compiler else ": no C++ compiler found, oneDNN's instead)")
+         if own_gemm else ""))
     if f.native_bf16:
         amx = "AMX tiles" if "amx_bf16" in f.flags else "AVX512-BF16" if x86 else "Arm BF16"
         row("bf16 (dtype=torch.bfloat16)", FAST, f"native bf16 dot products ({amx})")

@@ -3,12 +3,13 @@
 ``attention.cpp``: scaled dot-product attention for the short sequences of encoder models (see
 its header), loaded as the op ``cpuboost::attention``. ``gemm_avx2.cpp``: fp32 linear layers on
 CPUs with AVX2 and FMA but no AVX-512 (``cpuboost::linear`` on weights packed by
-``cpuboost::pack_linear_weight``). Each is built on first use with the C++ compiler Inductor uses anyway (``$CXX`` or ``c++``)
-against the installed torch, cached under ``~/.cache/cpuboost/kernels`` (``$CPUBOOST_CACHE``) by
-a hash of the source, torch's version and the flags. No build at install time, so the install
-never needs torch's headers or a build backend that could pull another torch. Where a kernel
-cannot run (the CPU lacks its instructions, not x86, no compiler) the callers keep torch's
-kernels; ``unavailable()`` and ``gemm_unavailable()`` say why.
+``cpuboost::pack_linear_weight``). Each is built on first use with the C++ compiler Inductor
+uses anyway (``$CXX`` or ``c++``) against the installed torch, cached under
+``~/.cache/cpuboost/kernels`` (``$CPUBOOST_CACHE``) by a hash of the source, torch's version and
+the flags. No build at install time, so the install never needs torch's headers or a build
+backend that could pull another torch. Where a kernel cannot run (the CPU lacks its
+instructions, not x86, no compiler) the callers keep torch's kernels; ``unavailable()`` and
+``gemm_unavailable()`` say why.
 """
 from __future__ import annotations
 
@@ -111,7 +112,6 @@ def _register_fake() -> None:
     def _(q, k, v, mask, scale):
         b, h, n, d = q.shape
         return q.new_empty((b, n, h, d)).transpose(1, 2)
-
 
 
 def _register_gemm_fakes() -> None:

@@ -7,11 +7,13 @@
 // at ~130. Linear layers are ~90% of BERT's time, so this is the whole fp32 gap to OpenVINO there.
 //
 // How: the weight is packed once into panels of 16 output features, [N/16][K][16], zero padded in
-// N, so that each panel streams sequentially (what the hardware prefetcher follows). A 6x16 block
-// of the output lives in 12 ymm registers while K runs in blocks of 256 (a panel's block is 16 KB,
-// L1-resident while up to 96 rows of x pass over it). Threads (torch's pool) split the rows into
-// blocks and, when there are fewer row blocks than threads, the panels too. Bias and the
-// activation are applied in the last K block, while the tile is still in registers.
+// N, so that each panel streams sequentially (what the hardware prefetcher follows). Panel by
+// panel, K runs in blocks of 256: a panel's block (16 KB) stays in L1 while a block of up to 192
+// rows of x (in L2) passes over it, 6 rows at a time, their 6x16 outputs in 12 ymm registers.
+// Threads (torch's pool) split the rows into blocks and, when there are fewer row blocks than
+// threads, the panels too. Bias and the activation are applied in the last K block, while the
+// tile is still in registers. Each output is the same sum in the same order whichever thread
+// computes it: results do not depend on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -208,6 +210,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed,
   const int64_t K = packed.size(1), P = packed.size(0), N = out_features;
   TORCH_CHECK(input.dim() >= 1 && input.size(-1) == K, "cpuboost::linear: input has ",
               input.size(-1), " features, the weight expects ", K);
+  TORCH_CHECK(K > 0, "cpuboost::linear: a weight with 0 input features (use F.linear)");
   TORCH_CHECK(N > (P - 1) * NR && N <= P * NR, "cpuboost::linear: ", N,
               " output features do not fit a packed weight of ", P, " panels");
   TORCH_CHECK(act >= kNone && act < kActs, "cpuboost::linear: unknown activation ", act);

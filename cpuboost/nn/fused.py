@@ -34,7 +34,8 @@ _AVX2_ACTS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "tanh": 4, "sigmo
               "hardswish": 7}
 
 
-def _check_onednn(backend: str, dtype: torch.dtype) -> None:
+def _check_backend(backend: str, dtype: torch.dtype) -> None:
+    """Raise if ``backend``'s kernel cannot compute ``dtype`` on this CPU."""
     from cpuboost.errors import UnsupportedRequestError
     from cpuboost.hw.features import detect, onednn_runs
     if backend == "avx2":
@@ -58,7 +59,7 @@ class _Fused(PostOpHolder, nn.Module):
 
     def _init_common(self, src: nn.Module, compute_dtype: torch.dtype, backend: str):
         assert backend in ("onednn", "aten", "avx2"), backend
-        _check_onednn(backend, compute_dtype)
+        _check_backend(backend, compute_dtype)
         self.backend = backend
         self.compute_dtype = compute_dtype
         self.orig_dtype = src.weight.dtype
@@ -399,7 +400,7 @@ class FusedConvTranspose(_Fused):
 
 def set_backend(module: _Fused, backend: str, pack_shape=None, batch_hint=None) -> None:
     """Re-store a fused module's (folded) weight for another backend / packing shape."""
-    _check_onednn(backend, module.compute_dtype)
+    _check_backend(backend, module.compute_dtype)
     w, b = module._folded_dense()
     module.backend = backend
     if pack_shape is not None and hasattr(module, "pack_shape"):

@@ -110,6 +110,8 @@ def _linear_backend(m: nn.Module, backend: str, ctx: PassContext) -> str:
     linear = isinstance(m, (nn.Linear, FusedLinear)) or is_hf_conv1d(m)
     if backend != "onednn" or not linear or ctx.config.compute_dtype != torch.float32:
         return backend
+    if (m.weight.shape[0] if is_hf_conv1d(m) else m.in_features) == 0:
+        return backend  # nothing to multiply: the output is the bias
     from cpuboost.kernels import gemm_ops, gemm_unavailable
     if gemm_ops():
         return "avx2"
