@@ -140,6 +140,8 @@ class CompiledForward:
         first = self.calls == 0
         counters = torch._dynamo.utils.counters
         breaks_before = dict(counters["graph_break"]) if first else None
+        if first:
+            breaks_before["__cache_hits__"] = counters["inductor"]["fxgraph_cache_hit"]
         t0 = time.perf_counter()
         watch = self.watch
         if watch is not None and watch.changed():
@@ -208,13 +210,18 @@ class CompiledForward:
                       "cpuboost.report_of(model).", RuntimeWarning, stacklevel=3)
 
     def _report(self, seconds, breaks_before, counters):
+        cached = counters["inductor"]["fxgraph_cache_hit"] - breaks_before.pop("__cache_hits__")
         breaks = {r: n - breaks_before.get(r, 0) for r, n in counters["graph_break"].items()
                   if n - breaks_before.get(r, 0) > 0}
+        if cached:  # Inductor's cache skips the post-grad passes: their counts miss those graphs
+            self.record.notes.append(
+                f"{cached} graph(s) came from Inductor's cache: the activations and attentions "
+                "moved into cpuboost's kernels are counted in freshly compiled graphs only")
         self.record.apply(f"forward compiled with backend 'cpuboost' in {seconds:.1f}s "
                           f"(first call), {len(breaks)} graph break reason(s), "
                           f"{self.linear_pass.replaced} Linear(s) on oneDNN, "
                           f"{self.linear_pass.own} on cpuboost's AVX2 kernel "
-                          f"({self.linear_pass.gelus_fused} with GELU fused), "
+                          f"({self.linear_pass.activations_fused} with the activation fused), "
                           f"{self.linear_pass.attention.replaced} attention(s) on cpuboost's "
                           "bf16 kernel")
         if self.linear_pass.attention.missed:

@@ -17,9 +17,10 @@ Either way Inductor's own oneDNN post-op fusions (linear + gelu...) still apply 
 On CPUs with AVX2 but no AVX-512, fp32 linears run cpuboost's own kernel instead
 (``cpuboost.kernels``, 1.05-1.3x oneDNN's speed in BERT-base there): Inductor's packing pattern
 emits ``cpuboost::pack_linear_weight`` and ``cpuboost::linear`` (no MKL copy either), the graph
-pass rewrites any MKL linear left the same way, and an erf-GELU computed from a linear's output
-alone is moved into the kernel (``fuse_gelu``). Not under AOT compilation: a package must run
-where cpuboost's kernel library is not loaded.
+pass rewrites any MKL linear left the same way, and an activation (ReLU, tanh, sigmoid,
+erf-GELU) computed from a linear's output alone is moved into the kernel
+(``fuse_activations``). Not under AOT compilation: a package must run where cpuboost's kernel
+library is not loaded.
 """
 from __future__ import annotations
 
@@ -90,9 +91,25 @@ _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default,
           torch.ops.aten.reshape.default)
 
 
-def fuse_gelu(graph: torch.fx.Graph) -> int:
-    """Move each erf-GELU applied to a ``cpuboost::linear`` output alone (or to a view of it,
-    as the 2-d GEMM of a 3-d input is) into the kernel."""
+# single-node activations -> cpuboost::linear's activation code (cpuboost.nn.fused._AVX2_ACTS)
+_ONE_NODE_ACTS = {torch.ops.aten.relu.default: 1, torch.ops.aten.tanh.default: 4,
+                  torch.ops.aten.sigmoid.default: 5}
+
+
+def _activation_of(y: torch.fx.Node):
+    """(node computing the activation, kernel code) for ReLU, tanh, sigmoid or erf-GELU applied
+    to ``y`` alone, or None."""
+    if len(y.users) == 1:
+        user = next(iter(y.users))
+        code = _ONE_NODE_ACTS.get(user.target) if user.op == "call_function" else None
+        return (user, code) if code is not None and user.args[0] is y else None
+    gelu = _gelu_of(y)
+    return None if gelu is None else (gelu, 2)
+
+
+def fuse_activations(graph: torch.fx.Graph) -> int:
+    """Move each activation (ReLU, tanh, sigmoid, erf-GELU) applied to a ``cpuboost::linear``
+    output alone (or to a view of it, as the 2-d GEMM of a 3-d input is) into the kernel."""
     linear = torch.ops.cpuboost.linear.default
     fused = 0
     for node in list(graph.nodes):
@@ -101,17 +118,18 @@ def fuse_gelu(graph: torch.fx.Graph) -> int:
             continue
         view = next(iter(node.users)) if len(node.users) == 1 else None
         view = view if view is not None and view.target in _VIEWS else None
-        gelu = _gelu_of(view if view is not None else node)
-        if gelu is None:
+        found = _activation_of(view if view is not None else node)
+        if found is None:
             continue
-        with graph.inserting_before(gelu):
-            new = graph.call_function(linear, (*node.args[:4], 2))
+        act, code = found
+        with graph.inserting_before(act):
+            new = graph.call_function(linear, (*node.args[:4], code))
             new.meta.update(node.meta)
             if view is not None:
                 new = graph.call_function(view.target, (new, *view.args[1:]), view.kwargs)
-                new.meta.update(gelu.meta)
-        gelu.replace_all_uses_with(new)
-        stack = [gelu]  # the GELU's nodes and the old linear, now unused
+                new.meta.update(act.meta)
+        act.replace_all_uses_with(new)
+        stack = [act]  # the activation's nodes and the old linear, now unused
         while stack:
             n = stack.pop()
             if isinstance(n, torch.fx.Node) and n.op == "call_function" and not n.users and \
@@ -127,7 +145,7 @@ class OneDnnLinear(CustomGraphPass):
         self.decisions: list[tuple[tuple[int, int, int], str]] = []  # ((M, K, N), kernel)
         self.replaced = 0  # linears moved to oneDNN
         self.own = 0  # linears on cpuboost's AVX2 kernel
-        self.gelus_fused = 0
+        self.activations_fused = 0
         self.attention = FastAttention()  # chained after this pass (backend.inductor_scope)
 
     def choose(self, batch, k: int, n: int, dtype: torch.dtype) -> str:
@@ -187,13 +205,13 @@ class OneDnnLinear(CustomGraphPass):
             else:
                 self.replaced += 1
         if _own_kernel(torch.float32):
-            self.gelus_fused += fuse_gelu(graph)
+            self.activations_fused += fuse_activations(graph)
 
     def uuid(self) -> str:
         # Choices are measured on this CPU at this thread count: a cached graph is reused
         # only where the same measurement would apply.
         hw = detect()
-        return f"cpuboost.OneDnnLinear.v2|{hw.model_name}|{sorted(hw.flags)}|{torch.get_num_threads()}"
+        return f"cpuboost.OneDnnLinear.v3|{hw.model_name}|{sorted(hw.flags)}|{torch.get_num_threads()}"
 
 
 @contextlib.contextmanager

@@ -141,17 +141,32 @@ def test_optimize_puts_fp32_linears_on_the_kernel_with_activations_fused():
 
 
 @needs_kernel
-def test_compiled_linears_run_the_kernel_with_gelu_inside():
+def test_compiled_linears_run_the_kernel_with_activations_inside():
     """Under the backend, Inductor packs fp32 linears for cpuboost's kernel (no MKL or oneDNN
-    copy) and an erf-GELU after a linear runs in the kernel."""
+    copy) and an erf-GELU, ReLU or sigmoid after a linear runs in the kernel; SiLU (x times
+    sigmoid(x): two users of the output) and a second reader of the output stay apart."""
     from torch._inductor import config as cfg
-    model = nn.Sequential(nn.Linear(32, 96), nn.GELU(), nn.Linear(96, 16)).eval()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 96), nn.Linear(96, 64)
+            self.c, self.d, self.e = nn.Linear(64, 48), nn.Linear(48, 40), nn.Linear(40, 16)
+
+        def forward(self, x):
+            y = torch.relu(self.b(F.gelu(self.a(x))))
+            z = self.c(y)
+            z = torch.sigmoid(self.d(torch.tanh(z) + z))  # z read twice: tanh stays apart
+            return F.silu(self.e(z))
+
+    model = Net().eval()
     x = torch.randn(2, 9, 32)
     torch._dynamo.reset()
     with cfg.patch(fx_graph_cache=False), torch.no_grad():
         opt = cpuboost.optimize(model, sample_input=x, graph_mode=True)
         out = opt(x)
     applied = " ".join(cpuboost.report_of(opt).applied("graph_mode"))
-    assert "0 Linear(s) on oneDNN, 2 on cpuboost's AVX2 kernel (1 with GELU fused)" in applied
+    assert "0 Linear(s) on oneDNN, 5 on cpuboost's AVX2 kernel (3 with the activation fused)" \
+        in applied
     with torch.no_grad():
         assert rel_err(model(x), out) <= 1e-5
