@@ -140,8 +140,7 @@ class CompiledForward:
         first = self.calls == 0
         counters = torch._dynamo.utils.counters
         breaks_before = dict(counters["graph_break"]) if first else None
-        if first:
-            breaks_before["__cache_hits__"] = counters["inductor"]["fxgraph_cache_hit"]
+        hits_before = counters["inductor"]["fxgraph_cache_hit"]
         t0 = time.perf_counter()
         watch = self.watch
         if watch is not None and watch.changed():
@@ -162,7 +161,7 @@ class CompiledForward:
             _compile_ended()  # (already closed unless a compile raised before its end callback)
         self.calls += 1  # counted once it succeeded: a failed first call reports next time
         if first and self.record is not None:
-            self._report(time.perf_counter() - t0, breaks_before, counters)
+            self._report(time.perf_counter() - t0, breaks_before, hits_before, counters)
         return out
 
     def _model_changed(self, watch: ModelState) -> None:
@@ -209,8 +208,8 @@ class CompiledForward:
                       f"({why}); it runs uncompiled (correct, not faster). See "
                       "cpuboost.report_of(model).", RuntimeWarning, stacklevel=3)
 
-    def _report(self, seconds, breaks_before, counters):
-        cached = counters["inductor"]["fxgraph_cache_hit"] - breaks_before.pop("__cache_hits__")
+    def _report(self, seconds, breaks_before, hits_before, counters):
+        cached = counters["inductor"]["fxgraph_cache_hit"] - hits_before
         breaks = {r: n - breaks_before.get(r, 0) for r, n in counters["graph_break"].items()
                   if n - breaks_before.get(r, 0) > 0}
         if cached:  # Inductor's cache skips the post-grad passes: their counts miss those graphs

@@ -106,7 +106,8 @@ def _backend(ctx: PassContext) -> str:
 
 def _linear_backend(m: nn.Module, backend: str, ctx: PassContext) -> str:
     """A float32 linear runs cpuboost's AVX2 kernel where oneDNN would, on CPUs with AVX2 but no
-    AVX-512: in BERT-base at 17-128 tokens it ran 1.05-1.3x oneDNN's speed (README)."""
+    AVX-512: BERT-base's GEMMs with cold weights ran 1.1-1.4x oneDNN's speed at 17-128 tokens,
+    1.05x at 1024 (docs/compile.md)."""
     linear = isinstance(m, (nn.Linear, FusedLinear)) or is_hf_conv1d(m)
     if backend != "onednn" or not linear or ctx.config.compute_dtype != torch.float32:
         return backend
