@@ -34,6 +34,7 @@ from torch import nn
 from cpuboost.checks import as_call, check_model, run_sample
 from cpuboost.errors import ExportError, PackageError, UnsupportedDtypeError
 from cpuboost.hw import detect
+from cpuboost.nn.fused import dense_avx2_weights
 from cpuboost.nn.int8 import plain_int8_weights
 from cpuboost.verify import compare
 
@@ -146,7 +147,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
     t_args, t_kwargs, specs = _traced_inputs(args, kwargs, carries, max_batch)
     t0 = time.perf_counter()
     try:
-        with torch.no_grad(), plain_int8_weights(model):
+        with torch.no_grad(), plain_int8_weights(model), dense_avx2_weights(model):
             program = torch.export.export(entry, (t_args, t_kwargs), dynamic_shapes=specs,
                                           strict=False)
     except Exception as e:
@@ -154,6 +155,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 if carries else "")
         raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: "
                           f"{_first_line(e)}.{hint}") from e
+    ops = _own_ops(program)
     with tempfile.TemporaryDirectory(prefix="cpuboost-export-") as tmp:
         pt2 = _compile(program, Path(tmp) / _PT2)
         seconds = time.perf_counter() - t0
@@ -168,11 +170,13 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         "dynamic_batch": carries is not None,
         "max_batch": max_batch if carries is not None else None,
         "inputs": inputs,
+        "cpuboost_ops": ops,
         "sha256": hashlib.sha256(blob).hexdigest(),
         "compile_seconds": round(seconds, 2),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    meta["verified"] = _verify(model, ExportedModel(_load_runner(blob, str(path)), meta, str(path)),
+    meta["verified"] = _verify(model, ExportedModel(_load_runner(blob, str(path), ops), meta,
+                                                    str(path)),
                                call, reference, carries, dtype_name)
     return _write(Path(path), meta, blob)
 
@@ -274,8 +278,37 @@ def _check_compatible(meta: dict, where: str) -> None:
                            f"(illegal instruction): {rebuild}.")
 
 
-def _load_runner(blob: bytes, where: str):
+def _own_ops(program) -> list[str]:
+    """cpuboost's own ops the exported program calls (an optimized model's FusedLinear runs
+    ``cpuboost::linear`` on AVX2 CPUs): the package runs them through the dispatcher, so
+    ``load`` must load their library first."""
+    found = set()
+    for module in program.graph_module.modules():
+        graph = getattr(module, "graph", None)
+        for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
+            if node.op == "call_function" and getattr(node.target, "namespace", None) == "cpuboost":
+                found.add(f"cpuboost::{node.target._opname}")
+    return sorted(found)
+
+
+def _load_own_ops(ops: list, where: str) -> None:
+    from cpuboost.kernels import attention_op, gemm_ops, gemm_unavailable, unavailable
+    for op in ops:
+        if op in ("cpuboost::linear", "cpuboost::pack_linear_weight"):
+            why = None if gemm_ops() else gemm_unavailable()
+        elif op == "cpuboost::attention":
+            why = None if attention_op() is not None else unavailable()
+        else:
+            why = "this cpuboost has no such op"
+        if why:
+            raise PackageError(f"{where} runs cpuboost's kernel {op}, which cannot run here "
+                               f"({why}): export the model on this machine, or export the "
+                               "model as it was before cpuboost.optimize.")
+
+
+def _load_runner(blob: bytes, where: str, ops: list = ()):
     import torch._inductor
+    _load_own_ops(list(ops), where)
     try:
         return torch._inductor.aoti_load_package(io.BytesIO(blob))
     except Exception as e:
@@ -356,4 +389,4 @@ def load(path: str | os.PathLike) -> ExportedModel:
     if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
         raise PackageError(f"{where}: the compiled model does not match the checksum recorded at "
                            "export (the file was altered); copy it again or re-export it.")
-    return ExportedModel(_load_runner(blob, where), meta, where)
+    return ExportedModel(_load_runner(blob, where, meta.get("cpuboost_ops") or []), meta, where)

@@ -164,6 +164,28 @@ def test_hf_model_runs_in_a_fresh_process_without_its_code(tmp_path):
     assert rel_err(ref.last_hidden_state, out["last_hidden_state"]) <= 1e-3
 
 
+def test_optimized_model_exports_and_runs_in_a_fresh_process(tmp_path):
+    """A model cpuboost.optimize packed (on AVX2 CPUs its linears run cpuboost's own kernel)
+    exports with plain weights inside: the package calls no cpuboost op, so it loads in a
+    process that never loaded cpuboost's kernel library (it failed to load there before, and a
+    package calling the op crashed intermittently when run). The model keeps its kernels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)).eval()
+    x = torch.randn(4, 32)
+    opt = cpuboost.optimize(model, sample_input=x)
+    backends = [m.backend for m in opt.modules() if hasattr(m, "backend")]
+    path = cpuboost.export(opt, {"input": x}, tmp_path / "opt.cbpk")
+    assert [m.backend for m in opt.modules() if hasattr(m, "backend")] == backends
+    assert cpuboost.load(path).metadata["cpuboost_ops"] == []
+    x3 = torch.randn(3, 32)
+    torch.save({"input": x3}, tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _FRESH, str(path), str(tmp_path / "in.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=300)
+    with torch.no_grad():
+        assert rel_err(model(x3), torch.load(tmp_path / "out.pt")) <= 1e-4
+        assert rel_err(model(x3), opt(x3)) <= 1e-4
+
+
 def test_weights_are_frozen_and_packed_for_onednn(tmp_path):
     """Freezing only applies with grad off; without it the package ran aten convolutions on
     dense weights (ResNet-50 static batch 0.88x eager instead of 1.64x). Inductor packs conv
