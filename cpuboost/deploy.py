@@ -279,8 +279,8 @@ def _check_compatible(meta: dict, where: str) -> None:
 
 
 def _own_ops(program) -> list[str]:
-    """cpuboost's own ops the exported program calls (an optimized model's FusedLinear runs
-    ``cpuboost::linear`` on AVX2 CPUs): the package runs them through the dispatcher, so
+    """cpuboost's own ops the exported program still calls (export traces the AVX2 linears with
+    dense weights, so normally none): the package would run them through the dispatcher, so
     ``load`` must load their library first."""
     found = set()
     for module in program.graph_module.modules():
