@@ -86,4 +86,6 @@ class FastAttention(CustomGraphPass):
 
 @functools.cache
 def _source_key() -> str:  # read once: uuid() is asked at every compile's cache lookup
-    return "cpuboost-attention-" + hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+    headers = sorted(_SOURCE.parent.glob("*.h"))  # included by the source
+    text = _SOURCE.read_bytes() + b"".join(h.read_bytes() for h in headers)
+    return "cpuboost-attention-" + hashlib.sha256(text).hexdigest()[:12]

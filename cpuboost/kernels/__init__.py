@@ -87,7 +87,8 @@ def _built(source: Path, flags: list[str]) -> Path:
     from torch.utils.cpp_extension import include_paths, library_paths
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
     cxx = os.environ.get("CXX", "c++")
-    key = hashlib.sha256("\0".join([source.read_text(), torch.__version__, cxx, abi,
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]  # included by sources
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, torch.__version__, cxx, abi,
                                     *flags]).encode()).hexdigest()[:16]
     root = Path(os.environ.get("CPUBOOST_CACHE", Path.home() / ".cache" / "cpuboost"))
     target = root / "kernels" / f"{source.stem}-{key}.so"
