@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from cpuboost import _env
-from cpuboost.checks import (as_call, check_dtype, check_model, check_requests, emulated_bf16,
+from cpuboost.checks import (as_call, bf16_weights_only, check_dtype, check_model,
+                             check_requests, emulated_bf16,
                              run_sample)
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
@@ -83,14 +84,16 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     hw = detect()
     check_dtype(cfg, hw)
     check_requests(cfg, hw)
+    if cfg.weights_prepack and bf16_weights_only(cfg.dtype, hw):
+        cfg = cfg.with_(bf16_weights=True)
     call = as_call(sample_input) if sample_input is not None else None
     reference = run_sample(model, call) if call is not None else None
     source = model
     if cfg.inplace and call is not None and cfg.verify and not cfg.graph_mode:
         source = copy.deepcopy(model)  # to redo the plan without a pass that breaks numerics
     work = model if cfg.inplace else _shell(model) if cfg.graph_mode else copy.deepcopy(model)
-    report = OptimizationReport(str(cfg.compute_dtype).replace("torch.", ""), cfg.level,
-                                hw.summary(), weight_bytes_before=weight_bytes(model))
+    report = OptimizationReport(cfg.dtype_name, cfg.level, hw.summary(),
+                                weight_bytes_before=weight_bytes(model))
     slow = emulated_bf16(cfg.compute_dtype, hw)
     if slow:
         report.warnings.append(slow)
@@ -169,7 +172,7 @@ def _checked(reference, steps, model, cfg, hw, report, call, rtol) -> tuple[nn.M
 
 
 def _apply_verified(work, source, steps, cfg, hw, report, call, reference) -> nn.Module:
-    rtol = cfg.rtol_low_precision if cfg.low_precision else cfg.rtol_fp32
+    rtol = cfg.rtol
     if not cfg.verify:
         return _apply(work, steps, cfg, hw, report, call)
     work, report.numerics = _checked(reference, steps, work, cfg, hw, report, call, rtol)

@@ -48,6 +48,24 @@ def check_dtype(cfg: OptimizeConfig, hw: CpuFeatures) -> None:
             "dtype=torch.bfloat16" + (" (native here)" if hw.native_bf16 else "") + " instead.")
 
 
+BF16_WEIGHTS_NOTE = (
+    "dtype=torch.bfloat16 on a CPU without bf16 instructions: linears hold bf16 weights and "
+    "multiply them in float32 (cpuboost's AVX2 kernel); activations, convolutions and outputs "
+    "stay float32, where emulated bf16 arithmetic would run several times slower")
+
+
+def bf16_weights_only(dtype, hw: CpuFeatures) -> bool:
+    """bf16 asked for on a CPU without bf16 instructions where cpuboost's AVX2 kernel runs:
+    there the linears hold bf16 weights and multiply in float32, and everything else stays
+    float32, instead of emulating bf16 arithmetic (several times slower than float32). Half
+    the weight bytes; a decode step's GEMVs read half the memory (GPT-2's 48 block linears at 1
+    token: 8.4 vs 17.9 ms fp32, docs/optimize.md)."""
+    if dtype != torch.bfloat16 or hw.native_bf16 or not {"avx2", "fma"} <= hw.flags:
+        return False
+    from cpuboost.kernels import gemm_ops
+    return gemm_ops()
+
+
 def emulated_bf16(dtype, hw: CpuFeatures, stacklevel: int = 3) -> Optional[str]:
     """bf16 asked for on a CPU without bf16 instructions: a Python warning (RuntimeWarning) and
     the same text for the report's warnings. It runs, correctly, but several times slower than

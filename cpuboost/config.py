@@ -39,6 +39,10 @@ class OptimizeConfig:
     verify: bool = True
     rtol_fp32: float = 1e-4
     rtol_low_precision: float = 5e-2
+    # dtype=bfloat16 on a CPU without bf16 instructions where cpuboost's AVX2 kernel runs: the
+    # linears hold bf16 weights and compute in float32; nothing else changes dtype (set by
+    # optimize, see checks.bf16_weights_only)
+    bf16_weights: bool = False
     explicit: frozenset = field(default_factory=frozenset)
 
     def __post_init__(self):
@@ -50,7 +54,7 @@ class OptimizeConfig:
                 f"dtype={self.dtype} is not supported; use None or torch.float32 (fp32), "
                 "torch.bfloat16, or torch.float16.")
         for name in _PASS_FLAGS + ("inplace", "channels_last", "verify", "measure_kernels",
-                                   "graph_mode"):
+                                   "graph_mode", "bf16_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be True or False.")
         if not (0 < self.rtol_fp32 < 1 and 0 < self.rtol_low_precision < 1):
@@ -61,11 +65,25 @@ class OptimizeConfig:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.dtype or torch.float32
+        """The dtype arithmetic runs in (float32 with bf16_weights)."""
+        return torch.float32 if self.bf16_weights else (self.dtype or torch.float32)
 
     @property
     def low_precision(self) -> bool:
+        """Arithmetic in bf16/fp16 (under autocast)."""
         return self.compute_dtype in (torch.bfloat16, torch.float16)
+
+    @property
+    def rtol(self) -> float:
+        """The tolerance outputs are checked against: any low-precision weight counts."""
+        low = self.low_precision or self.bf16_weights
+        return self.rtol_low_precision if low else self.rtol_fp32
+
+    @property
+    def dtype_name(self) -> str:
+        if self.bf16_weights:
+            return "bfloat16 weights, float32 arithmetic"
+        return str(self.compute_dtype).replace("torch.", "")
 
     @classmethod
     def from_ipex(cls, dtype=None, level="O1", inplace=False, graph_mode=None,

@@ -90,6 +90,10 @@ def _feature_table(f: CpuFeatures, t: TorchInfo, cores: int) -> list[dict]:
     elif "avx512" in f.flags:
         row("bf16 (dtype=torch.bfloat16)", SLOW, "AVX-512 without BF16: converted to fp32 inside "
             "kernels (halves memory traffic, no faster math)")
+    elif own_gemm and t.compiler:
+        row("bf16 (dtype=torch.bfloat16)", FAST, "no bf16 instructions: linears hold bf16 "
+            "weights and multiply in fp32 on cpuboost's AVX2 kernel (half the weight bytes, fp32 "
+            "speed or better); stock autocast bf16 is emulated and slow")
     else:
         row("bf16 (dtype=torch.bfloat16)", SLOW, "no bf16 instructions: emulated, often slower "
             "than fp32")

@@ -247,9 +247,18 @@ def run(args) -> int:
 
 def _emulated_bf16_variants(variants: list[str]) -> list[str]:
     """The bf16 variants, where this CPU would only emulate bf16 (BERT-base measured 4.8x
-    slower than fp32 on AVX2): hours of timing that show nothing a user could want."""
+    slower than fp32 on AVX2): hours of timing that show nothing a user could want. Where
+    cpuboost's bf16 is bf16 weights with float32 arithmetic, only stock autocast emulates."""
+    import torch
+
+    from cpuboost.checks import bf16_weights_only
     from cpuboost.hw import detect
-    return [] if detect().native_bf16 else [v for v in variants if "bf16" in v]
+    hw = detect()
+    if hw.native_bf16:
+        return []
+    if bf16_weights_only(torch.bfloat16, hw):
+        return [v for v in variants if v == "eager_bf16"]
+    return [v for v in variants if "bf16" in v]
 
 
 def _cpu() -> str:

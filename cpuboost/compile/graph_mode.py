@@ -96,8 +96,10 @@ def _hook_compiles() -> None:
 
 
 class CompiledForward:
-    def __init__(self, model: nn.Module, dtype: torch.dtype, record=None):
+    def __init__(self, model: nn.Module, dtype: torch.dtype, record=None,
+                 weight_dtype: torch.dtype = torch.float32):
         self.model, self.dtype, self.record = model, dtype, record
+        self.weight_dtype = weight_dtype  # of linears on cpuboost's AVX2 kernel (OneDnnLinear)
         self.calls = self.graphs = self.dynamic_graphs = 0
         self.changes = 0  # times the model's state changed after a compile
         self.failed = False  # the compiler raised: forward runs eager (see _fall_back)
@@ -106,7 +108,7 @@ class CompiledForward:
 
     def _setup(self):
         """A fresh Dynamo cache for this forward (its graphs compile on the next call)."""
-        self.linear_pass = OneDnnLinear()
+        self.linear_pass = OneDnnLinear(self.weight_dtype)
         isolated, _ = _features()
         own = {"recompile_limit": _LIMIT, "isolate_recompiles": True} if isolated else {}
         self.watch = ModelState() if dict_version() and self.changes < 2 else None
@@ -233,14 +235,20 @@ class CompiledForward:
 
     # A copy or an unpickled model compiles afresh on its first call.
     def __getstate__(self):
-        return {"model": self.model, "dtype": self.dtype, "record": self.record}
+        return {"model": self.model, "dtype": self.dtype, "record": self.record,
+                "weight_dtype": self.weight_dtype}
 
     def __setstate__(self, state):
-        self.__init__(state["model"], state["dtype"], state["record"])
+        self.__init__(state["model"], state["dtype"], state["record"],
+                      state.get("weight_dtype", torch.float32))
 
 
 def graph_mode(model: nn.Module, ctx) -> nn.Module:
-    model.__dict__["forward"] = CompiledForward(model, ctx.config.compute_dtype, ctx.record)
+    from cpuboost.checks import BF16_WEIGHTS_NOTE
+    held = torch.bfloat16 if ctx.config.bf16_weights else torch.float32
+    model.__dict__["forward"] = CompiledForward(model, ctx.config.compute_dtype, ctx.record, held)
+    if ctx.config.bf16_weights:
+        ctx.record.notes.append(BF16_WEIGHTS_NOTE)
     ctx.record.notes.append("compiles on the first call of forward (with sample_input: now)")
     ctx.record.notes.append(SHAPE_POLICY)
     ctx.record.notes.append("the eager fold/pack/fuse passes are off in graph mode: Inductor's "

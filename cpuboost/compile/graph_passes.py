@@ -36,6 +36,7 @@ from cpuboost.passes.kernel_choice import mkl_or_onednn
 
 _MKL_LINEAR = (torch.ops.mkl._mkl_linear, torch.ops.mkl._mkl_linear.default)
 _SQRT_HALF = 0.7071067811865476
+_CONVERT = torch.ops.prims.convert_element_type.default
 
 
 def _own_kernel(dtype: torch.dtype) -> bool:
@@ -141,7 +142,11 @@ def fuse_activations(graph: torch.fx.Graph) -> int:
 
 
 class OneDnnLinear(CustomGraphPass):
-    def __init__(self):
+    """``weight_dtype=torch.bfloat16``: linears on cpuboost's AVX2 kernel hold bf16 weights
+    (multiplied in float32; see FusedLinear), for dtype=bfloat16 on CPUs without bf16."""
+
+    def __init__(self, weight_dtype: torch.dtype = torch.float32):
+        self.weight_dtype = weight_dtype
         self.decisions: list[tuple[tuple[int, int, int], str]] = []  # ((M, K, N), kernel)
         self.replaced = 0  # linears moved to oneDNN
         self.own = 0  # linears on cpuboost's AVX2 kernel
@@ -180,8 +185,9 @@ class OneDnnLinear(CustomGraphPass):
             while hasattr(gm, name):
                 name += "_"
             if choice == "avx2":  # one packed copy for all graphs (shared_constants)
-                packed = made_once(("avx2_linear",), weight,
-                                   lambda: torch.ops.cpuboost.pack_linear_weight(weight))
+                held = self.weight_dtype
+                packed = made_once(("avx2_linear", str(held)), weight,
+                                   lambda: torch.ops.cpuboost.pack_linear_weight(weight.to(held)))
                 op, args = torch.ops.cpuboost.linear.default, (bias, n, 0)
             else:  # any batch
                 packed = made_once(("onednn_linear",), weight,
@@ -211,7 +217,8 @@ class OneDnnLinear(CustomGraphPass):
         # Choices are measured on this CPU at this thread count: a cached graph is reused
         # only where the same measurement would apply.
         hw = detect()
-        return f"cpuboost.OneDnnLinear.v3|{hw.model_name}|{sorted(hw.flags)}|{torch.get_num_threads()}"
+        return (f"cpuboost.OneDnnLinear.v4|{self.weight_dtype}|{hw.model_name}|{sorted(hw.flags)}|"
+                f"{torch.get_num_threads()}")
 
 
 @contextlib.contextmanager
@@ -238,13 +245,20 @@ def onednn_where_faster(linear_pass: OneDnnLinear):
     def patched_weight(self, graph, is_lp_weight, transpose_weight_node, batch_size):
         chosen = "lp" if is_lp_weight else choice(transpose_weight_node, batch_size)
         if chosen == "avx2":  # transpose_weight_node is the (n, k) weight, as Linear holds it
+            weight = transpose_weight_node
+            if linear_pass.weight_dtype != torch.float32:  # folded with the pack (freezing)
+                weight = graph.create_node("call_function", _CONVERT,
+                                           args=(weight, linear_pass.weight_dtype))
             return graph.create_node("call_function", torch.ops.cpuboost.pack_linear_weight.default,
-                                     args=(transpose_weight_node,))
+                                     args=(weight,))
         return pack_weight(self, graph, chosen != "mkl", transpose_weight_node, batch_size)
 
     def patched_linear(self, graph, is_lp_weight, batch_size, input, packed_weight_node, bias):
         if packed_weight_node.target is torch.ops.cpuboost.pack_linear_weight.default:
-            n = packed_weight_node.args[0].args[0].meta["val"].shape[1]  # mm's (k, n) operand
+            weight = packed_weight_node.args[0]
+            if weight.target is _CONVERT:
+                weight = weight.args[0]
+            n = weight.args[0].meta["val"].shape[1]  # mm's (k, n) operand
             linear_pass.own += 1
             return graph.create_node("call_function", torch.ops.cpuboost.linear.default,
                                      (input, packed_weight_node, bias, n, 0))

@@ -103,11 +103,25 @@ inline __m256 activate(__m256 x, int64_t act) {
   }
 }
 
+// The 16 weights of one K step as two fp32 vectors (columns 0-7, 8-15). float panels hold them
+// in order; bf16 panels (uint16 bits) hold column j in the low and column j+8 in the high half of
+// 32-bit word j, so a shift and a mask widen them exactly (bf16 is fp32's upper half).
+inline void load_weights(const float* b, __m256& w0, __m256& w1) {
+  w0 = _mm256_load_ps(b);
+  w1 = _mm256_load_ps(b + 8);
+}
+
+inline void load_weights(const uint16_t* b, __m256& w0, __m256& w1) {
+  const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+  w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  w1 = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // acc[0:M, 0:16] += a[0:M, 0:kc] @ b[0:kc, 0:16]. Kept out of line so that the register
 // allocator sees only this loop: 12 accumulators + 2 weight vectors + 1 broadcast of the 16 ymm
 // (inlined into the tile, GCC spilled an accumulator to the stack every iteration).
-template <int M>
-__attribute__((noinline)) void kloop(const float* a, int64_t lda, const float* b, int64_t kc,
+template <typename W, int M>
+__attribute__((noinline)) void kloop(const float* a, int64_t lda, const W* b, int64_t kc,
                                      float* acc_mem) {
   __m256 acc[M][2];
 #pragma GCC unroll 6
@@ -117,11 +131,12 @@ __attribute__((noinline)) void kloop(const float* a, int64_t lda, const float* b
   }
 #pragma GCC unroll 4  // 4: 81-85 GFLOP/s on one core from L1 (peak 99); 2: 72-78
   for (int64_t k = 0; k < kc; ++k) {
-    // each k reads one 64-byte line of the panel; ask for the line 32 ahead (it may be the next
-    // K block or panel: they follow in memory). Cold weights at 17 rows: ours/oneDNN 0.53-0.64
-    // with it, 0.68-0.76 without (3 alternating runs each); at 64 rows within the noise.
-    _mm_prefetch(reinterpret_cast<const char*>(b + (k + 32) * NR), _MM_HINT_T0);
-    const __m256 w0 = _mm256_load_ps(b + k * NR), w1 = _mm256_load_ps(b + k * NR + 8);
+    // ask for the panel's line 2 KB ahead (it may be the next K block or panel: they follow in
+    // memory). Cold weights at 17 rows: ours/oneDNN 0.53-0.64 with it, 0.68-0.76 without (3
+    // alternating runs each); at 64 rows within the noise.
+    _mm_prefetch(reinterpret_cast<const char*>(b + k * NR) + 2048, _MM_HINT_T0);
+    __m256 w0, w1;
+    load_weights(b + k * NR, w0, w1);
 #pragma GCC unroll 6
     for (int i = 0; i < M; ++i) {
       const __m256 x = _mm256_broadcast_ss(a + i * lda + k);
@@ -138,8 +153,8 @@ __attribute__((noinline)) void kloop(const float* a, int64_t lda, const float* b
 
 // c[0:M, 0:nvalid] (+)= a[0:M, 0:kc] @ b[0:kc, 0:16]; a's rows lda apart, c's rows ldc apart.
 // first: start from the bias (or zero); else from c. last: apply the activation.
-template <int M>
-void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int64_t ldc,
+template <typename W, int M>
+void tile(const float* a, int64_t lda, const W* b, int64_t kc, float* c, int64_t ldc,
           int nvalid, const float* bias, bool first, bool last, int64_t act) {
   alignas(32) float acc[M * NR];
   const bool full = nvalid == NR;
@@ -157,7 +172,7 @@ void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int
       for (int j = 0; j < nvalid; ++j) row[j] = c[i * ldc + j];
     }
   }
-  kloop<M>(a, lda, b, kc, acc);
+  kloop<W, M>(a, lda, b, kc, acc);
   for (int i = 0; i < M; ++i) {
     float* row = acc + i * NR;
     if (last && act != kNone) {
@@ -175,37 +190,88 @@ void tile(const float* a, int64_t lda, const float* b, int64_t kc, float* c, int
   }
 }
 
-using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int,
+template <typename W>
+using TileFn = void (*)(const float*, int64_t, const W*, int64_t, float*, int64_t, int,
                         const float*, bool, bool, int64_t);
-constexpr TileFn kTiles[MR + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+template <typename W>
+constexpr TileFn<W> kTiles[MR + 1] = {nullptr,     tile<W, 1>, tile<W, 2>, tile<W, 3>,
+                                      tile<W, 4>, tile<W, 5>, tile<W, 6>};
 
-// [N, K] -> [ceil(N/16), K, 16], zero padded in N
-at::Tensor pack_linear_weight(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat,
-              "cpuboost::pack_linear_weight takes a 2-d float32 weight [out, in], got ",
-              weight.scalar_type(), " of shape ", weight.sizes());
-  const at::Tensor w = weight.contiguous();
-  const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
-  at::Tensor out = at::zeros({P, K, NR}, w.options());
-  const float* src = w.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
+// [N, K] -> [ceil(N/16), K, 16], zero padded in N. A bf16 weight gives bf16 panels (see
+// load_weights for their order within a K step); it is multiplied in fp32, exactly.
+template <typename T>
+void pack_panels(const T* src, T* dst, int64_t N, int64_t K, bool interleave) {
+  const int64_t P = (N + NR - 1) / NR;
   at::parallel_for(0, P, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t cols = std::min<int64_t>(NR, N - p * NR);
       for (int64_t j = 0; j < cols; ++j) {
-        const float* row = src + (p * NR + j) * K;
-        float* col = dst + p * K * NR + j;
+        const T* row = src + (p * NR + j) * K;
+        const int64_t slot = interleave ? (j < 8 ? 2 * j : 2 * (j - 8) + 1) : j;
+        T* col = dst + p * K * NR + slot;
         for (int64_t k = 0; k < K; ++k) col[k * NR] = row[k];
       }
     }
   });
+}
+
+at::Tensor pack_linear_weight(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 &&
+              (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
+              "cpuboost::pack_linear_weight takes a 2-d float32 or bfloat16 weight [out, in], "
+              "got ", weight.scalar_type(), " of shape ", weight.sizes());
+  const at::Tensor w = weight.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
+  at::Tensor out = at::zeros({P, K, NR}, w.options());
+  if (w.scalar_type() == at::kFloat) {
+    pack_panels(w.data_ptr<float>(), out.data_ptr<float>(), N, K, false);
+  } else {
+    pack_panels(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
+                reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), N, K, true);
+  }
   return out;
+}
+
+template <typename W>
+void run_linear(const float* a, const W* w, float* c, const float* bias_ptr, int64_t M,
+                int64_t N, int64_t K, int64_t P, int64_t act) {
+  const int64_t threads = at::get_num_threads();
+  int64_t mblocks = (M + MC - 1) / MC;
+  if (mblocks >= threads) mblocks = (mblocks + threads - 1) / threads * threads;
+  mblocks = std::min(mblocks, (M + MR - 1) / MR);
+  const int64_t rows = ((M + mblocks - 1) / mblocks + MR - 1) / MR * MR;
+  mblocks = (M + rows - 1) / rows;
+  const int64_t nchunks = mblocks >= threads ? 1 : std::min(P, (threads + mblocks - 1) / mblocks);
+  const int64_t per_chunk = (P + nchunks - 1) / nchunks;
+
+  at::parallel_for(0, mblocks * nchunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t m0 = (u / nchunks) * rows, m1 = std::min(M, m0 + rows);
+      const int64_t p0 = (u % nchunks) * per_chunk, p1 = std::min(P, p0 + per_chunk);
+      for (int64_t p = p0; p < p1; ++p) {
+        const int nvalid = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
+        const float* bp = bias_ptr ? bias_ptr + p * NR : nullptr;
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+          const int64_t kc = std::min(KC, K - k0);
+          const bool first = k0 == 0, last = k0 + kc == K;
+          const W* panel = w + (p * K + k0) * NR;
+          for (int64_t i = m0; i < m1; i += MR) {
+            const int mr = static_cast<int>(std::min<int64_t>(MR, m1 - i));
+            kTiles<W>[mr](a + i * K + k0, K, panel, kc, c + i * N + p * NR, N, nvalid, bp,
+                          first, last, act);
+          }
+        }
+      }
+    }
+  });
 }
 
 at::Tensor linear(const at::Tensor& input, const at::Tensor& packed,
                   const std::optional<at::Tensor>& bias, int64_t out_features, int64_t act) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat,
-              "cpuboost::linear computes in float32, got input ", input.scalar_type());
+  TORCH_CHECK(input.scalar_type() == at::kFloat &&
+              (packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kBFloat16),
+              "cpuboost::linear computes in float32 (from float32 or bfloat16 weights), got input ",
+              input.scalar_type(), " and weight ", packed.scalar_type());
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == NR && packed.is_contiguous(),
               "cpuboost::linear: the weight was not packed by cpuboost::pack_linear_weight");
   const int64_t K = packed.size(1), P = packed.size(0), N = out_features;
@@ -236,38 +302,13 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed,
     bias_ptr = padded.data_ptr<float>();
   }
   const float* a = x.data_ptr<float>();
-  const float* w = packed.data_ptr<float>();
   float* c = out.data_ptr<float>();
-
-  const int64_t threads = at::get_num_threads();
-  int64_t mblocks = (M + MC - 1) / MC;
-  if (mblocks >= threads) mblocks = (mblocks + threads - 1) / threads * threads;
-  mblocks = std::min(mblocks, (M + MR - 1) / MR);
-  const int64_t rows = ((M + mblocks - 1) / mblocks + MR - 1) / MR * MR;
-  mblocks = (M + rows - 1) / rows;
-  const int64_t nchunks = mblocks >= threads ? 1 : std::min(P, (threads + mblocks - 1) / mblocks);
-  const int64_t per_chunk = (P + nchunks - 1) / nchunks;
-
-  at::parallel_for(0, mblocks * nchunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t u = begin; u < end; ++u) {
-      const int64_t m0 = (u / nchunks) * rows, m1 = std::min(M, m0 + rows);
-      const int64_t p0 = (u % nchunks) * per_chunk, p1 = std::min(P, p0 + per_chunk);
-      for (int64_t p = p0; p < p1; ++p) {
-        const int nvalid = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
-        const float* bp = bias_ptr ? bias_ptr + p * NR : nullptr;
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-          const int64_t kc = std::min(KC, K - k0);
-          const bool first = k0 == 0, last = k0 + kc == K;
-          const float* panel = w + (p * K + k0) * NR;
-          for (int64_t i = m0; i < m1; i += MR) {
-            const int mr = static_cast<int>(std::min<int64_t>(MR, m1 - i));
-            kTiles[mr](a + i * K + k0, K, panel, kc, c + i * N + p * NR, N, nvalid, bp, first,
-                       last, act);
-          }
-        }
-      }
-    }
-  });
+  if (packed.scalar_type() == at::kFloat) {
+    run_linear(a, packed.data_ptr<float>(), c, bias_ptr, M, N, K, P, act);
+  } else {
+    run_linear(a, reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), c,
+               bias_ptr, M, N, K, P, act);
+  }
   return out;
 }
 

@@ -58,7 +58,8 @@ def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
     manifest = {
         "format": FORMAT, "version": VERSION, "class": type(model).__name__,
         "config_class": type(config).__name__, "config": config.to_dict(),
-        "dtype": report.dtype, "woq_layers": layers, "aliases": aliases,
+        # the dtype asked for ("bfloat16 weights, float32 arithmetic" -> bfloat16)
+        "dtype": report.dtype.split(" ")[0], "woq_layers": layers, "aliases": aliases,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "cpuboost": cpuboost.__version__},
         "tensors": {"file": TENSORS, **file_digest(out / TENSORS)},

@@ -77,6 +77,18 @@ class LlmConfig:
     max_seq_len: Optional[int] = None
     beam_cache: bool = True  # beam search holds the prompt's KV once per request (beam.py)
     graph_mode: bool = False  # compile forward with the cpuboost backend (float models)
+    # bf16 on a CPU without bf16 instructions: float linears hold bf16 weights, arithmetic and
+    # every other tensor stay float32 (set by optimize; checks.bf16_weights_only)
+    bf16_weights: bool = False
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float32 if self.bf16_weights else self.dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """What float linears on cpuboost's AVX2 kernel hold."""
+        return torch.bfloat16 if self.bf16_weights else torch.float32
 
     def __post_init__(self):
         if self.dtype not in (torch.float32, torch.bfloat16):

@@ -3,6 +3,7 @@ rewrites, report. ``generate()`` and ``forward`` keep working unchanged."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from typing import Optional, Union
 
@@ -10,13 +11,14 @@ import torch
 from torch import nn
 
 from cpuboost._memory import release_freed_memory
-from cpuboost.checks import check_model, emulated_bf16
+from cpuboost.checks import BF16_WEIGHTS_NOTE, bf16_weights_only, check_model, emulated_bf16
 from cpuboost.errors import ConfigError, UnsupportedRequestError
 from cpuboost.hw import detect
 from cpuboost.llm import rewrites
 from cpuboost.llm.cache import use_preallocated_cache
 from cpuboost.llm.config import LlmConfig, WoqConfig, woq_config
 from cpuboost.llm.structure import structure_of
+from cpuboost.nn.woq import WoqLinear
 from cpuboost.passes import weight_bytes
 from cpuboost.report import OptimizationReport, attach
 
@@ -46,9 +48,16 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
                     inplace=inplace, max_seq_len=max_seq_len, beam_cache=beam_cache,
                     graph_mode=graph_mode)
     hw = detect()
+    # not with weight-only quantization (asked for, or layers loaded by load_quantized): aten's
+    # int8 kernel ran GPT-2's decode 3x slower than eager fp32 with float32 activations
+    woq = cfg.woq is not None or any(isinstance(m, WoqLinear) for m in model.modules())
+    if not woq and bf16_weights_only(cfg.dtype, hw):
+        cfg = dataclasses.replace(cfg, bf16_weights=True)
     # correct everywhere (emulated), just slower: say so, do not refuse
-    warning = emulated_bf16(cfg.dtype, hw)
-    report = OptimizationReport(dtype=str(cfg.dtype).replace("torch.", ""),
+    warning = emulated_bf16(cfg.compute_dtype, hw)
+    dtype_name = ("bfloat16 weights, float32 arithmetic" if cfg.bf16_weights
+                  else str(cfg.dtype).replace("torch.", ""))
+    report = OptimizationReport(dtype=dtype_name,
                                 level=cfg.woq.name if cfg.woq else "llm",
                                 hardware=hw.summary())
     report.weight_bytes_before = weight_bytes(model)
@@ -68,6 +77,8 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
 def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
     rec = report.record("structure")
     rec.notes += structure_of(model).lines()
+    if cfg.bf16_weights:
+        rec.notes.append(BF16_WEIGHTS_NOTE)
     state = {"beams": False}
     if cfg.graph_mode:  # Inductor packs and fuses; transformers' own cache (traceable)
         steps = [("cast", lambda r: rewrites.cast_floats(model, cfg, r)),
@@ -90,7 +101,7 @@ def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
 
 def _compile(model: nn.Module, cfg: LlmConfig, rec) -> None:
     from cpuboost.compile.graph_mode import SHAPE_POLICY, CompiledForward
-    model.__dict__["forward"] = CompiledForward(model, cfg.dtype, rec)
+    model.__dict__["forward"] = CompiledForward(model, cfg.compute_dtype, rec, cfg.weight_dtype)
     rec.notes += ["forward (what generate() calls each step) compiles on its first call",
                   SHAPE_POLICY]
 

@@ -21,21 +21,21 @@ from cpuboost.report import PassRecord
 
 
 def cast_floats(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
-    """Floating parameters and buffers to ``cfg.dtype`` (what ``model.to(dtype)`` does), as new
-    tensors so the original model keeps its own."""
-    changed = 0
+    """Floating parameters and buffers to the compute dtype (what ``model.to(dtype)`` does), as
+    new tensors so the original model keeps its own."""
+    changed, dtype = 0, cfg.compute_dtype
     for m in model.modules():
         for name, p in list(m._parameters.items()):
-            if p is not None and p.is_floating_point() and p.dtype != cfg.dtype:
-                m._parameters[name] = nn.Parameter(p.detach().to(cfg.dtype),
+            if p is not None and p.is_floating_point() and p.dtype != dtype:
+                m._parameters[name] = nn.Parameter(p.detach().to(dtype),
                                                    requires_grad=False)
                 changed += 1
         for name, b in list(m._buffers.items()):
-            if b is not None and b.is_floating_point() and b.dtype != cfg.dtype:
-                m._buffers[name] = b.to(cfg.dtype)
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                m._buffers[name] = b.to(dtype)
                 changed += 1
     if changed:
-        rec.apply(f"{changed} floating tensors cast to {cfg.dtype}")
+        rec.apply(f"{changed} floating tensors cast to {dtype}")
 
 
 def use_sdpa(model: nn.Module, rec: PassRecord) -> None:
@@ -79,11 +79,22 @@ def _dense(m: nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return (w.t() if is_hf_conv1d(m) else w), (None if m.bias is None else m.bias.detach())
 
 
-def _packed(m: nn.Module, dtype: torch.dtype, backend: str) -> nn.Module:
+def _packed(m: nn.Module, cfg: LlmConfig, backend: str) -> nn.Module:
     cls = FusedConv1DLinear if is_hf_conv1d(m) else FusedLinear
-    packed = cls(m, dtype, backend)
+    dtype = cfg.compute_dtype
+    held = cfg.weight_dtype if backend == "avx2" else None
+    packed = cls(m, dtype, backend, weight_dtype=held)
     packed.orig_dtype = dtype  # the model is cast to dtype: its state_dict says so too
     return packed
+
+
+def _float_backend(dtype: torch.dtype) -> str:
+    """cpuboost's AVX2 kernel for float32 arithmetic where it runs, else oneDNN where it can
+    pack ``dtype``, else aten."""
+    from cpuboost.kernels import gemm_ops
+    if dtype == torch.float32 and gemm_ops():
+        return "avx2"
+    return "onednn" if onednn_runs(dtype, detect()) else "aten"
 
 
 def _woq_reason(name: str, m: nn.Module, woq: WoqConfig, head) -> Optional[str]:
@@ -103,9 +114,10 @@ def linears(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
     tied = head_w is not None and any(p is head_w for m in model.modules() if m is not head
                                       for p in m.parameters(recurse=False))
     done: dict[str, int] = {}
-    backend = "onednn" if onednn_runs(cfg.dtype, detect()) else "aten"
+    dtype = cfg.compute_dtype
+    backend = _float_backend(dtype)
     if backend == "aten":
-        rec.notes.append(f"oneDNN cannot pack {cfg.dtype} weights on this CPU: float linears "
+        rec.notes.append(f"oneDNN cannot pack {dtype} weights on this CPU: float linears "
                          "keep a plain weight and run aten's kernel")
     # by name, fetching each module when its turn comes: holding them all in a list would
     # keep every float weight alive until the end (peak memory = float + quantized model)
@@ -115,12 +127,13 @@ def linears(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
         if cfg.woq and reason is None:
             w, b = _dense(m)
             new = WoqLinear.from_float(w, b, cfg.woq.bits, cfg.woq.group_size,
-                                       cfg.woq.symmetric, cfg.dtype)
+                                       cfg.woq.symmetric, dtype)
             kind = cfg.woq.name
         else:
-            new = _packed(m, cfg.dtype, backend)
-            kind = (f"packed {str(cfg.dtype).replace('torch.', '')}" if backend == "onednn"
-                    else f"plain {str(cfg.dtype).replace('torch.', '')} (aten)")
+            new = _packed(m, cfg, backend if _dense(m)[0].shape[1] else "aten")
+            held = str(new.weight_dtype).replace("torch.", "")
+            kind = {"avx2": f"{held} weights on cpuboost's AVX2 kernel",
+                    "onednn": f"packed {held}"}.get(backend, f"plain {held} (aten)")
             if cfg.woq:
                 rec.skip(name, f"kept float ({reason})")
         replace_module(model, m, new)

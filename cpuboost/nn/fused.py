@@ -63,6 +63,7 @@ class _Fused(PostOpHolder, nn.Module):
         _check_backend(backend, compute_dtype)
         self.backend = backend
         self.compute_dtype = compute_dtype
+        self.weight_dtype = compute_dtype  # what the packed weight is held in (see FusedLinear)
         self.orig_dtype = src.weight.dtype
         self.orig_shape = tuple(src.weight.shape)
         self.has_bias = src.bias is not None
@@ -87,7 +88,8 @@ class _Fused(PostOpHolder, nn.Module):
 
     def _store(self, w: torch.Tensor, b: Optional[torch.Tensor]) -> None:
         """Store folded weight/bias (original layout, any float dtype) in the kernel's form."""
-        w = w.detach().to(self.compute_dtype).contiguous()
+        held = self.weight_dtype if self.backend == "avx2" else self.compute_dtype
+        w = w.detach().to(held).contiguous()
         self._b = None if b is None else b.detach().to(self.compute_dtype).contiguous()
         w = self._to_kernel_layout(w)
         self._w = w if self.backend == "aten" else self._pack(w)
@@ -199,7 +201,7 @@ class _Fused(PostOpHolder, nn.Module):
         if self.backend == "avx2":
             from cpuboost.kernels import gemm_ops
             if not gemm_ops():  # pickled where the AVX2 kernel ran, loaded where it cannot
-                w = self._unpack(self._w)
+                w = self._unpack(self._w).to(self.compute_dtype)
                 self.backend, self._w = "aten", w
 
     def _apply(self, fn, recurse=True):
@@ -218,6 +220,8 @@ class _Fused(PostOpHolder, nn.Module):
 
     def extra_repr(self) -> str:
         parts = [f"backend={self.backend}", f"dtype={self.compute_dtype}"]
+        if self.backend == "avx2" and self.weight_dtype != self.compute_dtype:
+            parts.append(f"weights={self.weight_dtype}")
         if self.fold_scale is not None:
             parts.append("bn_folded")
         if self.post_op.name != "none":
@@ -227,13 +231,30 @@ class _Fused(PostOpHolder, nn.Module):
         return ", ".join(parts)
 
 
+# bf16 panels hold output feature j (< 8) in slot 2j and j + 8 in slot 2j + 1 of each K step
+# (gemm_avx2.cpp, load_weights): this indexes the slots in feature order
+_BF16_SLOTS = [2 * j for j in range(8)] + [2 * j + 1 for j in range(8)]
+
+
 class FusedLinear(_Fused):
+    """``weight_dtype=torch.bfloat16`` with the AVX2 backend: the weight is held (rounded) in
+    bf16 and multiplied in float32 (exact products of the rounded weight). For CPUs without bf16
+    instructions, where bf16 arithmetic is emulated: half the weight bytes, fp32 speed or better
+    (decode-size GEMMs read half the memory)."""
+
     def __init__(self, src: nn.Module, compute_dtype=torch.float32, backend="onednn",
-                 batch_hint: Optional[int] = None):
+                 batch_hint: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None):
         super().__init__()
         rows, cols = src.weight.shape  # (out, in) for nn.Linear; (in, out) when out_dim == 1
         self.out_features, self.in_features = (cols, rows) if self.out_dim == 1 else (rows, cols)
         self._init_common(src, compute_dtype, backend)
+        if weight_dtype not in (None, compute_dtype):
+            if backend != "avx2" or weight_dtype != torch.bfloat16:
+                from cpuboost.errors import UnsupportedRequestError
+                raise UnsupportedRequestError(
+                    f"weights held in {weight_dtype} for {compute_dtype} arithmetic: only "
+                    "cpuboost's AVX2 kernel does that, for bfloat16 weights (backend='avx2').")
+            self.weight_dtype = weight_dtype
         self.batch_hint = batch_hint
         self._store(src.weight, src.bias)
 
@@ -244,6 +265,8 @@ class FusedLinear(_Fused):
 
     def _unpack(self, w):
         if self.backend == "avx2":  # [ceil(N/16), K, 16] panels back to [N, K]
+            if w.dtype == torch.bfloat16:
+                w = w[:, :, _BF16_SLOTS]
             return w.transpose(1, 2).reshape(-1, w.shape[1])[:self.out_features].contiguous()
         return super()._unpack(w)
 
@@ -267,7 +290,7 @@ class FusedLinear(_Fused):
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self._folded_dense()
-        return self.post_op.reference(F.linear(self._prepare(x), w, b))
+        return self.post_op.reference(F.linear(self._prepare(x), w.to(self.compute_dtype), b))
 
 
 class FusedConv1DLinear(FusedLinear):

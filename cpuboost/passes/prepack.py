@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from cpuboost.checks import BF16_WEIGHTS_NOTE
 from cpuboost.hw.features import onednn_runs
 from cpuboost.nn import FusedConv, FusedConvTranspose, FusedLinear, set_backend
 from cpuboost.nn.fused import FusedConv1DLinear, _Fused, is_hf_conv1d
@@ -68,10 +69,12 @@ def to_fused(model, m, ctx: PassContext, backend: str, input_shape=None) -> _Fus
     if isinstance(m, _Fused):
         set_backend(m, backend, pack_shape=input_shape, batch_hint=_batch(input_shape))
         return m
+    held = torch.bfloat16 if ctx.config.bf16_weights and backend == "avx2" else None
     if isinstance(m, nn.Linear):
-        new = FusedLinear(m, dtype, backend, batch_hint=_batch(input_shape))
+        new = FusedLinear(m, dtype, backend, batch_hint=_batch(input_shape), weight_dtype=held)
     elif is_hf_conv1d(m):
-        new = FusedConv1DLinear(m, dtype, backend, batch_hint=_batch(input_shape))
+        new = FusedConv1DLinear(m, dtype, backend, batch_hint=_batch(input_shape),
+                                weight_dtype=held)
     elif type(m) in _CONV_T:
         new = FusedConvTranspose(m, dtype, backend, input_shape=input_shape)
     else:
@@ -125,6 +128,8 @@ def _linear_backend(m: nn.Module, backend: str, ctx: PassContext) -> str:
 
 def prepack(model: nn.Module, ctx: PassContext) -> nn.Module:
     backend = _backend(ctx)
+    if ctx.config.bf16_weights:
+        ctx.record.notes.append(BF16_WEIGHTS_NOTE)
     parents = module_parents(model)
     for name, m in list(model.named_modules()):
         packable = isinstance(m, (nn.Linear, _Fused) + _CONVS + _CONV_T) or is_hf_conv1d(m)
@@ -144,5 +149,8 @@ def prepack(model: nn.Module, ctx: PassContext) -> nn.Module:
                                         f"({t_aten * 1e6:.0f} vs {t_dnn * 1e6:.0f} us)")
         fused = to_fused(model, m, ctx, chosen, input_shape=shape)
         where = f" for input {list(shape)}" if shape and not isinstance(fused, FusedLinear) else ""
-        ctx.record.apply(f"{name}: {type(fused).__name__} ({chosen}, {ctx.config.compute_dtype}){where}")
+        dtype = ctx.config.compute_dtype
+        if getattr(fused, "weight_dtype", dtype) != dtype:
+            dtype = f"{fused.weight_dtype} weights, {dtype}"
+        ctx.record.apply(f"{name}: {type(fused).__name__} ({chosen}, {dtype}){where}")
     return model

@@ -35,7 +35,7 @@ def _resnet():
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_bert_variable_lengths(dtype):
+def test_bert_variable_lengths(dtype, emulated_bf16):
     model = _bert()
     opt = cpuboost.optimize(model, dtype=dtype, sample_input=_bert_inputs(16))
     report = cpuboost.report_of(opt)

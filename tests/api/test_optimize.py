@@ -153,7 +153,7 @@ def test_deepcopy_and_pickle_of_optimized_model(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_output_dtypes_follow_autocast(dtype):
+def test_output_dtypes_follow_autocast(dtype, emulated_bf16):
     """bf16 mode returns what torch.autocast would; fp32 mode under user autocast too."""
     case, model = toy("transformer_encoder")
     x = case.inputs(2)

@@ -278,3 +278,20 @@ def test_runtime_bench_end_to_end(tmp_path):
     (path,) = tmp_path.glob("bench-runtime-*-quick.json")
     data = json.loads(path.read_text())
     assert data["streams"] and data["instances"][0]["rows"][0]["samples_per_s"] > 0
+
+
+@pytest.mark.parametrize("native, weights_only, skipped", [
+    (True, False, []), (False, True, ["eager_bf16"]),
+    (False, False, ["eager_bf16", "cpuboost_bf16", "cpuboost_compile_bf16"])])
+def test_bench_skips_only_emulated_bf16(monkeypatch, native, weights_only, skipped):
+    """Without bf16 instructions stock autocast bf16 is emulated (skipped unless named);
+    cpuboost's bf16 is timed where it means bf16 weights with float32 arithmetic."""
+    import types
+
+    import cpuboost.checks
+    import cpuboost.hw
+    from cpuboost.cli.bench import _emulated_bf16_variants
+    monkeypatch.setattr(cpuboost.hw, "detect", lambda: types.SimpleNamespace(native_bf16=native))
+    monkeypatch.setattr(cpuboost.checks, "bf16_weights_only", lambda dtype, hw: weights_only)
+    variants = ["eager_fp32", "eager_bf16", "cpuboost_bf16", "cpuboost_compile_bf16"]
+    assert _emulated_bf16_variants(variants) == skipped

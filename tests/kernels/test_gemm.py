@@ -102,7 +102,7 @@ def test_bad_arguments_say_what_is_wrong():
         torch.ops.cpuboost.linear(x, packed, torch.randn(15), 16, 0)
     with pytest.raises(RuntimeError, match="unknown activation"):
         torch.ops.cpuboost.linear(x, packed, b, 16, 99)
-    with pytest.raises(RuntimeError, match="2-d float32 weight"):
+    with pytest.raises(RuntimeError, match="2-d float32 or bfloat16 weight"):
         torch.ops.cpuboost.pack_linear_weight(torch.randn(3, 4, 5))
 
 

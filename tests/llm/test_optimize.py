@@ -7,6 +7,9 @@ import pytest
 import torch
 
 import cpuboost
+from cpuboost.checks import bf16_weights_only
+from cpuboost.hw import detect
+from cpuboost.llm.structure import is_linear
 from cpuboost.errors import ConfigError, TrainingModeError, UnsupportedRequestError
 from cpuboost.llm import WoqConfig
 from cpuboost.nn.woq import WoqLinear
@@ -20,10 +23,24 @@ def generate(model, ids, mask, **kw):
                               min_new_tokens=32, pad_token_id=0, **kw)
 
 
+def stock_in(model, dtype):
+    """Stock transformers computing what cpuboost computes for ``dtype``: the model in that
+    dtype, or, where bf16 means bf16 weights and float32 arithmetic (CPUs without bf16
+    instructions), float32 with each linear's weight rounded to bf16 (its own copy: a weight
+    tied to the input embedding stays exact there, as in cpuboost's model)."""
+    stock = copy.deepcopy(model)
+    if not (dtype == torch.bfloat16 and bf16_weights_only(dtype, detect())):
+        return stock.to(dtype)
+    for m in stock.modules():
+        if is_linear(m):
+            m.weight = torch.nn.Parameter(m.weight.detach().to(dtype).float())
+    return stock
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_greedy_tokens_identical_to_stock(arch, dtype):
     model = tiny_model(arch)
-    stock = copy.deepcopy(model).to(dtype)
+    stock = stock_in(model, dtype)
     fast = cpuboost.llm.optimize(model, dtype=dtype)
     ids, mask = prompts()
     assert torch.equal(generate(fast, ids, mask, do_sample=False),

@@ -46,7 +46,7 @@ def test_embedding_keeps_padding_row():
     assert out.dtype == torch.float32 and torch.equal(out[0, 0], torch.zeros(4))
 
 
-def test_optimize_holds_tables_in_bf16_only_in_bf16_mode():
+def test_optimize_holds_tables_in_bf16_only_in_bf16_mode(emulated_bf16):
     case, model = toy("recommender")
     x = case.inputs(4)
     bf16 = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=x)
@@ -69,7 +69,7 @@ def test_fp32_table_shares_storage_and_takes_forward_only_kernel():
     assert held.state_dict()["weight"].data_ptr() == src.weight.data_ptr()
 
 
-def test_lookup_returns_bf16_only_where_every_user_casts_to_bf16():
+def test_lookup_returns_bf16_only_where_every_user_casts_to_bf16(emulated_bf16):
     """In the recommender the pooled rows go through cat into a packed bf16 Linear: returning
     bf16 skips a round trip through fp32 and changes no value."""
     case, model = toy("recommender")
@@ -97,7 +97,7 @@ class _PooledOut(nn.Module):
         return self.fc(pooled), pooled.sum(dim=1)
 
 
-def test_lookup_keeps_original_dtype_when_a_user_does_not_cast():
+def test_lookup_keeps_original_dtype_when_a_user_does_not_cast(emulated_bf16):
     model = _PooledOut().eval()
     ids = torch.randint(0, 30, (5, 3))
     opt = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=(ids,))
@@ -115,7 +115,7 @@ def test_max_norm_table_is_not_converted():
     assert "max_norm" in dict(cpuboost.report_of(opt).pass_named("embedding_tables").skipped)["0"]
 
 
-def test_tied_lm_head_reads_the_same_bf16_table():
+def test_tied_lm_head_reads_the_same_bf16_table(emulated_bf16):
     """GPT-2's lm_head is tied to the token embedding: in bf16 both read one bf16 matrix
     (autocast re-cast the fp32 head on every call; one copy, half the bytes)."""
     transformers = pytest.importorskip("transformers")

@@ -52,7 +52,7 @@ def test_mha_projection_is_left_to_mha():
     assert isinstance(opt.proj, FusedLinear)
 
 
-def test_transformer_encoder_layer_runs_packed_in_bf16():
+def test_transformer_encoder_layer_runs_packed_in_bf16(emulated_bf16):
     """IPEX crashed on nn.TransformerEncoderLayer under bf16 prepacking."""
     layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True).eval()
     x = torch.randn(2, 6, 16)
@@ -78,7 +78,7 @@ def test_measured_kernel_choice_is_reported_and_correct():
 
 
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_transformers_conv1d_is_packed(dtype):
+def test_transformers_conv1d_is_packed(dtype, emulated_bf16):
     """GPT-2's projections are transformers' Conv1D (x @ W + b, W stored (in, out)). Unpacked,
     a bf16 model re-cast every weight on every call (GPT-2 generate ran at 0.31x eager)."""
     transformers = pytest.importorskip("transformers")
