@@ -10,8 +10,7 @@ from torch import nn
 
 from cpuboost import _env
 from cpuboost.checks import (as_call, bf16_weights_only, check_dtype, check_model,
-                             check_requests, emulated_bf16,
-                             run_sample)
+                             check_requests, emulated_bf16, run_sample)
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect

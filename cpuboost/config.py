@@ -9,6 +9,8 @@ import torch
 from cpuboost.errors import ConfigError, UnsupportedDtypeError
 
 _LEVELS = ("O0", "O1")
+# the report's dtype where bf16 means bf16 weights and float32 arithmetic (checks.bf16_weights_only)
+BF16_WEIGHTS_NAME = "bfloat16 weights, float32 arithmetic"
 _DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 # The boolean passes IPEX exposes as tri-state keyword arguments (None = the level's default).
 _PASS_FLAGS = ("conv_bn_folding", "linear_bn_folding", "weights_prepack",
@@ -82,7 +84,7 @@ class OptimizeConfig:
     @property
     def dtype_name(self) -> str:
         if self.bf16_weights:
-            return "bfloat16 weights, float32 arithmetic"
+            return BF16_WEIGHTS_NAME
         return str(self.compute_dtype).replace("torch.", "")
 
     @classmethod

@@ -6,6 +6,7 @@ from typing import Optional, Union
 
 import torch
 
+from cpuboost.config import BF16_WEIGHTS_NAME
 from cpuboost.errors import ConfigError
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -89,6 +90,12 @@ class LlmConfig:
     def weight_dtype(self) -> torch.dtype:
         """What float linears on cpuboost's AVX2 kernel hold."""
         return torch.bfloat16 if self.bf16_weights else torch.float32
+
+    @property
+    def dtype_name(self) -> str:
+        if self.bf16_weights:
+            return BF16_WEIGHTS_NAME
+        return str(self.dtype).replace("torch.", "")
 
     def __post_init__(self):
         if self.dtype not in (torch.float32, torch.bfloat16):

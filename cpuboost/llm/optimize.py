@@ -55,9 +55,7 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
         cfg = dataclasses.replace(cfg, bf16_weights=True)
     # correct everywhere (emulated), just slower: say so, do not refuse
     warning = emulated_bf16(cfg.compute_dtype, hw)
-    dtype_name = ("bfloat16 weights, float32 arithmetic" if cfg.bf16_weights
-                  else str(cfg.dtype).replace("torch.", ""))
-    report = OptimizationReport(dtype=dtype_name,
+    report = OptimizationReport(dtype=cfg.dtype_name,
                                 level=cfg.woq.name if cfg.woq else "llm",
                                 hardware=hw.summary())
     report.weight_bytes_before = weight_bytes(model)

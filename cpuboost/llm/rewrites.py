@@ -130,10 +130,11 @@ def linears(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
                                        cfg.woq.symmetric, dtype)
             kind = cfg.woq.name
         else:
-            new = _packed(m, cfg, backend if _dense(m)[0].shape[1] else "aten")
+            chosen = backend if _dense(m)[0].shape[1] else "aten"  # the kernel needs K > 0
+            new = _packed(m, cfg, chosen)
             held = str(new.weight_dtype).replace("torch.", "")
             kind = {"avx2": f"{held} weights on cpuboost's AVX2 kernel",
-                    "onednn": f"packed {held}"}.get(backend, f"plain {held} (aten)")
+                    "onednn": f"packed {held}"}.get(chosen, f"plain {held} (aten)")
             if cfg.woq:
                 rec.skip(name, f"kept float ({reason})")
         replace_module(model, m, new)
