@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 import cpuboost
+from cpuboost.config import BF16_WEIGHTS_NAME
 from cpuboost.errors import ExportError, InvalidModelError, PackageError
 from cpuboost.testing.toy_models import TOY_MODELS, build_eval
-from tests.conftest import rel_err
+from tests.conftest import BF16_RTOL, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -164,15 +165,19 @@ def test_hf_model_runs_in_a_fresh_process_without_its_code(tmp_path):
     assert rel_err(ref.last_hidden_state, out["last_hidden_state"]) <= 1e-3
 
 
-def test_optimized_model_exports_and_runs_in_a_fresh_process(tmp_path):
-    """A model cpuboost.optimize packed (on AVX2 CPUs its linears run cpuboost's own kernel)
-    exports with plain weights inside: the package calls no cpuboost op, so it loads in a
-    process that never loaded cpuboost's kernel library (it failed to load there before, and a
-    package calling the op crashed intermittently when run). The model keeps its kernels."""
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_optimized_model_exports_and_runs_in_a_fresh_process(tmp_path, dtype):
+    """A model cpuboost.optimize packed (on AVX2 CPUs its linears run cpuboost's own kernel,
+    in bf16 with bf16 weights) exports with plain weights inside: the package calls no cpuboost
+    op, so it loads in a process that never loaded cpuboost's kernel library (it failed to load
+    there before, and a package calling the op crashed intermittently when run). The model
+    keeps its kernels, and the package computes what it computes."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)).eval()
     x = torch.randn(4, 32)
-    opt = cpuboost.optimize(model, sample_input=x)
+    opt = cpuboost.optimize(model, dtype=dtype, sample_input=x)
+    if dtype is not None and cpuboost.report_of(opt).dtype != BF16_WEIGHTS_NAME:
+        pytest.skip("bf16 here is bf16 arithmetic, not bf16 weights with fp32 arithmetic")
     backends = [m.backend for m in opt.modules() if hasattr(m, "backend")]
     path = cpuboost.export(opt, {"input": x}, tmp_path / "opt.cbpk")
     assert [m.backend for m in opt.modules() if hasattr(m, "backend")] == backends
@@ -181,9 +186,10 @@ def test_optimized_model_exports_and_runs_in_a_fresh_process(tmp_path):
     torch.save({"input": x3}, tmp_path / "in.pt")
     subprocess.run([sys.executable, "-c", _FRESH, str(path), str(tmp_path / "in.pt"),
                     str(tmp_path / "out.pt")], check=True, timeout=300)
+    tol = 1e-4 if dtype is None else BF16_RTOL
     with torch.no_grad():
-        assert rel_err(model(x3), torch.load(tmp_path / "out.pt")) <= 1e-4
-        assert rel_err(model(x3), opt(x3)) <= 1e-4
+        assert rel_err(opt(x3), torch.load(tmp_path / "out.pt")) <= 1e-5
+        assert rel_err(model(x3), opt(x3)) <= tol
 
 
 def test_weights_are_frozen_and_packed_for_onednn(tmp_path):
