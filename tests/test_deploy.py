@@ -170,8 +170,7 @@ def test_optimized_model_exports_and_runs_in_a_fresh_process(tmp_path, dtype):
     """A model cpuboost.optimize packed (on AVX2 CPUs its linears run cpuboost's own kernel,
     in bf16 with bf16 weights) exports with plain weights inside: the package calls no cpuboost
     op, so it loads in a process that never loaded cpuboost's kernel library (it failed to load
-    there before, and a package calling the op crashed intermittently when run). The model
-    keeps its kernels, and the package computes what it computes."""
+    there before). The model keeps its kernels, and the package computes what it computes."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)).eval()
     x = torch.randn(4, 32)

@@ -106,13 +106,15 @@ inline __m256 activate(__m256 x, int64_t act) {
 // The 16 weights of one K step as two fp32 vectors (columns 0-7, 8-15). float panels hold them
 // in order; bf16 panels (uint16 bits) hold column j in the low and column j+8 in the high half of
 // 32-bit word j, so a shift and a mask widen them exactly (bf16 is fp32's upper half).
+// Unaligned loads: the packed weight need not start on 32 bytes (AOTInductor's constants did
+// not, and aligned loads faulted there); on aligned data they cost the same.
 inline void load_weights(const float* b, __m256& w0, __m256& w1) {
-  w0 = _mm256_load_ps(b);
-  w1 = _mm256_load_ps(b + 8);
+  w0 = _mm256_loadu_ps(b);
+  w1 = _mm256_loadu_ps(b + 8);
 }
 
 inline void load_weights(const uint16_t* b, __m256& w0, __m256& w1) {
-  const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(b));
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
   w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
   w1 = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }

@@ -425,9 +425,8 @@ class FusedConvTranspose(_Fused):
 @contextlib.contextmanager
 def dense_avx2_weights(model: nn.Module):
     """Linears on cpuboost's AVX2 kernel hold dense weights on aten's kernels inside, packed
-    again on exit: for ``cpuboost.export``, whose AOTInductor package must not call cpuboost's
-    own op (a package calling it crashed intermittently when run; Inductor packs the dense
-    weights for its own kernels instead)."""
+    again on exit: for ``cpuboost.export``, so that its AOTInductor package calls no cpuboost op
+    and runs wherever torch does (Inductor packs the dense weights for its own kernels)."""
     own = [m for m in model.modules() if isinstance(m, _Fused) and m.backend == "avx2"]
     for m in own:
         set_backend(m, "aten")

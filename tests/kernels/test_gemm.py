@@ -170,3 +170,18 @@ def test_compiled_linears_run_the_kernel_with_activations_inside():
         in applied
     with torch.no_grad():
         assert rel_err(model(x), out) <= 1e-5
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_weight_need_not_be_aligned(dtype):
+    """A packed weight starting off a 32-byte boundary (AOTInductor's constants can): the
+    kernel once read it with aligned loads, which fault there (a package crashed in about half
+    its runs)."""
+    x, w, b = _case(13, 40, 20)
+    packed = torch.ops.cpuboost.pack_linear_weight(w.to(dtype))
+    shifted = torch.empty(packed.numel() + 1, dtype=dtype)[1:].view(packed.shape)
+    shifted.copy_(packed)
+    assert shifted.data_ptr() % 32 != 0 and shifted.is_contiguous()
+    assert torch.equal(torch.ops.cpuboost.linear(x, shifted, b, 20, 1),
+                       torch.ops.cpuboost.linear(x, packed, b, 20, 1))
