@@ -94,6 +94,12 @@ def test_feature_table_follows_the_isa():
     assert zen4["bf16"] == FAST and zen4["int8"] == FAST and zen4["fp16"] == SLOW
     avx2 = levels(fake(flags=("avx2",)))
     assert avx2["bf16"] == SLOW and avx2["int8"] == SLOW and avx2["optimize"] == FAST
+    # with FMA and a compiler, bf16 is bf16 weights in cpuboost's AVX2 kernel, fp32 arithmetic
+    fma = fake(flags=("avx2", "fma"))
+    assert levels(fma)["bf16"] == FAST
+    assert any("bf16 weights" in f["why"] for f in fma.features if f["feature"].startswith("bf16"))
+    assert levels(fake(flags=("avx2", "fma"), torch=replace(CPU_BUILD, compiler=None)))[
+        "bf16"] == SLOW
     amx = fake(flags=("avx2", "avx512", "avx512_bf16", "amx_bf16", "amx_int8", "amx_fp16"))
     assert levels(amx)["fp16"] == FAST
     assert any("AMX" in f["why"] for f in amx.features)

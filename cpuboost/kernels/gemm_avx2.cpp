@@ -14,6 +14,9 @@
 // threads, the panels too. Bias and the activation are applied in the last K block, while the
 // tile is still in registers. Each output is the same sum in the same order whichever thread
 // computes it: results do not depend on the thread count.
+//
+// The weight may also be packed from bf16 (what dtype=bfloat16 means on CPUs without bf16
+// instructions): half the bytes to stream, widened to fp32 in registers, the same FMAs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
