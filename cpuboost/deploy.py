@@ -34,7 +34,6 @@ from torch import nn
 from cpuboost.checks import as_call, check_model, run_sample
 from cpuboost.errors import ExportError, PackageError, UnsupportedDtypeError
 from cpuboost.hw import detect
-from cpuboost.nn.fused import dense_avx2_weights
 from cpuboost.nn.int8 import plain_int8_weights
 from cpuboost.verify import compare
 
@@ -147,7 +146,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
     t_args, t_kwargs, specs = _traced_inputs(args, kwargs, carries, max_batch)
     t0 = time.perf_counter()
     try:
-        with torch.no_grad(), plain_int8_weights(model), dense_avx2_weights(model):
+        with torch.no_grad(), plain_int8_weights(model):
             program = torch.export.export(entry, (t_args, t_kwargs), dynamic_shapes=specs,
                                           strict=False)
     except Exception as e:
@@ -155,11 +154,11 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
                 if carries else "")
         raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: "
                           f"{_first_line(e)}.{hint}") from e
-    ops = _own_ops(program)
     with tempfile.TemporaryDirectory(prefix="cpuboost-export-") as tmp:
         pt2 = _compile(program, Path(tmp) / _PT2)
         seconds = time.perf_counter() - t0
         blob = pt2.read_bytes()
+    ops = _own_ops(program, blob)
     meta = {
         "format": FORMAT,
         "cpuboost": _cpuboost_version(),
@@ -278,17 +277,21 @@ def _check_compatible(meta: dict, where: str) -> None:
                            f"(illegal instruction): {rebuild}.")
 
 
-def _own_ops(program) -> list[str]:
-    """cpuboost's own ops the exported program still calls (export traces the AVX2 linears with
-    dense weights, so normally none): the package would run them through the dispatcher, so
-    ``load`` must load their library first."""
-    found = set()
+def _own_ops(program, blob: bytes) -> list[str]:
+    """cpuboost's own ops the package calls, through the dispatcher, so ``load`` must load their
+    library first: those the exported program calls (an optimized model's linears on the AVX2
+    kernel) and those Inductor's passes put in (fp32 linears on CPUs with AVX2 but no AVX-512;
+    the generated code names each op it calls)."""
+    found = {op for op in _OWN_OPS if op.encode() in blob}
     for module in program.graph_module.modules():
         graph = getattr(module, "graph", None)
         for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
             if node.op == "call_function" and getattr(node.target, "namespace", None) == "cpuboost":
                 found.add(f"cpuboost::{node.target._opname}")
     return sorted(found)
+
+
+_OWN_OPS = ("cpuboost::linear", "cpuboost::pack_linear_weight", "cpuboost::attention")
 
 
 def _load_own_ops(ops: list, where: str) -> None:

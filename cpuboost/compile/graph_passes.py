@@ -40,9 +40,9 @@ _CONVERT = torch.ops.prims.convert_element_type.default
 
 
 def _own_kernel(dtype: torch.dtype) -> bool:
-    """cpuboost's AVX2 linear kernel for this dtype (fp32 only), outside AOT compilation."""
-    from torch._inductor.virtualized import V
-    if dtype != torch.float32 or getattr(V, "aot_compilation", False):
+    """cpuboost's AVX2 linear kernel for this dtype (fp32 only). Also under AOT compilation:
+    ``cpuboost.export`` records the op in the package's metadata and ``load`` loads it first."""
+    if dtype != torch.float32:
         return False
     from cpuboost.kernels import gemm_ops
     return gemm_ops()

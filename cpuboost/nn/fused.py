@@ -7,7 +7,6 @@ The packed weight replaces the original; nothing else holds a dense copy.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -420,21 +419,6 @@ class FusedConvTranspose(_Fused):
         y = conv(self._prepare(x), w, b, self.stride, self.padding, self.output_padding,
                  self.groups, self.dilation)
         return self.post_op.reference(y)
-
-
-@contextlib.contextmanager
-def dense_avx2_weights(model: nn.Module):
-    """Linears on cpuboost's AVX2 kernel hold dense weights on aten's kernels inside, packed
-    again on exit: for ``cpuboost.export``, so that its AOTInductor package calls no cpuboost op
-    and runs wherever torch does (Inductor packs the dense weights for its own kernels)."""
-    own = [m for m in model.modules() if isinstance(m, _Fused) and m.backend == "avx2"]
-    for m in own:
-        set_backend(m, "aten")
-    try:
-        yield
-    finally:
-        for m in own:
-            set_backend(m, "avx2")
 
 
 def set_backend(module: _Fused, backend: str, pack_shape=None, batch_hint=None) -> None:
