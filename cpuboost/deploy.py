@@ -280,8 +280,8 @@ def _check_compatible(meta: dict, where: str) -> None:
 def _own_ops(program, blob: bytes) -> list[str]:
     """cpuboost's own ops the package calls, through the dispatcher, so ``load`` must load their
     library first: those the exported program calls (an optimized model's linears on the AVX2
-    kernel) and those Inductor's passes put in (fp32 linears on CPUs with AVX2 but no AVX-512;
-    the generated code names each op it calls)."""
+    kernel) and any that Inductor's passes put in (the generated code names each op it calls;
+    a model exported without optimize has none on the CPUs measured)."""
     found = {op for op in _OWN_OPS if op.encode() in blob}
     for module in program.graph_module.modules():
         graph = getattr(module, "graph", None)
