@@ -76,6 +76,11 @@ class OptimizeConfig:
         return self.compute_dtype in (torch.bfloat16, torch.float16)
 
     @property
+    def weight_dtype(self) -> torch.dtype:
+        """What linears on cpuboost's AVX2 kernel hold."""
+        return torch.bfloat16 if self.bf16_weights else torch.float32
+
+    @property
     def rtol(self) -> float:
         """The tolerance outputs are checked against: any low-precision weight counts."""
         low = self.low_precision or self.bf16_weights

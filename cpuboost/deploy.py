@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from cpuboost import kernels
 from cpuboost.checks import as_call, check_model, run_sample
 from cpuboost.errors import ExportError, PackageError, UnsupportedDtypeError
 from cpuboost.hw import detect
@@ -158,7 +159,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         pt2 = _compile(program, Path(tmp) / _PT2)
         seconds = time.perf_counter() - t0
         blob = pt2.read_bytes()
-    ops = _own_ops(program, blob)
+    ops = _own_ops(blob)
     meta = {
         "format": FORMAT,
         "cpuboost": _cpuboost_version(),
@@ -277,32 +278,26 @@ def _check_compatible(meta: dict, where: str) -> None:
                            f"(illegal instruction): {rebuild}.")
 
 
-def _own_ops(program, blob: bytes) -> list[str]:
-    """cpuboost's own ops the package calls, through the dispatcher, so ``load`` must load their
-    library first: those the exported program calls (an optimized model's linears on the AVX2
-    kernel) and any that Inductor's passes put in (the generated code names each op it calls;
-    a model exported without optimize has none on the CPUs measured)."""
-    found = {op for op in _OWN_OPS if op.encode() in blob}
-    for module in program.graph_module.modules():
-        graph = getattr(module, "graph", None)
-        for node in graph.nodes if isinstance(graph, torch.fx.Graph) else ():
-            if node.op == "call_function" and getattr(node.target, "namespace", None) == "cpuboost":
-                found.add(f"cpuboost::{node.target._opname}")
-    return sorted(found)
+# cpuboost's ops a package may call (through the dispatcher), and why each cannot run here
+# (asking loads the op's library where it can run)
+_OWN_OPS = {"cpuboost::linear": kernels.gemm_unavailable,
+            "cpuboost::pack_linear_weight": kernels.gemm_unavailable,
+            "cpuboost::attention": kernels.unavailable}
 
 
-_OWN_OPS = ("cpuboost::linear", "cpuboost::pack_linear_weight", "cpuboost::attention")
+def _own_ops(blob: bytes) -> list[str]:
+    """The cpuboost ops the package calls, so that ``load`` loads their library first: the
+    generated code names every op it calls, whether the exported program called it (an
+    optimized model's linears on the AVX2 kernel) or Inductor's passes put it in."""
+    with zipfile.ZipFile(io.BytesIO(blob)) as package:
+        files = [package.read(info) for info in package.infolist() if not info.is_dir()]
+    return sorted(op for op in _OWN_OPS if any(op.encode() in f for f in files))
 
 
 def _load_own_ops(ops: list, where: str) -> None:
-    from cpuboost.kernels import attention_op, gemm_ops, gemm_unavailable, unavailable
     for op in ops:
-        if op in ("cpuboost::linear", "cpuboost::pack_linear_weight"):
-            why = None if gemm_ops() else gemm_unavailable()
-        elif op == "cpuboost::attention":
-            why = None if attention_op() is not None else unavailable()
-        else:
-            why = "this cpuboost has no such op"
+        unavailable = _OWN_OPS.get(op)
+        why = unavailable() if unavailable else "this cpuboost has no such op"
         if why:
             raise PackageError(f"{where} runs cpuboost's kernel {op}, which cannot run here "
                                f"({why}): export the model on this machine, or export the "

@@ -192,6 +192,23 @@ def test_optimized_model_exports_and_runs_in_a_fresh_process(tmp_path, dtype):
         assert rel_err(model(x3), opt(x3)) <= tol
 
 
+def test_package_calling_a_kernel_that_cannot_run_here_is_refused(tmp_path, monkeypatch):
+    """A package that calls cpuboost's AVX2 kernel, loaded where the kernel cannot run (e.g. a
+    CPU with AVX-512): a PackageError that says so and what to do, not a missing-schema crash."""
+    import importlib
+    opt = cpuboost.optimize(nn.Sequential(nn.Linear(32, 16)).eval(),
+                            sample_input=torch.randn(2, 32))
+    if opt[0].backend != "avx2":
+        pytest.skip("cpuboost's AVX2 kernel does not run here: no package calls it")
+    path = cpuboost.export(opt, (torch.randn(2, 32),), tmp_path / "opt.cbpk")
+    kernels = importlib.import_module("cpuboost.kernels")
+    monkeypatch.setattr(kernels, "gemm_ops", lambda: False)
+    monkeypatch.setattr(kernels, "_gemm_why", ["the CPU has AVX-512 (simulated)"])
+    with pytest.raises(PackageError, match=r"cpuboost::linear, which cannot run here \(the CPU "
+                                           r"has AVX-512 \(simulated\)\): export the model on"):
+        cpuboost.load(path)
+
+
 def test_weights_are_frozen_and_packed_for_onednn(tmp_path):
     """Freezing only applies with grad off; without it the package ran aten convolutions on
     dense weights (ResNet-50 static batch 0.88x eager instead of 1.64x). Inductor packs conv

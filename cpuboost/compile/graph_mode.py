@@ -245,9 +245,10 @@ class CompiledForward:
 
 def graph_mode(model: nn.Module, ctx) -> nn.Module:
     from cpuboost.checks import BF16_WEIGHTS_NOTE
-    held = torch.bfloat16 if ctx.config.bf16_weights else torch.float32
-    model.__dict__["forward"] = CompiledForward(model, ctx.config.compute_dtype, ctx.record, held)
-    if ctx.config.bf16_weights:
+    cfg = ctx.config
+    model.__dict__["forward"] = CompiledForward(model, cfg.compute_dtype, ctx.record,
+                                                cfg.weight_dtype)
+    if cfg.bf16_weights:
         ctx.record.notes.append(BF16_WEIGHTS_NOTE)
     ctx.record.notes.append("compiles on the first call of forward (with sample_input: now)")
     ctx.record.notes.append(SHAPE_POLICY)

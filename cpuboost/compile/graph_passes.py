@@ -15,12 +15,12 @@ of the two is measured on the running CPU (``OneDnnLinear.choose``), and where o
 Either way Inductor's own oneDNN post-op fusions (linear + gelu...) still apply afterwards.
 
 On CPUs with AVX2 but no AVX-512, fp32 linears run cpuboost's own kernel instead
-(``cpuboost.kernels``, 1.05-1.4x oneDNN's speed on BERT-base's GEMMs there): Inductor's packing pattern
-emits ``cpuboost::pack_linear_weight`` and ``cpuboost::linear`` (no MKL copy either), the graph
-pass rewrites any MKL linear left the same way, and an activation (ReLU, tanh, sigmoid,
-erf-GELU) computed from a linear's output alone is moved into the kernel
-(``fuse_activations``). Not under AOT compilation: a package must run where cpuboost's kernel
-library is not loaded.
+(``cpuboost.kernels``, 1.05-1.4x oneDNN's speed on BERT-base's GEMMs there): Inductor's
+packing pattern emits ``cpuboost::pack_linear_weight`` and ``cpuboost::linear`` (no MKL copy
+either), the graph pass rewrites any MKL linear left the same way, and an activation (ReLU,
+tanh, sigmoid, erf-GELU) computed from a linear's output alone is moved into the kernel
+(``fuse_activations``). Also under AOT compilation: ``cpuboost.export`` records the ops a
+package calls and ``cpuboost.load`` loads their library first.
 """
 from __future__ import annotations
 

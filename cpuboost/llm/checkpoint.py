@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cpuboost._files import check_digest, dedup_tensors, file_digest, read_manifest
+from cpuboost.config import BF16_WEIGHTS_NAME
 from cpuboost.errors import InvalidModelError, PackageError
 from cpuboost.llm.config import WoqConfig
 from cpuboost.nn.woq import WoqLinear
@@ -58,8 +59,9 @@ def save_quantized(model: nn.Module, path: Union[str, Path]) -> Path:
     manifest = {
         "format": FORMAT, "version": VERSION, "class": type(model).__name__,
         "config_class": type(config).__name__, "config": config.to_dict(),
-        # the dtype asked for ("bfloat16 weights, float32 arithmetic" -> bfloat16)
-        "dtype": report.dtype.split(" ")[0], "woq_layers": layers, "aliases": aliases,
+        # the dtype asked for: load_quantized optimizes the loaded model in it again
+        "dtype": "bfloat16" if report.dtype == BF16_WEIGHTS_NAME else report.dtype,
+        "woq_layers": layers, "aliases": aliases,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "cpuboost": cpuboost.__version__},
         "tensors": {"file": TENSORS, **file_digest(out / TENSORS)},

@@ -69,7 +69,7 @@ def to_fused(model, m, ctx: PassContext, backend: str, input_shape=None) -> _Fus
     if isinstance(m, _Fused):
         set_backend(m, backend, pack_shape=input_shape, batch_hint=_batch(input_shape))
         return m
-    held = torch.bfloat16 if ctx.config.bf16_weights and backend == "avx2" else None
+    held = ctx.config.weight_dtype if backend == "avx2" else None
     if isinstance(m, nn.Linear):
         new = FusedLinear(m, dtype, backend, batch_hint=_batch(input_shape), weight_dtype=held)
     elif is_hf_conv1d(m):
@@ -150,7 +150,7 @@ def prepack(model: nn.Module, ctx: PassContext) -> nn.Module:
         fused = to_fused(model, m, ctx, chosen, input_shape=shape)
         where = f" for input {list(shape)}" if shape and not isinstance(fused, FusedLinear) else ""
         dtype = ctx.config.compute_dtype
-        if getattr(fused, "weight_dtype", dtype) != dtype:
+        if fused.weight_dtype != dtype:
             dtype = f"{fused.weight_dtype} weights, {dtype}"
         ctx.record.apply(f"{name}: {type(fused).__name__} ({chosen}, {dtype}){where}")
     return model

@@ -41,6 +41,22 @@ def test_round_trip_is_exact(arch, quantization, tmp_path):
     assert "loaded from" in str(cpuboost.report_of(loaded))
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_float_model_round_trip_in_bf16(arch, tmp_path):
+    """Without quantization, in the default dtype bf16: where that means bf16 weights with
+    float32 arithmetic (CPUs without bf16 instructions), the manifest records bfloat16 and the
+    loaded model is optimized the same way again, so it computes the same logits."""
+    model = cpuboost.llm.optimize(tiny_model(arch))
+    cpuboost.llm.save_quantized(model, tmp_path)
+    assert json.loads((tmp_path / "cpuboost_llm.json").read_text())["dtype"] == "bfloat16"
+    loaded = cpuboost.llm.load_quantized(tmp_path)
+    assert cpuboost.report_of(loaded).dtype == cpuboost.report_of(model).dtype
+    ids, mask = prompts()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits,
+                           model(input_ids=ids, attention_mask=mask).logits)
+
+
 def test_corrupted_file_is_refused(saved):
     _, path = saved
     data = bytearray((path / "model.safetensors").read_bytes())
