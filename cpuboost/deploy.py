@@ -5,8 +5,9 @@ cpuboost backend's settings (freezing, oneDNN-packed weights) and writes one fil
 
 * ``model.pt2`` — the AOTInductor package (compiled C++ and the weights as constants);
 * ``cpuboost.json`` — what it was built with and for: format, cpuboost/torch/Python versions,
-  CPU architecture, Inductor's vector ISA and the CPU features, the inputs it accepts (batch
-  dimension dynamic or not), the SHA-256 of ``model.pt2``, and the numerics check run at export.
+  CPU architecture, Inductor's vector ISA and the CPU features, the dtype and the arithmetic's
+  (bf16 may mean bf16 weights with float32 arithmetic), the inputs it accepts (batch dimension
+  dynamic or not), the SHA-256 of ``model.pt2``, and the numerics check run at export.
 
 ``load`` reads and checks the metadata *before* loading any compiled code, so a package built for
 another torch, cpuboost or CPU, or a damaged file, raises :class:`~cpuboost.errors.PackageError`
@@ -32,7 +33,8 @@ import torch
 from torch import nn
 
 from cpuboost import kernels
-from cpuboost.checks import as_call, check_model, run_sample
+from cpuboost.checks import as_call, bf16_weights_only, check_model, emulated_bf16, run_sample
+from cpuboost.config import BF16_WEIGHTS_NAME
 from cpuboost.errors import ExportError, PackageError, UnsupportedDtypeError
 from cpuboost.hw import detect
 from cpuboost.nn.int8 import plain_int8_weights
@@ -55,7 +57,8 @@ def _plain(out: Any) -> Any:
 
 
 class _Entry(nn.Module):
-    """What is exported: ``forward(args, kwargs)`` -> plain outputs, under autocast for bf16."""
+    """What is exported: ``forward(args, kwargs)`` -> plain outputs, under autocast for bf16
+    arithmetic (``dtype`` set)."""
 
     def __init__(self, model: nn.Module, dtype: Optional[torch.dtype]):
         super().__init__()
@@ -126,8 +129,11 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
     ``example_inputs``: a tensor, a tuple of positional arguments or a dict of keyword arguments.
     ``dynamic_batch``: dim 0 of every tensor input whose dim 0 equals the first tensor's may vary
     (1..``max_batch``); all other dims are fixed. ``dtype=torch.bfloat16`` compiles under CPU
-    autocast (outputs in autocast's dtypes). The package is checked against the eager model on
-    ``example_inputs`` before it is written; a mismatch raises instead of writing it.
+    autocast (outputs in autocast's dtypes) where the CPU has bf16 instructions; on CPUs without
+    them where cpuboost's AVX2 kernel runs, the linears hold bf16 weights and multiply in float32
+    and everything else stays float32 (as ``optimize(dtype=torch.bfloat16)`` does there);
+    elsewhere bf16 is emulated, with a warning. The package is checked against the eager model
+    on ``example_inputs`` before it is written; a mismatch raises instead of writing it.
     """
     check_model(model, "cpuboost.export")
     if dtype not in _DTYPES:
@@ -136,8 +142,12 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
     dtype_name = _DTYPES[dtype]
     call = as_call(example_inputs)
     args, kwargs = call
-    entry = _Entry(model, dtype if dtype_name == "bfloat16" else None)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name == "bfloat16"):
+    weights_only = bf16_weights_only(dtype, detect())  # bf16 weights, float32 arithmetic
+    autocast = dtype_name == "bfloat16" and not weights_only
+    if autocast:
+        emulated_bf16(dtype, detect())
+    entry = _Entry(model, torch.bfloat16 if autocast else None)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         reference = run_sample(model, call)
     carries = _batch_plan(args, kwargs, dynamic_batch)
     # kwargs as an ordered list: the compiled code takes its inputs flattened in this order
@@ -156,7 +166,8 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: "
                           f"{_first_line(e)}.{hint}") from e
     with tempfile.TemporaryDirectory(prefix="cpuboost-export-") as tmp:
-        pt2 = _compile(program, Path(tmp) / _PT2)
+        pt2 = _compile(program, Path(tmp) / _PT2,
+                       torch.bfloat16 if weights_only else torch.float32)
         seconds = time.perf_counter() - t0
         blob = pt2.read_bytes()
     ops = _own_ops(blob)
@@ -167,6 +178,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         "python": platform.python_version(),
         "cpu": _cpu_record(),
         "dtype": dtype_name,
+        "arithmetic": "bfloat16" if autocast else "float32",
         "dynamic_batch": carries is not None,
         "max_batch": max_batch if carries is not None else None,
         "inputs": inputs,
@@ -177,11 +189,12 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
     }
     meta["verified"] = _verify(model, ExportedModel(_load_runner(blob, str(path), ops), meta,
                                                     str(path)),
-                               call, reference, carries, dtype_name)
+                               call, reference, carries, dtype_name, autocast)
     return _write(Path(path), meta, blob)
 
 
-def _verify(model, loaded: "ExportedModel", call, reference, carries, dtype_name: str) -> dict:
+def _verify(model, loaded: "ExportedModel", call, reference, carries, dtype_name: str,
+            autocast: bool) -> dict:
     """Run the package the way ``load`` will, on the example and (dynamic batch) on one more
     row, against the eager model; a mismatch raises and nothing is written."""
     args, kwargs = call
@@ -189,7 +202,7 @@ def _verify(model, loaded: "ExportedModel", call, reference, carries, dtype_name
     if carries is not None:
         grow = lambda v: torch.cat([v, v[:1]]) if carries(v) else v  # noqa: E731
         bigger = (tuple(grow(v) for v in args), {k: grow(v) for k, v in kwargs.items()})
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype_name == "bfloat16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             cases.append((bigger, run_sample(model, bigger)))
     worst = None
     for (a, k), ref in cases:
@@ -208,11 +221,16 @@ def _batch_of(args, kwargs):
     return int(first.shape[0]) if first is not None and first.dim() else None
 
 
-def _compile(program, target: Path) -> Path:
+def _compile(program, target: Path, weight_dtype: torch.dtype) -> Path:
+    """AOTInductor inside the backend's settings, Linear packing included: on AVX2 CPUs the
+    linears of any model (not only an optimized one) run cpuboost's kernel, holding
+    ``weight_dtype`` weights."""
     import torch._inductor
-    from cpuboost.compile.backend import scope
-    try:
-        with scope(), torch.no_grad():  # freezing applies only with grad off
+    from cpuboost.compile.backend import inductor_scope
+    from cpuboost.compile.graph_passes import OneDnnLinear, onednn_where_faster
+    try:  # freezing applies only with grad off
+        with inductor_scope(OneDnnLinear(weight_dtype)) as linear_pass, \
+                onednn_where_faster(linear_pass), torch.no_grad():
             return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(target)))
     except Exception as e:
         raise ExportError(f"AOTInductor could not compile the exported model: "
@@ -356,7 +374,9 @@ class ExportedModel:
 
     def __repr__(self) -> str:
         m = self.metadata
-        return (f"ExportedModel({self.path!r}, {m['dtype']}, dynamic_batch={m['dynamic_batch']}, "
+        dtype = BF16_WEIGHTS_NAME if (m["dtype"], m.get("arithmetic")) == (
+            "bfloat16", "float32") else m["dtype"]
+        return (f"ExportedModel({self.path!r}, {dtype}, dynamic_batch={m['dynamic_batch']}, "
                 f"torch {m['torch']}, built for {m['cpu']['vec_isa']})")
 
 

@@ -32,7 +32,7 @@ def emulated_bf16(monkeypatch):
     """dtype=torch.bfloat16 as bf16 arithmetic (autocast) even on a CPU without bf16
     instructions, where cpuboost would hold bf16 weights for float32 arithmetic instead: for the
     tests of bf16 arithmetic's semantics (output dtypes, bf16 tables, oneDNN's bf16 kernels)."""
-    for name in ("cpuboost.api", "cpuboost.llm.optimize"):
+    for name in ("cpuboost.api", "cpuboost.llm.optimize", "cpuboost.deploy"):
         monkeypatch.setattr(importlib.import_module(name), "bf16_weights_only",
                             lambda dtype, hw: False)
     yield

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 import zipfile
 
 import pytest
@@ -107,11 +108,17 @@ def test_damaged_files_raise(conv_pkg, tmp_path):
             cpuboost.load(bad)
 
 
-def test_bf16_package(tmp_path):
+def test_bf16_package(tmp_path, emulated_bf16):
+    """bf16 as autocast arithmetic (a CPU with bf16 instructions; emulated elsewhere): outputs
+    in bf16. Where bf16 means bf16 weights, see tests/kernels/test_bf16_weights.py."""
     case = TOY_MODELS["mlp_bn"]
     model = build_eval(case)
     x = case.inputs(4)
-    loaded = cpuboost.load(cpuboost.export(model, x, tmp_path / "mlp.cbpk", dtype=torch.bfloat16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # bf16 emulated on this CPU
+        loaded = cpuboost.load(cpuboost.export(model, x, tmp_path / "mlp.cbpk",
+                                               dtype=torch.bfloat16))
+    assert loaded.metadata["arithmetic"] == "bfloat16"
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ref = model(*x)
     out = loaded(*x)
@@ -152,6 +159,9 @@ def test_hf_model_runs_in_a_fresh_process_without_its_code(tmp_path):
     ids = torch.randint(5, 300, (2, 16))
     path = cpuboost.export(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                            tmp_path / "bert.cbpk")
+    from cpuboost.kernels import gemm_ops  # a plain model's linears on the AVX2 kernel too
+    assert cpuboost.load(path).metadata["cpuboost_ops"] == (["cpuboost::linear"] if gemm_ops()
+                                                            else [])
     ids3 = torch.randint(5, 300, (3, 16))
     # keyword order differs from the export's: inputs are matched by name, not position
     inputs = {"attention_mask": torch.ones_like(ids3), "input_ids": ids3}

@@ -193,6 +193,28 @@ def test_graph_mode_bf16_packs_bf16_weights_for_the_kernel():
 
 
 @needs_mode
+def test_export_bf16_packages_bf16_weights_for_float32_arithmetic(tmp_path):
+    """export(dtype=bfloat16) of a model as written (not optimized): no emulated-bf16 warning;
+    the package's linears run the kernel on bf16 weights, its outputs are float32 and equal to
+    float32 arithmetic on the rounded weights; the metadata says so."""
+    torch.manual_seed(0)
+    model = _ConvNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = cpuboost.export(model, (x,), tmp_path / "bf16w.cbpk", dtype=BF16)
+    loaded = cpuboost.load(path)
+    assert (loaded.metadata["dtype"], loaded.metadata["arithmetic"]) == ("bfloat16", "float32")
+    assert loaded.metadata["cpuboost_ops"] == ["cpuboost::linear"]
+    assert "bfloat16 weights, float32 arithmetic" in repr(loaded)
+    x3 = torch.randn(3, 3, 16, 16)
+    out = loaded(x3)
+    with torch.no_grad():
+        assert out.dtype == torch.float32 and rel_err(_rounded(model)(x3), out) <= 1e-5
+        assert rel_err(model(x3), out) > 1e-4  # the weights are rounded: not a float32 copy
+
+
+@needs_mode
 def test_llm_optimize_bf16_keeps_float32_activations():
     from tests.llm.conftest import prompts, tiny_model
     fast = cpuboost.llm.optimize(tiny_model("gpt2"))
