@@ -165,11 +165,13 @@ void tile(const float* a, int64_t lda, const W* b, int64_t kc, float* c, int64_t
   const bool full = nvalid == NR;
   for (int i = 0; i < M; ++i) {
     float* row = acc + i * NR;
-    if (first) {
+    if (first && (full || !bias)) {
       const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
       const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
       _mm256_store_ps(row, b0);
       _mm256_store_ps(row + 8, b1);
+    } else if (first) {  // the last panel's bias has nvalid values
+      for (int j = 0; j < NR; ++j) row[j] = j < nvalid ? bias[j] : 0.0f;
     } else if (full) {
       _mm256_store_ps(row, _mm256_loadu_ps(c + i * ldc));
       _mm256_store_ps(row + 8, _mm256_loadu_ps(c + i * ldc + 8));
@@ -292,19 +294,14 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed,
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
   if (M == 0) return out;
-  // bias padded to whole panels, so tiles read 16 values
-  at::Tensor padded;
+  // the tiles read a whole panel's 16 bias values, except in the last panel (nvalid of them)
+  at::Tensor b;
   const float* bias_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N && bias->scalar_type() == at::kFloat,
                 "cpuboost::linear: bias must be float32 with ", N, " values");
-    if (N % NR == 0 && bias->is_contiguous()) {
-      padded = *bias;
-    } else {
-      padded = at::zeros({P * NR}, x.options());
-      padded.narrow(0, 0, N).copy_(bias->reshape({N}));
-    }
-    bias_ptr = padded.data_ptr<float>();
+    b = bias->contiguous();
+    bias_ptr = b.data_ptr<float>();
   }
   const float* a = x.data_ptr<float>();
   float* c = out.data_ptr<float>();

@@ -46,6 +46,20 @@ def test_matches_float64_reference(m, k, n, bias):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n", [16, 40])
+def test_a_strided_bias_or_one_ending_at_the_last_output_is_read_right(n):
+    """The bias is read in place (no padded copy per call): a strided view (made contiguous
+    first), and a view at an offset into its storage ending at the storage's end."""
+    x, w, b = _case(9, 24, n)
+    storage = torch.randn(2 * n)
+    strided = storage[::2]
+    tail = storage[n:]
+    packed = torch.ops.cpuboost.pack_linear_weight(w)
+    for bias in (strided, tail):
+        assert rel_err(_ref(x, w, bias), torch.ops.cpuboost.linear(x, packed, bias, n, 0)) <= TOL
+
+
+@needs_kernel
 @pytest.mark.parametrize("act", list(_AVX2_ACTS))
 def test_activations_match_torch(act):
     """Every post-op torch.nn names, applied in registers, over outputs spread across
