@@ -166,8 +166,8 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: "
                           f"{_first_line(e)}.{hint}") from e
     with tempfile.TemporaryDirectory(prefix="cpuboost-export-") as tmp:
-        pt2 = _compile(program, Path(tmp) / _PT2,
-                       torch.bfloat16 if weights_only else torch.float32)
+        pt2, passes = _compile(program, Path(tmp) / _PT2,
+                               torch.bfloat16 if weights_only else torch.float32)
         seconds = time.perf_counter() - t0
         blob = pt2.read_bytes()
     ops = _own_ops(blob)
@@ -183,6 +183,7 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         "max_batch": max_batch if carries is not None else None,
         "inputs": inputs,
         "cpuboost_ops": ops,
+        "graph_passes": passes,
         "sha256": hashlib.sha256(blob).hexdigest(),
         "compile_seconds": round(seconds, 2),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -221,20 +222,25 @@ def _batch_of(args, kwargs):
     return int(first.shape[0]) if first is not None and first.dim() else None
 
 
-def _compile(program, target: Path, weight_dtype: torch.dtype) -> Path:
+def _compile(program, target: Path, weight_dtype: torch.dtype) -> tuple[Path, dict]:
     """AOTInductor inside the backend's settings, Linear packing included: on AVX2 CPUs the
     linears of any model (not only an optimized one) run cpuboost's kernel, holding
-    ``weight_dtype`` weights."""
+    ``weight_dtype`` weights. Also returns what the graph passes did."""
     import torch._inductor
     from cpuboost.compile.backend import inductor_scope
     from cpuboost.compile.graph_passes import OneDnnLinear, onednn_where_faster
     try:  # freezing applies only with grad off
         with inductor_scope(OneDnnLinear(weight_dtype)) as linear_pass, \
                 onednn_where_faster(linear_pass), torch.no_grad():
-            return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(target)))
+            path = Path(torch._inductor.aoti_compile_and_package(program,
+                                                                 package_path=str(target)))
     except Exception as e:
         raise ExportError(f"AOTInductor could not compile the exported model: "
                           f"{type(e).__name__}: {_first_line(e)}") from e
+    return path, {"linears_on_cpuboost_kernel": linear_pass.own,
+                  "linears_on_onednn": linear_pass.replaced,
+                  "conv_weights_packed_for_dynamic_batch": linear_pass.convs_packed,
+                  "conv_weights_left_plain": linear_pass.convs_plain}
 
 
 def _write(path: Path, meta: dict, blob: bytes) -> Path:

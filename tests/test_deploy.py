@@ -55,6 +55,11 @@ def test_metadata_records_what_it_was_built_with(conv_pkg):
     assert meta["dynamic_batch"] and meta["inputs"]["args"][0]["shape"][0] is None
     assert meta["cpu"]["vec_isa"] and meta["verified"]["max_rel_diff"] <= 1e-3
     assert meta["compile_seconds"] > 0
+    # a dynamic batch: Inductor leaves the weights of its oneDNN convolutions plain; cpuboost
+    # packs those whose oneDNN format is the same at every batch (of this model's 3 Conv2d)
+    passes = meta["graph_passes"]
+    assert passes["conv_weights_packed_for_dynamic_batch"] >= 1
+    assert passes["conv_weights_packed_for_dynamic_batch"] + passes["conv_weights_left_plain"] <= 3
 
 
 def test_wrong_inputs_raise_before_compiled_code(conv_pkg):

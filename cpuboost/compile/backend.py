@@ -23,6 +23,7 @@ import contextlib
 import torch
 
 from cpuboost._memory import release_freed_memory
+from cpuboost.compile.conv_pack import quiet_unpicklable_constants
 from cpuboost.compile.graph_passes import OneDnnLinear, onednn_where_faster
 from cpuboost.compile.shared_constants import shared_folding
 
@@ -47,7 +48,8 @@ def inductor_scope(linear_pass: OneDnnLinear):
     (each ``patch`` builds a class), so graph mode enters it only while Dynamo compiles."""
     import torch._inductor.config as cfg
     passes = _chained(cfg.post_grad_custom_pre_pass, linear_pass)
-    with cfg.patch(freezing=True, cpp_wrapper=True, post_grad_custom_pre_pass=passes):
+    with cfg.patch(freezing=True, cpp_wrapper=True, post_grad_custom_pre_pass=passes), \
+            quiet_unpicklable_constants():
         yield next(p for p in passes if isinstance(p, OneDnnLinear))  # the one in effect
 
 

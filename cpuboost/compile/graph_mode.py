@@ -28,6 +28,7 @@ from cpuboost.compile.state_watch import ModelState, dict_version
 
 
 _GRAPHS = "graphs compiled so far:"
+_CONVS = "convolution weights of graphs with a dynamic batch (Inductor leaves them plain):"
 SHAPE_POLICY = ("shape policy: the first input shape compiles a static graph; when a dim takes a "
                 "second size, one graph with that dim dynamic is compiled and serves every later "
                 "size (Dynamo's automatic dynamic shapes) - no padding, no compile per length "
@@ -124,15 +125,25 @@ class CompiledForward:
         if any(isinstance(x, torch.SymInt) or (isinstance(x, torch.Tensor) and any(
                 isinstance(d, torch.SymInt) for d in x.shape)) for x in example_inputs):
             self.dynamic_graphs += 1
-        if self.record is not None:
-            text = f"{_GRAPHS} {self.graphs} ({self.dynamic_graphs} with dynamic shapes)"
-            notes = self.record.notes
-            at = next((i for i, n in enumerate(notes) if n.startswith(_GRAPHS)), None)
-            if at is None:
-                notes.append(text)
-            else:
-                notes[at] = text
-        return cpuboost_backend(gm, example_inputs)
+        self._note(_GRAPHS, f"{self.graphs} ({self.dynamic_graphs} with dynamic shapes)")
+        compiled = cpuboost_backend(gm, example_inputs)
+        packed, plain = self.linear_pass.convs_packed, self.linear_pass.convs_plain
+        if packed or plain:
+            self._note(_CONVS, f"{packed} packed for oneDNN (one weight format for batches "
+                               f"1-32), {plain} left plain (their format depends on the batch: "
+                               "oneDNN reorders them on every call)")
+        return compiled
+
+    def _note(self, prefix: str, text: str) -> None:
+        """The report's note starting with ``prefix``, replaced (or added) with the latest."""
+        if self.record is None:
+            return
+        notes, text = self.record.notes, f"{prefix} {text}"
+        at = next((i for i, n in enumerate(notes) if n.startswith(prefix)), None)
+        if at is None:
+            notes.append(text)
+        else:
+            notes[at] = text
 
     def __call__(self, *args, **kwargs):
         low = self.dtype != torch.float32

@@ -21,6 +21,9 @@ either), the graph pass rewrites any MKL linear left the same way, and an activa
 tanh, sigmoid, erf-GELU) computed from a linear's output alone is moved into the kernel
 (``fuse_activations``). Also under AOT compilation: ``cpuboost.export`` records the ops a
 package calls and ``cpuboost.load`` loads their library first.
+
+The same pass packs convolution weights Inductor left plain because the input shape is dynamic
+(``conv_pack``).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from cpuboost.compile.attention_pass import FastAttention
+from cpuboost.compile.conv_pack import pack_dynamic_convolutions
 from cpuboost.compile.shared_constants import made_once
 from cpuboost.hw import detect
 from cpuboost.passes.kernel_choice import mkl_or_onednn
@@ -151,6 +155,8 @@ class OneDnnLinear(CustomGraphPass):
         self.replaced = 0  # linears moved to oneDNN
         self.own = 0  # linears on cpuboost's AVX2 kernel
         self.activations_fused = 0
+        # convolution weights of a dynamic batch: packed (one format for every batch), plain
+        self.convs_packed = self.convs_plain = 0
         self.attention = FastAttention()  # chained after this pass (backend.inductor_scope)
 
     def choose(self, batch, k: int, n: int, dtype: torch.dtype) -> str:
@@ -212,12 +218,14 @@ class OneDnnLinear(CustomGraphPass):
                 self.replaced += 1
         if _own_kernel(torch.float32):
             self.activations_fused += fuse_activations(graph)
+        packed, plain = pack_dynamic_convolutions(graph)
+        self.convs_packed, self.convs_plain = self.convs_packed + packed, self.convs_plain + plain
 
     def uuid(self) -> str:
         # Choices are measured on this CPU at this thread count: a cached graph is reused
         # only where the same measurement would apply.
         hw = detect()
-        return (f"cpuboost.OneDnnLinear.v4|{self.weight_dtype}|{hw.model_name}|{sorted(hw.flags)}|"
+        return (f"cpuboost.OneDnnLinear.v5|{self.weight_dtype}|{hw.model_name}|{sorted(hw.flags)}|"
                 f"{torch.get_num_threads()}")
 
 

@@ -22,6 +22,26 @@ def test_compiled_forward_matches(name, dtype):
     assert rel_err(run(model, case, x), run(opt, case, x).float()) <= rtol  # custom methods too
 
 
+def test_a_dynamic_batch_keeps_convolution_weights_packed():
+    """A second batch size compiles a graph with a dynamic batch, where Inductor leaves the
+    convolution weights plain (oneDNN reorders each on every call): cpuboost packs those whose
+    oneDNN format is the same at every batch, and the results match eager at each batch."""
+    torch._dynamo.reset()
+    case, model = toy("residual")
+    opt = cpuboost.optimize(model, graph_mode=True, sample_input=case.inputs(2))
+    linear_pass = opt.__dict__["forward"].linear_pass
+    with torch.no_grad():
+        for batch in (2, 3, 6, 4):
+            x = case.inputs(batch)
+            assert rel_err(run(model, case, x), run(opt, case, x)) <= 1e-4
+    assert opt.__dict__["forward"].graphs == 2  # batch 2, then one dynamic graph
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert linear_pass.convs_packed >= 1
+    assert linear_pass.convs_packed + linear_pass.convs_plain == convs
+    note = f"{linear_pass.convs_packed} packed for oneDNN (one weight format for batches 1-32)"
+    assert any(note in n for n in cpuboost.report_of(opt).pass_named("graph_mode").notes)
+
+
 def test_hooks_fire_and_original_untouched():
     torch._dynamo.reset()
     case, model = toy("hooked")
