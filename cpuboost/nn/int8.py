@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import NamedTuple, Optional
+import weakref
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +142,50 @@ def plain_int8_weights(model: nn.Module):
             m.for_eager()
 
 
+class SharedInput:
+    """The uint8 form of one float input that several static int8 linears with the same input
+    qparams read (an attention's Q, K and V projections read the same hidden states): the
+    first of them to run in a call quantizes it, the others reuse that. Matched by identity and
+    version counter, so a tensor changed in place (or a new one at the same address) is
+    quantized again; inference tensors (``torch.inference_mode``) have no version counter and
+    are always quantized by each layer. Safe across threads (multi-stream): the last entry is
+    one tuple, read once."""
+
+    def __init__(self, group: int):
+        self.group = group  # saved with each member (save_quantized), to rebuild the sharing
+        self._last = None  # (weakref to the float input, its version, its uint8 form)
+
+    def get(self, x: torch.Tensor, quantize: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The uint8 form of ``x``: the one a sibling made for this very tensor, or
+        ``quantize()``."""
+        if x.is_inference():
+            return quantize()
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == x._version:
+            return last[2]
+        q = quantize()
+        self._last = (weakref.ref(x), x._version, q)
+        return q
+
+    def __getstate__(self):  # pickle / deepcopy: the sharing, not the last input
+        return {"group": self.group}
+
+    def __setstate__(self, state):
+        self.group, self._last = state["group"], None
+
+
+def share_input(layers: list, group: int) -> None:
+    """Let ``layers`` (static int8 layers reading the same input with the same qparams) quantize
+    it once per call. ValueError if their input quantization differs (they cannot share)."""
+    forms = {(m.dynamic, m.smooth is None, m.x_scale, m.x_zp, m.qmax) for m in layers}
+    if len(forms) != 1 or next(iter(forms))[:2] != (False, True):
+        raise ValueError(f"int8 layers of input group {group} do not quantize their input the "
+                         f"same way (static, unsmoothed, same scale and zero point): {forms}")
+    shared = SharedInput(group)
+    for layer in layers:
+        layer.shared_input = shared
+
+
 class _Int8(PostOpHolder, nn.Module):
     """Shared state: the int8 weight (packed or plain), scales, bias, activation qparams."""
 
@@ -173,6 +218,8 @@ class _Int8(PostOpHolder, nn.Module):
         # (scale, zero point) of the next int8 layer's input, when this layer hands its output
         # straight to it as uint8 (set by quantize's hand-off pass): no float round trip
         self.out_q: Optional[tuple[float, int]] = None
+        # set (quant.handoff.share_inputs) when sibling layers quantize the same input once
+        self.shared_input: Optional[SharedInput] = None
         # True when the input arrives already on this layer's quantization grid (graph mode's
         # quantize_shared_outputs): the compiled form then reads it as a dequantized tensor
         self.input_on_grid = False
@@ -191,7 +238,8 @@ class _Int8(PostOpHolder, nn.Module):
         return {"dynamic": self.dynamic, "input_scale": self.x_scale,
                 "input_zero_point": self.x_zp, "qmax": self.qmax,
                 "per_channel": self.per_channel, "post_op": self.post_op_name,
-                "output_qparams": None if self.out_q is None else list(self.out_q)}
+                "output_qparams": None if self.out_q is None else list(self.out_q),
+                "input_group": None if self.shared_input is None else self.shared_input.group}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"weight": self.qweight, "weight_scale": self.w_scale}
@@ -248,9 +296,11 @@ class _Int8(PostOpHolder, nn.Module):
         q = x.float().mul(inv) if x.dtype != torch.float32 else x.mul(inv)
         return q.round_().add_(zp).clamp_(0, self.qmax).to(torch.uint8)
 
-    def _kernel_input(self, x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-        """uint8 input and its qparams: as handed over by the previous int8 layer, or
-        quantized here."""
+    def _kernel_input(self, x: torch.Tensor, source: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, float, int]:
+        """uint8 input and its qparams: as handed over by the previous int8 layer, quantized
+        by a sibling reading the same ``source`` (the tensor ``x`` is a view of), or quantized
+        here."""
         if x.dtype == torch.uint8:
             return x, self.x_scale, self.x_zp
         if self.smooth is not None:
@@ -261,6 +311,8 @@ class _Int8(PostOpHolder, nn.Module):
                         self.x_scale, self.x_zp)
             x = x * self._inv_smooth  # (M, K) / (K,): the range per call is that of x / s
         scale, zp = self._act_qparams(x)
+        if self.shared_input is not None and source is not None:  # static: the group's qparams
+            return self.shared_input.get(source, lambda: self._quantize(x, scale, zp)), scale, zp
         return self._quantize(x, scale, zp), scale, zp
 
     def _kernel_output(self, x: torch.Tensor) -> tuple[float, int, Optional[torch.dtype]]:
@@ -318,6 +370,7 @@ class _Int8(PostOpHolder, nn.Module):
 
     def __setstate__(self, state):
         held = state.get("_w")
+        state.setdefault("shared_input", None)  # pickled by a cpuboost without it
         super().__setstate__(state)
         if isinstance(held, tuple) and held[0] == "__plain__":
             self._w = self._pack(held[1])
@@ -382,7 +435,7 @@ class Int8Linear(_Int8):
         if not self.packed or torch.compiler.is_compiling():
             return self.reference_forward(x)
         shape = x.shape
-        qx, scale, zp = self._kernel_input(x.reshape(-1, self.in_features))  # (M, K)
+        qx, scale, zp = self._kernel_input(x.reshape(-1, self.in_features), x)  # (M, K)
         out_scale, out_zp, out_dtype = self._kernel_output(x)
         y = _qlinear(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, out_scale,
                      out_zp, out_dtype, self._attr, self._scalars, self._algo)

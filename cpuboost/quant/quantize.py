@@ -22,7 +22,7 @@ from cpuboost.passes import (PassContext, fold_bn, fuse_pointwise, replace_modul
 from cpuboost.passes._dataflow import Dataflow, record
 from cpuboost.quant.calibrate import CalibrationData, observe_inputs, observe_outputs
 from cpuboost.quant.config import DynamicInt8Config, QuantConfig, StaticInt8Config
-from cpuboost.quant.handoff import hand_off
+from cpuboost.quant.handoff import hand_off, share_inputs
 from cpuboost.quant.layers import (WEIGHT_ONLY, bf16_module, float_parts, int8_module,
                                    kind_of, targets)
 from cpuboost.quant.observers import Observer, make_observer
@@ -152,6 +152,7 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
                lambda r: fuse_pointwise(work, PassContext(OptimizeConfig(), p.hw, r, p.flow)))
     if p.flow is not None and not p.cfg.dynamic:
         _timed(p.report, "int8_hand_off", lambda r: hand_off(work, p.flow, r))
+        _timed(p.report, "int8_shared_inputs", lambda r: share_inputs(work, p.flow, r))
     if graph_mode:
         _compile(work, p.hw, p.report, p.flow, p.cfg.dynamic)
     if p.first is not None:

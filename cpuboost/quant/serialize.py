@@ -21,7 +21,7 @@ from cpuboost.errors import InvalidModelError, PackageError
 from cpuboost.nn import FoldedBatchNorm
 from cpuboost.nn.folded import fold_into
 from cpuboost.nn.embedding import Int8Embedding, Int8EmbeddingBag, _Int8Table
-from cpuboost.nn.int8 import Int8Conv, Int8Linear, QuantizedWeight, _Int8
+from cpuboost.nn.int8 import Int8Conv, Int8Linear, QuantizedWeight, _Int8, share_input
 from cpuboost.nn.postops import POST_OPS
 from cpuboost.passes import replace_module
 from cpuboost.passes.fuse_pointwise import FusedAway
@@ -133,7 +133,7 @@ def load_quantized(model_ctor: Callable[[], nn.Module], path: Union[str, Path]) 
     model.eval()
     for name in manifest["modular_layers"]:
         _module(model, name, path).__class__ = ModularTransformerEncoderLayer
-    rnns = []
+    rnns, groups = [], {}
     for name, spec in manifest["int8"].items():
         floating = _module(model, name, path)
         if spec["kind"] == "rnn":
@@ -147,7 +147,14 @@ def load_quantized(model_ctor: Callable[[], nn.Module], path: Union[str, Path]) 
         else:
             layer = _int8_layer(name, spec, tensors, path)
             _check_shape(name, floating, layer, path)
+            if spec.get("input_group") is not None:
+                groups.setdefault(spec["input_group"], []).append(layer)
         replace_module(model, floating, layer)
+    for group, layers in groups.items():  # siblings quantizing their common input once
+        try:
+            share_input(layers, group)
+        except ValueError as e:
+            raise PackageError(f"{path}: {e}; the file was altered or is damaged.") from None
     for name in manifest.get("bf16", []):  # before loading: their weights load into them
         floating = _module(model, name, path)
         if kind_of(floating) not in ("linear", "conv"):
