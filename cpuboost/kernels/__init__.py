@@ -124,3 +124,7 @@ def _register_gemm_fakes() -> None:
     @torch.library.register_fake("cpuboost::linear")
     def _(x, packed, bias, out_features, act):
         return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("cpuboost::linear_scaled")
+    def _(x, packed, scale, bias, out_features, act):
+        return x.new_empty((*x.shape[:-1], out_features))

@@ -16,7 +16,9 @@
 // computes it: results do not depend on the thread count.
 //
 // The weight may also be packed from bf16 (what dtype=bfloat16 means on CPUs without bf16
-// instructions): half the bytes to stream, widened to fp32 in registers, the same FMAs.
+// instructions): half the bytes to stream, widened to fp32 in registers, the same FMAs. Or from
+// int8 with one scale per output feature (weight-only int8, ``linear_scaled``): a quarter of the
+// bytes, widened exactly to fp32; the sums are scaled (then the bias added) in the last K block.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -116,6 +118,12 @@ inline void load_weights(const float* b, __m256& w0, __m256& w1) {
   w1 = _mm256_loadu_ps(b + 8);
 }
 
+inline void load_weights(const int8_t* b, __m256& w0, __m256& w1) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+  w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+}
+
 inline void load_weights(const uint16_t* b, __m256& w0, __m256& w1) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b));
   w0 = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -157,21 +165,24 @@ __attribute__((noinline)) void kloop(const float* a, int64_t lda, const W* b, in
 }
 
 // c[0:M, 0:nvalid] (+)= a[0:M, 0:kc] @ b[0:kc, 0:16]; a's rows lda apart, c's rows ldc apart.
-// first: start from the bias (or zero); else from c. last: apply the activation.
+// first: start from the bias (or zero); else from c. last: apply the activation. With a scale
+// (int8 weights): sums start from zero and the last block makes them scale * sum + bias.
 template <typename W, int M>
 void tile(const float* a, int64_t lda, const W* b, int64_t kc, float* c, int64_t ldc,
-          int nvalid, const float* bias, bool first, bool last, int64_t act) {
+          int nvalid, const float* bias, const float* scale, bool first, bool last,
+          int64_t act) {
   alignas(32) float acc[M * NR];
   const bool full = nvalid == NR;
+  const float* start = scale ? nullptr : bias;
   for (int i = 0; i < M; ++i) {
     float* row = acc + i * NR;
-    if (first && (full || !bias)) {
-      const __m256 b0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
-      const __m256 b1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+    if (first && (full || !start)) {
+      const __m256 b0 = start ? _mm256_loadu_ps(start) : _mm256_setzero_ps();
+      const __m256 b1 = start ? _mm256_loadu_ps(start + 8) : _mm256_setzero_ps();
       _mm256_store_ps(row, b0);
       _mm256_store_ps(row + 8, b1);
     } else if (first) {  // the last panel's bias has nvalid values
-      for (int j = 0; j < NR; ++j) row[j] = j < nvalid ? bias[j] : 0.0f;
+      for (int j = 0; j < NR; ++j) row[j] = j < nvalid ? start[j] : 0.0f;
     } else if (full) {
       _mm256_store_ps(row, _mm256_loadu_ps(c + i * ldc));
       _mm256_store_ps(row + 8, _mm256_loadu_ps(c + i * ldc + 8));
@@ -180,6 +191,20 @@ void tile(const float* a, int64_t lda, const W* b, int64_t kc, float* c, int64_t
     }
   }
   kloop<W, M>(a, lda, b, kc, acc);
+  if (last && scale) {
+    alignas(32) float sc[NR], bs[NR];
+    for (int j = 0; j < NR; ++j) {
+      sc[j] = j < nvalid ? scale[j] : 0.0f;
+      bs[j] = bias && j < nvalid ? bias[j] : 0.0f;
+    }
+    for (int i = 0; i < M; ++i) {
+      for (int h = 0; h < NR; h += 8) {
+        float* at = acc + i * NR + h;
+        _mm256_store_ps(at, _mm256_fmadd_ps(_mm256_load_ps(at), _mm256_load_ps(sc + h),
+                                            _mm256_load_ps(bs + h)));
+      }
+    }
+  }
   for (int i = 0; i < M; ++i) {
     float* row = acc + i * NR;
     if (last && act != kNone) {
@@ -199,7 +224,7 @@ void tile(const float* a, int64_t lda, const W* b, int64_t kc, float* c, int64_t
 
 template <typename W>
 using TileFn = void (*)(const float*, int64_t, const W*, int64_t, float*, int64_t, int,
-                        const float*, bool, bool, int64_t);
+                        const float*, const float*, bool, bool, int64_t);
 template <typename W>
 constexpr TileFn<W> kTiles[MR + 1] = {nullptr,     tile<W, 1>, tile<W, 2>, tile<W, 3>,
                                       tile<W, 4>, tile<W, 5>, tile<W, 6>};
@@ -223,15 +248,18 @@ void pack_panels(const T* src, T* dst, int64_t N, int64_t K, bool interleave) {
 }
 
 at::Tensor pack_linear_weight(const at::Tensor& weight) {
+  const auto dtype = weight.scalar_type();
   TORCH_CHECK(weight.dim() == 2 &&
-              (weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16),
-              "cpuboost::pack_linear_weight takes a 2-d float32 or bfloat16 weight [out, in], "
-              "got ", weight.scalar_type(), " of shape ", weight.sizes());
+              (dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kChar),
+              "cpuboost::pack_linear_weight takes a 2-d float32, bfloat16 or int8 weight "
+              "[out, in], got ", dtype, " of shape ", weight.sizes());
   const at::Tensor w = weight.contiguous();
   const int64_t N = w.size(0), K = w.size(1), P = (N + NR - 1) / NR;
   at::Tensor out = at::zeros({P, K, NR}, w.options());
-  if (w.scalar_type() == at::kFloat) {
+  if (dtype == at::kFloat) {
     pack_panels(w.data_ptr<float>(), out.data_ptr<float>(), N, K, false);
+  } else if (dtype == at::kChar) {
+    pack_panels(w.data_ptr<int8_t>(), out.data_ptr<int8_t>(), N, K, false);
   } else {
     pack_panels(reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>()),
                 reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), N, K, true);
@@ -240,8 +268,8 @@ at::Tensor pack_linear_weight(const at::Tensor& weight) {
 }
 
 template <typename W>
-void run_linear(const float* a, const W* w, float* c, const float* bias_ptr, int64_t M,
-                int64_t N, int64_t K, int64_t P, int64_t act) {
+void run_linear(const float* a, const W* w, float* c, const float* bias_ptr,
+                const float* scale_ptr, int64_t M, int64_t N, int64_t K, int64_t P, int64_t act) {
   const int64_t threads = at::get_num_threads();
   int64_t mblocks = (M + MC - 1) / MC;
   if (mblocks >= threads) mblocks = (mblocks + threads - 1) / threads * threads;
@@ -258,6 +286,7 @@ void run_linear(const float* a, const W* w, float* c, const float* bias_ptr, int
       for (int64_t p = p0; p < p1; ++p) {
         const int nvalid = static_cast<int>(std::min<int64_t>(NR, N - p * NR));
         const float* bp = bias_ptr ? bias_ptr + p * NR : nullptr;
+        const float* sp = scale_ptr ? scale_ptr + p * NR : nullptr;
         for (int64_t k0 = 0; k0 < K; k0 += KC) {
           const int64_t kc = std::min(KC, K - k0);
           const bool first = k0 == 0, last = k0 + kc == K;
@@ -265,7 +294,7 @@ void run_linear(const float* a, const W* w, float* c, const float* bias_ptr, int
           for (int64_t i = m0; i < m1; i += MR) {
             const int mr = static_cast<int>(std::min<int64_t>(MR, m1 - i));
             kTiles<W>[mr](a + i * K + k0, K, panel, kc, c + i * N + p * NR, N, nvalid, bp,
-                          first, last, act);
+                          sp, first, last, act);
           }
         }
       }
@@ -273,45 +302,73 @@ void run_linear(const float* a, const W* w, float* c, const float* bias_ptr, int
   });
 }
 
-at::Tensor linear(const at::Tensor& input, const at::Tensor& packed,
-                  const std::optional<at::Tensor>& bias, int64_t out_features, int64_t act) {
+// y = x W^T (* scale) + b, then the activation. scale (one per output feature) is required for
+// int8 panels and refused otherwise.
+at::Tensor linear_impl(const at::Tensor& input, const at::Tensor& packed,
+                       const std::optional<at::Tensor>& scale,
+                       const std::optional<at::Tensor>& bias, int64_t out_features, int64_t act,
+                       const char* op) {
+  const auto wtype = packed.scalar_type();
   TORCH_CHECK(input.scalar_type() == at::kFloat &&
-              (packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kBFloat16),
-              "cpuboost::linear computes in float32 (from float32 or bfloat16 weights), got input ",
-              input.scalar_type(), " and weight ", packed.scalar_type());
+              (wtype == at::kFloat || wtype == at::kBFloat16 || wtype == at::kChar),
+              op, " computes in float32 (from float32, bfloat16 or int8 weights), got input ",
+              input.scalar_type(), " and weight ", wtype);
+  TORCH_CHECK(scale.has_value() == (wtype == at::kChar), op, ": ",
+              wtype == at::kChar ? "int8 weights need their per-feature scales (use "
+                                   "cpuboost::linear_scaled)"
+                                 : "only int8 weights take scales");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == NR && packed.is_contiguous(),
-              "cpuboost::linear: the weight was not packed by cpuboost::pack_linear_weight");
+              op, ": the weight was not packed by cpuboost::pack_linear_weight");
   const int64_t K = packed.size(1), P = packed.size(0), N = out_features;
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == K, "cpuboost::linear: input has ",
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == K, op, ": input has ",
               input.size(-1), " features, the weight expects ", K);
-  TORCH_CHECK(K > 0, "cpuboost::linear: a weight with 0 input features (use F.linear)");
-  TORCH_CHECK(N > (P - 1) * NR && N <= P * NR, "cpuboost::linear: ", N,
+  TORCH_CHECK(K > 0, op, ": a weight with 0 input features (use F.linear)");
+  TORCH_CHECK(N > (P - 1) * NR && N <= P * NR, op, ": ", N,
               " output features do not fit a packed weight of ", P, " panels");
-  TORCH_CHECK(act >= kNone && act < kActs, "cpuboost::linear: unknown activation ", act);
+  TORCH_CHECK(act >= kNone && act < kActs, op, ": unknown activation ", act);
   const at::Tensor x = input.contiguous();
   const int64_t M = x.numel() / K;
   std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());
   if (M == 0) return out;
-  // the tiles read a whole panel's 16 bias values, except in the last panel (nvalid of them)
-  at::Tensor b;
+  // the tiles read a whole panel's 16 bias (scale) values, except in the last panel (nvalid)
+  at::Tensor b, s;
   const float* bias_ptr = nullptr;
+  const float* scale_ptr = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == N && bias->scalar_type() == at::kFloat,
-                "cpuboost::linear: bias must be float32 with ", N, " values");
+                op, ": bias must be float32 with ", N, " values");
     b = bias->contiguous();
     bias_ptr = b.data_ptr<float>();
   }
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->numel() == N && scale->scalar_type() == at::kFloat,
+                op, ": scale must be float32 with ", N, " values");
+    s = scale->contiguous();
+    scale_ptr = s.data_ptr<float>();
+  }
   const float* a = x.data_ptr<float>();
   float* c = out.data_ptr<float>();
-  if (packed.scalar_type() == at::kFloat) {
-    run_linear(a, packed.data_ptr<float>(), c, bias_ptr, M, N, K, P, act);
+  if (wtype == at::kFloat) {
+    run_linear(a, packed.data_ptr<float>(), c, bias_ptr, scale_ptr, M, N, K, P, act);
+  } else if (wtype == at::kChar) {
+    run_linear(a, packed.data_ptr<int8_t>(), c, bias_ptr, scale_ptr, M, N, K, P, act);
   } else {
     run_linear(a, reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), c,
-               bias_ptr, M, N, K, P, act);
+               bias_ptr, scale_ptr, M, N, K, P, act);
   }
   return out;
+}
+
+at::Tensor linear(const at::Tensor& input, const at::Tensor& packed,
+                  const std::optional<at::Tensor>& bias, int64_t out_features, int64_t act) {
+  return linear_impl(input, packed, std::nullopt, bias, out_features, act, "cpuboost::linear");
+}
+
+at::Tensor linear_scaled(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& scale,
+                         const std::optional<at::Tensor>& bias, int64_t out_features, int64_t act) {
+  return linear_impl(input, packed, scale, bias, out_features, act, "cpuboost::linear_scaled");
 }
 
 }  // namespace
@@ -319,9 +376,12 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& packed,
 TORCH_LIBRARY_FRAGMENT(cpuboost, m) {
   m.def("pack_linear_weight(Tensor weight) -> Tensor");
   m.def("linear(Tensor input, Tensor packed, Tensor? bias, int out_features, int act) -> Tensor");
+  m.def("linear_scaled(Tensor input, Tensor packed, Tensor scale, Tensor? bias, int out_features, "
+        "int act) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cpuboost, CPU, m) {
   m.impl("pack_linear_weight", &pack_linear_weight);
   m.impl("linear", &linear);
+  m.impl("linear_scaled", &linear_scaled);
 }

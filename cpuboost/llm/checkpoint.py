@@ -22,7 +22,7 @@ from torch import nn
 from cpuboost._files import check_digest, dedup_tensors, file_digest, read_manifest
 from cpuboost.config import BF16_WEIGHTS_NAME
 from cpuboost.errors import InvalidModelError, PackageError
-from cpuboost.llm.config import WoqConfig
+from cpuboost.llm.config import WoqConfig, woq_activation_dtype
 from cpuboost.nn.woq import WoqLinear
 from cpuboost.passes import replace_module
 from cpuboost.report import report_of
@@ -86,7 +86,8 @@ def load_quantized(path: Union[str, Path], model_ctor: Optional[Callable] = None
             raise PackageError(f"{path}: the file has a quantized layer {name!r} that the "
                                "model built from its config does not have.") from None
         shell = WoqLinear(spec["in_features"], spec["out_features"], spec["bits"],
-                          spec["group_size"], spec["symmetric"], spec["bias"], dtype)
+                          spec["group_size"], spec["symmetric"], spec["bias"],
+                          woq_activation_dtype(spec["bits"], dtype))
         replace_module(model, target, shell)
     tensors = _read_tensors(path, manifest)
     buffers = {k[len(BUFFER):]: tensors.pop(k) for k in list(tensors) if k.startswith(BUFFER)}

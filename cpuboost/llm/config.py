@@ -67,6 +67,15 @@ def woq_config(quantization: Union[None, str, WoqConfig]) -> Optional[WoqConfig]
                       f"cpuboost.llm.WoqConfig; got {quantization!r}.")
 
 
+def woq_activation_dtype(bits: int, dtype: torch.dtype) -> torch.dtype:
+    """The activation dtype of a weight-only layer of ``bits`` when ``dtype`` is asked for:
+    float32 for int8 where bf16 means bf16 weights with float32 arithmetic (cpuboost's AVX2
+    kernel takes int8 weights with float32 activations there), else ``dtype``."""
+    from cpuboost.checks import bf16_weights_only
+    from cpuboost.hw import detect
+    return torch.float32 if bits == 8 and bf16_weights_only(dtype, detect()) else dtype
+
+
 @dataclass(frozen=True)
 class LlmConfig:
     """Everything `cpuboost.llm.optimize` decides with. dtype: the float dtype of activations

@@ -48,10 +48,13 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
                     inplace=inplace, max_seq_len=max_seq_len, beam_cache=beam_cache,
                     graph_mode=graph_mode)
     hw = detect()
-    # not with weight-only quantization (asked for, or layers loaded by load_quantized): aten's
-    # int8 kernel ran GPT-2's decode 3x slower than eager fp32 with float32 activations
-    woq = cfg.woq is not None or any(isinstance(m, WoqLinear) for m in model.modules())
-    if not woq and bf16_weights_only(cfg.dtype, hw):
+    # with weight-only quantization, only int8 (its layers then run cpuboost's kernel with
+    # float32 activations too), and only if the layers already quantized (load_quantized) take
+    # float32 activations: aten's int4/int8 kernels ran GPT-2's decode 3x slower than eager
+    # fp32 with float32 activations
+    woq_ok = (cfg.woq is None or cfg.woq.bits == 8) and all(
+        m.compute_dtype == torch.float32 for m in model.modules() if isinstance(m, WoqLinear))
+    if woq_ok and bf16_weights_only(cfg.dtype, hw):
         cfg = dataclasses.replace(cfg, bf16_weights=True)
     # correct everywhere (emulated), just slower: say so, do not refuse
     warning = emulated_bf16(cfg.compute_dtype, hw)

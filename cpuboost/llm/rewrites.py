@@ -128,7 +128,8 @@ def linears(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
             w, b = _dense(m)
             new = WoqLinear.from_float(w, b, cfg.woq.bits, cfg.woq.group_size,
                                        cfg.woq.symmetric, dtype)
-            kind = cfg.woq.name
+            kind = cfg.woq.name + (" on cpuboost's AVX2 kernel (float32 activations)"
+                                   if new.on_avx2 else "")
         else:
             chosen = backend if _dense(m)[0].shape[1] else "aten"  # the kernel needs K > 0
             new = _packed(m, cfg, chosen)

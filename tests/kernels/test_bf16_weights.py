@@ -226,3 +226,28 @@ def test_llm_optimize_bf16_keeps_float32_activations():
     ids, mask = prompts()
     with torch.no_grad():
         assert fast(input_ids=ids, attention_mask=mask).logits.dtype == torch.float32
+
+
+@needs_mode
+def test_llm_woq_int8_takes_float32_activations_on_the_kernel(tmp_path):
+    """woq_int8 where bf16 means bf16 weights: the int8 layers run cpuboost's kernel with
+    float32 activations (aten's int8 kernel would need emulated bf16 ones to be fast), no
+    emulation warning, and a saved model loads onto the same kernel with equal logits."""
+    from cpuboost.nn.woq import WoqLinear
+    from tests.llm.conftest import prompts, tiny_model
+    fast = cpuboost.llm.optimize(tiny_model("gpt2"), quantization="woq_int8")
+    report = cpuboost.report_of(fast)
+    assert not report.warnings
+    assert any("woq_int8 on cpuboost's AVX2 kernel (float32 activations)" in a
+               for a in report.applied("linears"))
+    woq = [m for m in fast.modules() if isinstance(m, WoqLinear)]
+    assert woq and all(m.on_avx2 for m in woq)
+    ids, mask = prompts()
+    with torch.no_grad():
+        logits = fast(input_ids=ids, attention_mask=mask).logits
+    assert logits.dtype == torch.float32
+    cpuboost.llm.save_quantized(fast, tmp_path / "m")
+    loaded = cpuboost.llm.load_quantized(tmp_path / "m")
+    assert all(m.on_avx2 for m in loaded.modules() if isinstance(m, WoqLinear))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, logits)

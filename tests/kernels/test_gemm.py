@@ -116,8 +116,33 @@ def test_bad_arguments_say_what_is_wrong():
         torch.ops.cpuboost.linear(x, packed, torch.randn(15), 16, 0)
     with pytest.raises(RuntimeError, match="unknown activation"):
         torch.ops.cpuboost.linear(x, packed, b, 16, 99)
-    with pytest.raises(RuntimeError, match="2-d float32 or bfloat16 weight"):
+    with pytest.raises(RuntimeError, match="2-d float32, bfloat16 or int8 weight"):
         torch.ops.cpuboost.pack_linear_weight(torch.randn(3, 4, 5))
+    q = torch.ops.cpuboost.pack_linear_weight(torch.ones(16, 8, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="int8 weights need their per-feature scales"):
+        torch.ops.cpuboost.linear(x, q, b, 16, 0)
+    with pytest.raises(RuntimeError, match="only int8 weights take scales"):
+        torch.ops.cpuboost.linear_scaled(x, packed, torch.ones(16), b, 16, 0)
+    with pytest.raises(RuntimeError, match="scale must be float32 with 16 values"):
+        torch.ops.cpuboost.linear_scaled(x, q, torch.ones(12), b, 16, 0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (1, 768, 2304), (5, 3, 17), (7, 300, 33),
+                                     (64, 768, 96), (1030, 64, 40)], ids=lambda v: str(v))
+@pytest.mark.parametrize("act", ["none", "relu"])
+def test_int8_panels_scaled_per_feature_match_float64(m, k, n, act):
+    """Weight-only int8: y = act(x @ q.T * scale + b), q widened exactly, scale and bias in the
+    last K block (also across K blocks, and in the last panel's nvalid columns)."""
+    g = torch.Generator().manual_seed(m + k + n)
+    x = torch.randn(m, k, generator=g)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scale = torch.rand(n, generator=g) * 0.02 + 1e-3
+    b = torch.randn(n, generator=g)
+    out = torch.ops.cpuboost.linear_scaled(x, torch.ops.cpuboost.pack_linear_weight(q), scale,
+                                           b, n, _AVX2_ACTS[act])
+    ref = _ref(x, q.double() * scale.double()[:, None], b, act)
+    assert out.shape == (m, n) and rel_err(ref, out) <= TOL
 
 
 @needs_kernel

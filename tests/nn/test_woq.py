@@ -3,7 +3,9 @@ and the quantization error against the float weight, by SQNR in dB."""
 import pytest
 import torch
 
-from cpuboost.nn.woq import WoqLinear, pack_nibbles, quantize_int4, unpack_nibbles, why_not_woq
+from cpuboost.kernels import gemm_ops, gemm_unavailable
+from cpuboost.nn.woq import (WoqLinear, pack_nibbles, quantize_int4, quantize_int8,
+                             unpack_nibbles, why_not_woq)
 
 
 def sqnr(ref: torch.Tensor, got: torch.Tensor) -> float:
@@ -100,3 +102,33 @@ def test_misaligned_inputs_and_weights(bits, group, dtype):
     for offset in range(1, 8):
         x = big[offset:offset + 3 * 96].view(3, 96)
         assert sqnr(m.reference_forward(x), m(x)) > (90 if dtype == torch.float32 else 40)
+
+
+@pytest.mark.skipif(not gemm_ops(), reason=f"kernel unavailable: {gemm_unavailable()}")
+def test_int8_with_float32_activations_runs_the_avx2_kernel(monkeypatch):
+    """Where cpuboost's AVX2 kernel runs, an int8 layer with float32 activations holds its
+    weight as the kernel's int8 panels (the only copy) and runs it: same results as the
+    reference, the portable state is the int8 weight, and copies, reloads and unpickling where
+    the kernel cannot run all compute the same."""
+    import copy
+    import importlib
+    import io
+    torch.manual_seed(5)
+    w, b = torch.randn(40, 96), torch.randn(40)  # 40: the last panel is partial
+    m = WoqLinear.from_float(w, b, 8, 0, True, torch.float32)
+    assert m.on_avx2 and m._q.shape == (3, 96, 16) and m._q.dtype == torch.int8
+    assert torch.equal(m.state_dict()["qweight"], quantize_int8(w)[0])
+    x = torch.randn(2, 3, 96)
+    out = m(x)
+    assert out.dtype == torch.float32 and sqnr(m.reference_forward(x), out) > 90
+    fresh = WoqLinear(96, 40, 8, 0, True, True, torch.float32)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.on_avx2 and torch.equal(fresh(x), out)
+    assert torch.equal(copy.deepcopy(m)(x), out)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    monkeypatch.setattr(importlib.import_module("cpuboost.nn.woq"), "gemm_ops", lambda: False)
+    buf.seek(0)
+    elsewhere = torch.load(buf, weights_only=False)
+    assert not elsewhere.on_avx2 and elsewhere._q.shape == (40, 96)
+    assert sqnr(out, elsewhere(x)) > 90  # aten's kernel, same weights
