@@ -5,9 +5,10 @@ cpuboost backend's settings (freezing, oneDNN-packed weights) and writes one fil
 
 * ``model.pt2`` — the AOTInductor package (compiled C++ and the weights as constants);
 * ``cpuboost.json`` — what it was built with and for: format, cpuboost/torch/Python versions,
-  CPU architecture, Inductor's vector ISA and the CPU features, the dtype and the arithmetic's
-  (bf16 may mean bf16 weights with float32 arithmetic), the inputs it accepts (batch dimension
-  dynamic or not), the SHA-256 of ``model.pt2``, and the numerics check run at export.
+  CPU architecture, Inductor's vector ISA and the CPU features, the dtype and the dtype of the
+  arithmetic (bf16 may mean bf16 weights with float32 arithmetic), what the graph passes did,
+  the inputs it accepts (batch dimension dynamic or not), the SHA-256 of ``model.pt2``, and the
+  numerics check run at export.
 
 ``load`` reads and checks the metadata *before* loading any compiled code, so a package built for
 another torch, cpuboost or CPU, or a damaged file, raises :class:`~cpuboost.errors.PackageError`

@@ -2,8 +2,9 @@
 
 ``attention.cpp``: scaled dot-product attention for the short sequences of encoder models (see
 its header), loaded as the op ``cpuboost::attention``. ``gemm_avx2.cpp``: fp32 linear layers on
-CPUs with AVX2 and FMA but no AVX-512 (``cpuboost::linear`` on weights packed by
-``cpuboost::pack_linear_weight``). Each is built on first use with the C++ compiler Inductor
+CPUs with AVX2 and FMA but no AVX-512 (``cpuboost::linear`` on float32 or bf16 weights packed by
+``cpuboost::pack_linear_weight``; ``cpuboost::linear_scaled`` on int8 ones with per-feature
+scales). Each is built on first use with the C++ compiler Inductor
 uses anyway (``$CXX`` or ``c++``) against the installed torch, cached under
 ``~/.cache/cpuboost/kernels`` (``$CPUBOOST_CACHE``) by a hash of the source, torch's version and
 the flags. No build at install time, so the install never needs torch's headers or a build

@@ -148,12 +148,12 @@ class SharedInput:
     first of them to run in a call quantizes it, the others reuse that. Matched by identity and
     version counter, so a tensor changed in place (or a new one at the same address) is
     quantized again; inference tensors (``torch.inference_mode``) have no version counter and
-    are always quantized by each layer. Safe across threads (multi-stream): the last entry is
-    one tuple, read once."""
+    are always quantized by each layer. The uint8 tensor is let go once every sibling has read
+    it. Safe across threads (multi-stream): the entry is one tuple, read once and replaced."""
 
-    def __init__(self, group: int):
-        self.group = group  # saved with each member (save_quantized), to rebuild the sharing
-        self._last = None  # (weakref to the float input, its version, its uint8 form)
+    def __init__(self, group: int, size: int):
+        self.group, self.size = group, size  # group: saved with each member (save_quantized)
+        self._last = None  # (weakref to the float input, its version, uint8 form, reads left)
 
     def get(self, x: torch.Tensor, quantize: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The uint8 form of ``x``: the one a sibling made for this very tensor, or
@@ -162,16 +162,18 @@ class SharedInput:
             return quantize()
         last = self._last
         if last is not None and last[0]() is x and last[1] == x._version:
+            left = last[3] - 1
+            self._last = (last[0], last[1], last[2], left) if left > 0 else None
             return last[2]
         q = quantize()
-        self._last = (weakref.ref(x), x._version, q)
+        self._last = (weakref.ref(x), x._version, q, self.size - 1)
         return q
 
     def __getstate__(self):  # pickle / deepcopy: the sharing, not the last input
-        return {"group": self.group}
+        return {"group": self.group, "size": self.size}
 
     def __setstate__(self, state):
-        self.group, self._last = state["group"], None
+        self.group, self.size, self._last = state["group"], state["size"], None
 
 
 def share_input(layers: list, group: int) -> None:
@@ -181,7 +183,7 @@ def share_input(layers: list, group: int) -> None:
     if len(forms) != 1 or next(iter(forms))[:2] != (False, True):
         raise ValueError(f"int8 layers of input group {group} do not quantize their input the "
                          f"same way (static, unsmoothed, same scale and zero point): {forms}")
-    shared = SharedInput(group)
+    shared = SharedInput(group, len(layers))
     for layer in layers:
         layer.shared_input = shared
 

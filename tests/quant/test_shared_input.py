@@ -69,6 +69,7 @@ def test_siblings_quantize_their_input_once_with_the_same_result(monkeypatch):
         out = q(x)
     assert torch.equal(out, ref)
     assert len(calls) == 2  # q (for k and v too) and out; 4 without sharing
+    assert q.q.shared_input._last is None  # let go once k and v read it
 
 
 def test_an_input_changed_in_place_or_under_inference_mode_is_quantized_again(monkeypatch):
