@@ -228,11 +228,9 @@ def _compile(program, target: Path, weight_dtype: torch.dtype) -> tuple[Path, di
     linears of any model (not only an optimized one) run cpuboost's kernel, holding
     ``weight_dtype`` weights. Also returns what the graph passes did."""
     import torch._inductor
-    from cpuboost.compile.backend import inductor_scope
-    from cpuboost.compile.graph_passes import OneDnnLinear, onednn_where_faster
+    from cpuboost.compile.backend import packing_scope
     try:  # freezing applies only with grad off
-        with inductor_scope(OneDnnLinear(weight_dtype)) as linear_pass, \
-                onednn_where_faster(linear_pass), torch.no_grad():
+        with packing_scope(weight_dtype) as linear_pass, torch.no_grad():
             path = Path(torch._inductor.aoti_compile_and_package(program,
                                                                  package_path=str(target)))
     except Exception as e:

@@ -54,6 +54,16 @@ def inductor_scope(linear_pass: OneDnnLinear):
 
 
 @contextlib.contextmanager
+def packing_scope(weight_dtype: torch.dtype = torch.float32):
+    """inductor_scope with Inductor's Linear packing routed by the OneDnnLinear pass (cpuboost's
+    kernel, oneDNN or MKL per shape): what every cpuboost compile runs in, the backend's and
+    export's. Yields the pass in effect, with its counts."""
+    with inductor_scope(OneDnnLinear(weight_dtype)) as linear_pass, \
+            onednn_where_faster(linear_pass):
+        yield linear_pass
+
+
+@contextlib.contextmanager
 def scope():
     """Trace and compile with freezing and cpuboost's graph passes; settings restored on exit."""
     with inductor_scope(OneDnnLinear()):
@@ -65,8 +75,7 @@ def cpuboost_backend(gm: torch.fx.GraphModule, example_inputs):
     autograd Inductor compiles without it, as it would for the stock backend. Constants folded
     by freezing are shared with the model's other graphs (see shared_constants)."""
     from torch._inductor.compile_fx import compile_fx
-    with inductor_scope(OneDnnLinear()) as linear_pass, onednn_where_faster(linear_pass), \
-            shared_folding():
+    with packing_scope(), shared_folding():
         compiled = compile_fx(gm, example_inputs)
     release_freed_memory()
     return compiled

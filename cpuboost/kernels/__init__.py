@@ -75,6 +75,19 @@ def gemm_ops() -> bool:
     return True
 
 
+# bf16 panels hold output feature j (< 8) in slot 2j and j + 8 in slot 2j + 1 of each K step
+# (gemm_avx2.cpp, load_weights): this indexes the slots in feature order
+_BF16_SLOTS = [2 * j for j in range(8)] + [2 * j + 1 for j in range(8)]
+
+
+def unpack_panels(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The [out_features, K] weight ``cpuboost::pack_linear_weight`` packed into ``packed``
+    ([ceil(N/16), K, 16] panels, float32, bf16 or int8), in its own dtype."""
+    if packed.dtype == torch.bfloat16:
+        packed = packed[:, :, _BF16_SLOTS]
+    return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features].contiguous()
+
+
 def _load(source: Path, flags: list[str], why: list[str]) -> bool:
     try:
         torch.ops.load_library(str(_built(source, flags)))

@@ -16,7 +16,7 @@ from cpuboost.errors import ConfigError, UnsupportedRequestError
 from cpuboost.hw import detect
 from cpuboost.llm import rewrites
 from cpuboost.llm.cache import use_preallocated_cache
-from cpuboost.llm.config import LlmConfig, WoqConfig, woq_config
+from cpuboost.llm.config import LlmConfig, WoqConfig, woq_activation_dtype, woq_config
 from cpuboost.llm.structure import structure_of
 from cpuboost.nn.woq import WoqLinear
 from cpuboost.passes import weight_bytes
@@ -52,8 +52,9 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
     # float32 activations too), and only if the layers already quantized (load_quantized) take
     # float32 activations: aten's int4/int8 kernels ran GPT-2's decode 3x slower than eager
     # fp32 with float32 activations
-    woq_ok = (cfg.woq is None or cfg.woq.bits == 8) and all(
-        m.compute_dtype == torch.float32 for m in model.modules() if isinstance(m, WoqLinear))
+    woq_ok = (cfg.woq is None or woq_activation_dtype(cfg.woq.bits, cfg.dtype) == torch.float32) \
+        and all(m.compute_dtype == torch.float32 for m in model.modules()
+                if isinstance(m, WoqLinear))
     if woq_ok and bf16_weights_only(cfg.dtype, hw):
         cfg = dataclasses.replace(cfg, bf16_weights=True)
     # correct everywhere (emulated), just slower: say so, do not refuse
@@ -79,7 +80,10 @@ def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
     rec = report.record("structure")
     rec.notes += structure_of(model).lines()
     if cfg.bf16_weights:
-        rec.notes.append(BF16_WEIGHTS_NOTE)
+        rec.notes.append(BF16_WEIGHTS_NOTE if cfg.woq is None else (
+            f"{cfg.woq.name} on a CPU without bf16 instructions: the int8 layers take float32 "
+            "activations on cpuboost's AVX2 kernel; float linears left unquantized hold bf16 "
+            "weights there; everything else stays float32"))
     state = {"beams": False}
     if cfg.graph_mode:  # Inductor packs and fuses; transformers' own cache (traceable)
         steps = [("cast", lambda r: rewrites.cast_floats(model, cfg, r)),

@@ -230,11 +230,6 @@ class _Fused(PostOpHolder, nn.Module):
         return ", ".join(parts)
 
 
-# bf16 panels hold output feature j (< 8) in slot 2j and j + 8 in slot 2j + 1 of each K step
-# (gemm_avx2.cpp, load_weights): this indexes the slots in feature order
-_BF16_SLOTS = [2 * j for j in range(8)] + [2 * j + 1 for j in range(8)]
-
-
 class FusedLinear(_Fused):
     """``weight_dtype=torch.bfloat16`` with the AVX2 backend: the weight is held (rounded) in
     bf16 and multiplied in float32 (exact products of the rounded weight). For CPUs without bf16
@@ -264,9 +259,8 @@ class FusedLinear(_Fused):
 
     def _unpack(self, w):
         if self.backend == "avx2":  # [ceil(N/16), K, 16] panels back to [N, K]
-            if w.dtype == torch.bfloat16:
-                w = w[:, :, _BF16_SLOTS]
-            return w.transpose(1, 2).reshape(-1, w.shape[1])[:self.out_features].contiguous()
+            from cpuboost.kernels import unpack_panels
+            return unpack_panels(w, self.out_features)
         return super()._unpack(w)
 
     def accepts(self, op) -> bool:

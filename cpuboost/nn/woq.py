@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpuboost.kernels import gemm_ops
+from cpuboost.kernels import gemm_ops, unpack_panels
 from cpuboost.nn._state import incoming, refuse_cast
 
 # Measured on AVX-512 (bf16): the int8 kernel reads garbage (or crashes) when the number of
@@ -202,9 +202,7 @@ class WoqLinear(nn.Module):
 
     def _int8_codes(self) -> torch.Tensor:
         """The int8 weight (N, K), read back from the panels where the kernel holds them."""
-        if not self._avx2:
-            return self._q
-        return self._q.transpose(1, 2).reshape(-1, self.in_features)[:self.out_features]
+        return unpack_panels(self._q, self.out_features) if self._avx2 else self._q
 
     def _set_int4(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         self._q = _aligned(torch._convert_weight_to_int4pack_for_cpu(

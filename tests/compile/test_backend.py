@@ -44,8 +44,8 @@ def test_settings_restored_and_other_passes_kept(monkeypatch):
     made = []
 
     class Recording(backend_mod.OneDnnLinear):
-        def __init__(self):
-            super().__init__()
+        def __init__(self, *args):
+            super().__init__(*args)
             made.append(self)
 
     monkeypatch.setattr(backend_mod, "OneDnnLinear", Recording)

@@ -242,6 +242,8 @@ def test_llm_woq_int8_takes_float32_activations_on_the_kernel(tmp_path):
                for a in report.applied("linears"))
     woq = [m for m in fast.modules() if isinstance(m, WoqLinear)]
     assert woq and all(m.on_avx2 for m in woq)
+    assert any("the int8 layers take float32 activations" in n
+               for n in report.pass_named("structure").notes)
     ids, mask = prompts()
     with torch.no_grad():
         logits = fast(input_ids=ids, attention_mask=mask).logits
