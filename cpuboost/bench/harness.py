@@ -169,6 +169,9 @@ def run_case(case, variants=VARIANTS, rounds: int = 7, round_s: float = 1.0,
             compiles[name] = _graphs_of(fn, _compiled_graphs() - graphs_before)
             setup_s[name] = time.perf_counter() - t0
             fns[name], rss[name] = fn, (mem.peak, mem.peak - mem.start)
+        # the set-ups (compiles above all) leave garbage in reference cycles: collected now,
+        # Python's next full collection (~0.5 s) would land in some variant's round
+        gc.collect()
         iters = {}
         for name, fn in fns.items():  # iterations per round from one timed call
             t0 = time.perf_counter()

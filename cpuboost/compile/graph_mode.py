@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import threading
 import time
@@ -28,6 +29,7 @@ from cpuboost.compile.state_watch import ModelState, dict_version
 
 
 _GRAPHS = "graphs compiled so far:"
+_GARBAGE = "garbage left by compiling, collected after each compile:"
 _CONVS = "convolution weights of graphs with a dynamic batch (Inductor leaves them plain):"
 SHAPE_POLICY = ("shape policy: the first input shape compiles a static graph; when a dim takes a "
                 "second size, one graph with that dim dynamic is compiled and serves every later "
@@ -154,7 +156,7 @@ class CompiledForward:
         counters = torch._dynamo.utils.counters
         breaks_before = dict(counters["graph_break"]) if first else None
         hits_before = counters["inductor"]["fxgraph_cache_hit"]
-        t0 = time.perf_counter()
+        t0, graphs = time.perf_counter(), self.graphs
         watch = self.watch
         if watch is not None and watch.changed():
             self._model_changed(watch)
@@ -173,9 +175,23 @@ class CompiledForward:
             _CALLING.owner = outer
             _compile_ended()  # (already closed unless a compile raised before its end callback)
         self.calls += 1  # counted once it succeeded: a failed first call reports next time
+        if self.graphs != graphs:
+            self._collect_garbage()
         if first and self.record is not None:
             self._report(time.perf_counter() - t0, breaks_before, hits_before, counters)
         return out
+
+    def _collect_garbage(self) -> None:
+        """A compile adds ~360k objects that Python tracks, ~40-130k of them garbage in
+        reference cycles. The next full collection traverses all of them (0.4-0.6 s measured
+        for ResNet-50 and BERT-base) and comes at a call the application makes later, once its
+        own allocations trigger it: that call stalls as long. Collected here, the pause is part
+        of compile time and the next full collection waits for 25% more long-lived objects."""
+        t0 = time.perf_counter()
+        found = gc.collect()
+        self._note(_GARBAGE, f"{found} objects in {time.perf_counter() - t0:.2f}s the last time "
+                             "(else the first full collection while serving would stall a call "
+                             "as long)")
 
     def _model_changed(self, watch: ModelState) -> None:
         """An attribute the graphs were traced from was set since they were compiled: compile

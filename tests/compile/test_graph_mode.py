@@ -42,6 +42,41 @@ def test_a_dynamic_batch_keeps_convolution_weights_packed():
     assert any(note in n for n in cpuboost.report_of(opt).pass_named("graph_mode").notes)
 
 
+def test_the_garbage_of_a_compile_is_collected_with_it_not_on_every_call():
+    """Python's automatic collection is off during the calls, so only graph mode's own
+    collection after a compiling call can free a reference cycle made before it."""
+    import gc
+    import weakref
+
+    def garbage_cycle():
+        a, b = _Node(), _Node()
+        a.other, b.other = b, a
+        freed = []
+        weakref.finalize(a, freed.append, True)
+        return freed
+
+    torch._dynamo.reset()
+    case, model = toy("mlp_bn")
+    x = case.inputs(2)
+    opt = cpuboost.optimize(model, graph_mode=True)
+    gc.disable()
+    try:
+        with torch.no_grad():
+            compiled_now = garbage_cycle()
+            opt(*x)  # compiles
+            no_compile = garbage_cycle()
+            opt(*x)
+    finally:
+        gc.enable()
+    assert compiled_now == [True] and no_compile == []
+    notes = cpuboost.report_of(opt).pass_named("graph_mode").notes
+    assert any(n.startswith("garbage left by compiling, collected after each compile") for n in notes)
+
+
+class _Node:
+    other = None
+
+
 def test_hooks_fire_and_original_untouched():
     torch._dynamo.reset()
     case, model = toy("hooked")
