@@ -14,6 +14,7 @@ from cpuboost.checks import (as_call, bf16_weights_only, check_dtype, check_mode
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
+from cpuboost.nn.anchor import NOTE as ANCHOR_NOTE, float_parameter_kind, keep_a_parameter
 from cpuboost.passes import (PassContext, autocast_scope, embedding_tables, fold_bn, fuse_add,
                              fuse_pointwise, prepack,
                              remove_dropout, transformer_layers, weight_bytes)
@@ -140,11 +141,14 @@ def _resolve_config(config, dtype, level, inplace, flags, graph_mode) -> Optimiz
 
 
 def _run(model, steps, cfg, hw, report, flow: Optional[Dataflow]) -> nn.Module:
+    before = float_parameter_kind(model)
     for step in steps:
         rec = report.record(step.name)
         t0 = time.perf_counter()
         model = step.run(model, PassContext(cfg, hw, rec, flow))
         rec.seconds = time.perf_counter() - t0
+    if keep_a_parameter(model, before):
+        rec.notes.append(ANCHOR_NOTE)
     return model
 
 

@@ -16,6 +16,7 @@ from cpuboost.checks import check_model, run_sample
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import CalibrationError, ConfigError, UnsupportedRequestError
 from cpuboost.hw import CpuFeatures, detect
+from cpuboost.nn.anchor import NOTE as ANCHOR_NOTE, float_parameter_kind, keep_a_parameter
 from cpuboost.nn.int8 import _Int8, affine_qparams
 from cpuboost.passes import (PassContext, fold_bn, fuse_pointwise, replace_module,
                              transformer_layers, weight_bytes)
@@ -75,6 +76,7 @@ class Prepared:
     targets: dict[str, nn.Module]
     rec: PassRecord
     given: Optional[Recipe] = None  # a recipe to apply instead of calibrating
+    parameters: Optional[tuple] = None  # the original's float_parameter_kind (nn.anchor)
     observers: Optional[dict[str, Observer]] = None
     # convs whose output only residual adds read: their output range (see quant.shared_qdq)
     residual: dict[str, Observer] = field(default_factory=dict)
@@ -101,7 +103,8 @@ def prepare_model(model: nn.Module, cfg: QuantConfig, first, inplace: bool,
     _timed(report, "transformer_layers",
            lambda r: transformer_layers(work, PassContext(OptimizeConfig(), hw, r, flow)))
     rec = PassRecord("quantize")
-    prepared = Prepared(work, cfg, hw, report, first, reference, flow, {}, rec, recipe)
+    prepared = Prepared(work, cfg, hw, report, first, reference, flow, {}, rec, recipe,
+                        float_parameter_kind(model))
     prepared.targets = targets(work, cfg, rec, prepared.layers)
     if not prepared.targets:
         _nothing_quantized(rec)
@@ -153,6 +156,8 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
     if p.flow is not None and not p.cfg.dynamic:
         _timed(p.report, "int8_hand_off", lambda r: hand_off(work, p.flow, r))
         _timed(p.report, "int8_shared_inputs", lambda r: share_inputs(work, p.flow, r))
+    if keep_a_parameter(work, p.parameters):
+        p.rec.notes.append(ANCHOR_NOTE)
     if graph_mode:
         _compile(work, p.hw, p.report, p.flow, p.cfg.dynamic)
     if p.first is not None:
