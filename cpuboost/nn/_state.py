@@ -30,3 +30,14 @@ def refuse_cast(module, fn, compute_dtype: torch.dtype, holds: str, remedy: str)
     if probe.dtype != compute_dtype or probe.device.type != "cpu":
         raise RuntimeError(f"{type(module).__name__} holds {holds}; it cannot be moved or "
                            f"cast. {remedy}")
+
+
+def refuse_int8_load(module, state_dict, prefix: str, error_msgs: list) -> None:
+    """An int8 layer's ``state_dict`` entries (codes, scales, zero points) describe it, but
+    ``load_state_dict`` cannot rebuild one from them: say so instead of listing its own keys
+    as unexpected."""
+    if any(k.startswith(prefix) and "." not in k[len(prefix):] for k in state_dict):
+        error_msgs.append(f"{prefix[:-1] or 'the model'}: {type(module).__name__} holds int8 "
+                          "weights, which load_state_dict cannot set; save the model with "
+                          "cpuboost.save_quantized(model, path) and load it with "
+                          "cpuboost.load_quantized(model_ctor, path).")

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpuboost.nn._state import incoming
+from cpuboost.nn._state import incoming, refuse_int8_load
 
 
 class _HeldTable(nn.Module):
@@ -115,6 +115,10 @@ class _Int8Table(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "packed_weight"] = self._w
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        refuse_int8_load(self, state_dict, prefix, error_msgs)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int8 rowwise"

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpuboost.nn._state import refuse_int8_load
 from cpuboost.nn.postops import POST_OPS, PostOp, PostOpHolder
 
 _qd = torch.ops.quantized_decomposed
@@ -363,6 +364,10 @@ class _Int8(PostOpHolder, nn.Module):
         if not self.dynamic:
             destination[prefix + "input_scale"] = torch.tensor(self.x_scale, dtype=torch.float64)
             destination[prefix + "input_zero_point"] = torch.tensor(self.x_zp)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        refuse_int8_load(self, state_dict, prefix, error_msgs)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+import cpuboost
 import cpuboost.nn.int8 as int8_module
 from cpuboost.nn.int8 import (Int8Conv, Int8Linear, QuantizedWeight, pair_extent,
                               quantize_weight)
@@ -209,3 +210,13 @@ def test_strided_1x1_conv_is_exact_and_repeatable(in_channels, stride):
         assert y.shape == conv(x).shape
         torch.testing.assert_close(y, ref, atol=ATOL, rtol=1e-5)
     assert sqnr_db(conv(x), outs[0]) > MIN_SQNR
+
+
+def test_loading_a_state_dict_into_int8_layers_says_how_to_load_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    q = cpuboost.quantize(model, config=cpuboost.DynamicInt8Config(),
+                          example_inputs=torch.randn(4, 16))
+    with pytest.raises(RuntimeError, match=r"0: Int8Linear holds int8 weights.*"
+                                           r"cpuboost.load_quantized"):
+        q.load_state_dict(q.state_dict())
