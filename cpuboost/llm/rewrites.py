@@ -15,6 +15,7 @@ from cpuboost.hw.features import detect, onednn_runs
 from cpuboost.llm.config import LlmConfig, WoqConfig
 from cpuboost.llm.structure import is_linear
 from cpuboost.nn.fused import FusedConv1DLinear, FusedLinear, is_hf_conv1d
+from cpuboost.nn.probe import why_not_plain_linear
 from cpuboost.nn.woq import WoqLinear, why_not_woq
 from cpuboost.passes._context import replace_module
 from cpuboost.report import PassRecord
@@ -123,6 +124,10 @@ def linears(model: nn.Module, cfg: LlmConfig, rec: PassRecord) -> None:
     # keep every float weight alive until the end (peak memory = float + quantized model)
     for name in [n for n, m in model.named_modules() if is_linear(m)]:
         m = model.get_submodule(name)
+        differs = why_not_plain_linear(m) if isinstance(m, nn.Linear) else None
+        if differs:  # replacing it would change what the model computes
+            rec.skip(name, f"kept as it is: {differs}")
+            continue
         reason = _woq_reason(name, m, cfg.woq, head) if cfg.woq else None
         if cfg.woq and reason is None:
             w, b = _dense(m)

@@ -13,6 +13,7 @@ from cpuboost.checks import BF16_WEIGHTS_NOTE
 from cpuboost.hw.features import onednn_runs
 from cpuboost.nn import FusedConv, FusedConvTranspose, FusedLinear, set_backend
 from cpuboost.nn.fused import FusedConv1DLinear, _Fused, is_hf_conv1d
+from cpuboost.nn.probe import why_not_plain_linear
 from cpuboost.passes._context import PassContext, names_of, replace_module
 from cpuboost.passes.kernel_choice import linear_backend
 
@@ -41,8 +42,9 @@ def why_not_packable(model: nn.Module, m: nn.Module, parents: dict) -> Optional[
         return None
     kind = type(m)
     if isinstance(m, nn.Linear):
-        if kind.forward is not nn.Linear.forward:
-            return f"{kind.__name__} overrides Linear.forward"
+        differs = why_not_plain_linear(m)
+        if differs:
+            return differs
     elif not is_hf_conv1d(m) and kind not in _CONVS + _CONV_T:
         return f"{kind.__name__} is not a Linear/Conv/ConvTranspose"
     if any(isinstance(p, nn.MultiheadAttention) for p in parents.get(id(m), ())):
