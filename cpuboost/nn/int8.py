@@ -471,9 +471,13 @@ class Int8Conv(_Int8):
         self.nd = weight.dim() - 2
         self.supported_post_ops = frozenset(
             {"none"} if self.nd == 3 else {"none", "relu", "silu", "hardswish"})
-        self.out_channels = weight.shape[0]
+        # nn.Conv's attributes, which models read from their convs (MobileNetV2's TF padding
+        # reads kernel_size, stride and dilation in forward)
+        self.out_channels, self.in_channels = weight.shape[0], weight.shape[1] * groups
+        self.kernel_size = tuple(weight.shape[2:])
         self.stride, self.padding = tuple(stride), tuple(padding)
         self.dilation, self.groups = tuple(dilation), groups
+        self.padding_mode = "zeros"
         lift = (lambda v, pad: [pad] + list(v)) if self.nd == 1 else (lambda v, pad: list(v))
         # a strided 1x1 conv reads every s-th pixel: where oneDNN's kernel for it is wrong
         # (CpuFeatures.int8_strided_1x1_wrong) the input is subsampled first and the conv runs

@@ -325,3 +325,23 @@ def test_transformers_conv1d_layers_quantize_accurately(config):
     assert all(float(a.split("SQNR ")[1].split(" dB")[0]) > 30 for a in applied)
     with torch.no_grad():
         assert cosine(model(input_ids=ids).logits, q(input_ids=ids).logits) > 0.999
+
+
+def test_a_model_reading_its_convs_attributes_runs_in_int8():
+    """MobileNetV2's TF-style padding reads each conv's kernel_size, stride and dilation in
+    forward: the int8 conv has nn.Conv's attributes (it raised AttributeError)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.MobileNetV2ForImageClassification(transformers.MobileNetV2Config(
+        image_size=64, num_labels=10)).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # random statistics: the output is not ~0
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    data = [{"pixel_values": torch.randn(2, 3, 64, 64)} for _ in range(3)]
+    q = cpuboost.quantize(model, data)
+    conv = next(m for m in q.modules() if isinstance(m, Int8Conv) and m.groups > 1)
+    assert (conv.kernel_size, conv.in_channels, conv.padding_mode) == ((3, 3), conv.groups,
+                                                                       "zeros")
+    with torch.no_grad():
+        assert cosine(model(**data[0]).logits, q(**data[0]).logits) > 0.999
