@@ -236,6 +236,17 @@ class WoqLinear(nn.Module):
         scale, zero = self._scale.float().transpose(0, 1).unbind(-1)  # (N, K/g) each
         return ((q - 8) * scale[..., None] + zero[..., None]).reshape(self.out_features, -1)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight in the compute dtype, for code that reads a layer's
+        ``.weight`` (Mamba casts its input to ``lm_head.weight.dtype``). A fresh copy each
+        time, as large as the float weight: correct, not fast."""
+        return self.dequantized().to(self.compute_dtype)
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self._b
+
     def weight_bytes(self) -> int:
         tensors = [t for t in (self._q, self._scale, self._b) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)

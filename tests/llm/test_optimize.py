@@ -182,3 +182,18 @@ def test_graph_mode_generates_like_stock(arch):
 def test_graph_mode_with_woq_is_refused():
     with pytest.raises(ConfigError, match="one or the other"):
         cpuboost.llm.optimize(tiny_model("llama"), quantization="woq_int8", graph_mode=True)
+
+
+def test_woq_int8_on_a_model_that_reads_a_projection_s_weight():
+    """Mamba casts its input to lm_head.weight.dtype before calling lm_head: woq_int8 raised
+    AttributeError."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.MambaForCausalLM(transformers.MambaConfig(
+        hidden_size=64, num_hidden_layers=2, vocab_size=500, state_size=8)).eval()
+    opt = cpuboost.llm.optimize(model, quantization="woq_int8")
+    assert isinstance(opt.lm_head, WoqLinear)
+    ids = torch.randint(5, 500, (1, 9))
+    with torch.no_grad():
+        ref, out = model(ids).logits, opt(ids).logits
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), out.flatten(), dim=0) > 0.999

@@ -132,3 +132,16 @@ def test_int8_with_float32_activations_runs_the_avx2_kernel(monkeypatch):
     elsewhere = torch.load(buf, weights_only=False)
     assert not elsewhere.on_avx2 and elsewhere._q.shape == (40, 96)
     assert sqnr(out, elsewhere(x)) > 90  # aten's kernel, same weights
+
+
+@pytest.mark.parametrize("bits, group", [(8, 0), (4, 32)])
+def test_weight_and_bias_read_as_a_linear_s(bits, group):
+    """Code that reads a layer's .weight (Mamba: lm_head.weight.dtype) gets the weight the
+    kernel multiplies by."""
+    torch.manual_seed(0)
+    m = WoqLinear.from_float(torch.randn(64, 128), torch.randn(64), bits, group, True,
+                             torch.float32 if bits == 8 else torch.bfloat16)
+    x = torch.randn(3, 128).to(m.compute_dtype)
+    assert m.weight.dtype == m.compute_dtype and m.weight.shape == (64, 128)
+    torch.testing.assert_close(torch.nn.functional.linear(x, m.weight, m.bias).float(),
+                               m(x).float(), rtol=0.05, atol=0.05)
