@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpuboost.nn._state import incoming, refuse_cast
+from cpuboost.nn.lazy import LazyWeight
 from cpuboost.nn.postops import POST_OPS, PostOpHolder
 
 _mkldnn = torch.ops.mkldnn
@@ -106,25 +107,31 @@ class _Fused(PostOpHolder, nn.Module):
 
     def raw_weight_and_bias(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The weight and bias as the original module had them (unfolded, original dtype)."""
-        w, b = self._folded_dense()
-        w = w.float()
-        b = None if b is None else b.float()
+        w = self._folded_dense()[0].float()
         if self.fold_scale is not None:
             w = w / self._channel_view(self.fold_scale)
+        return w.to(self.orig_dtype).reshape(self.orig_shape), self._raw_bias()
+
+    def _raw_bias(self) -> Optional[torch.Tensor]:
+        b = self._b
+        if b is None or not self.has_bias:
+            return None
+        b = b.float()
+        if self.fold_scale is not None:
             b = (b - self.fold_shift) / self.fold_scale
-        w = w.to(self.orig_dtype).reshape(self.orig_shape)
-        b = None if (b is None or not self.has_bias) else b.to(self.orig_dtype)
-        return w, b
+        return b.to(self.orig_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
-        """A fresh dense copy of the original weight, for code that reads ``.weight``.
+        """The original weight for code that reads ``.weight``: its dtype and shape cost
+        nothing, its values are a dense copy made when an op first reads them (nn.lazy).
         Writing to it does not change the packed weight: load a state_dict instead."""
-        return self.raw_weight_and_bias()[0]
+        return LazyWeight(self.orig_shape, self.orig_dtype,
+                          lambda: self.raw_weight_and_bias()[0])
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
-        return self.raw_weight_and_bias()[1]
+        return self._raw_bias()
 
     def weight_bytes(self) -> int:
         w, b = self._w, self._b

@@ -37,6 +37,7 @@ from torch import nn
 
 from cpuboost.kernels import gemm_ops, unpack_panels
 from cpuboost.nn._state import incoming, refuse_cast
+from cpuboost.nn.lazy import LazyWeight
 
 # Measured on AVX-512 (bf16): the int8 kernel reads garbage (or crashes) when the number of
 # input channels is not a multiple of 16; the int4 packer needs output channels in multiples
@@ -239,9 +240,10 @@ class WoqLinear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight in the compute dtype, for code that reads a layer's
-        ``.weight`` (Mamba casts its input to ``lm_head.weight.dtype``). A fresh copy each
-        time, as large as the float weight: correct, not fast."""
-        return self.dequantized().to(self.compute_dtype)
+        ``.weight`` (Mamba casts its input to ``lm_head.weight.dtype``): its dtype and shape
+        cost nothing, its values are made when an op first reads them (nn.lazy)."""
+        return LazyWeight((self.out_features, self.in_features), self.compute_dtype,
+                          lambda: self.dequantized().to(self.compute_dtype))
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
