@@ -147,7 +147,7 @@ def _run(model, steps, cfg, hw, report, flow: Optional[Dataflow]) -> nn.Module:
         t0 = time.perf_counter()
         model = step.run(model, PassContext(cfg, hw, rec, flow))
         rec.seconds = time.perf_counter() - t0
-    if keep_a_parameter(model, before):
+    if steps and keep_a_parameter(model, before):  # (rec: the last pass's record)
         rec.notes.append(ANCHOR_NOTE)
     return model
 
