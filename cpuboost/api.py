@@ -14,7 +14,7 @@ from cpuboost.checks import (as_call, bf16_weights_only, check_dtype, check_mode
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
-from cpuboost.nn.anchor import NOTE as ANCHOR_NOTE, float_parameter_kind, keep_a_parameter
+from cpuboost.nn.anchor import float_parameter_kind, keep_a_parameter
 from cpuboost.passes import (PassContext, autocast_scope, embedding_tables, fold_bn, fuse_add,
                              fuse_pointwise, prepack,
                              remove_dropout, transformer_layers, weight_bytes)
@@ -147,8 +147,8 @@ def _run(model, steps, cfg, hw, report, flow: Optional[Dataflow]) -> nn.Module:
         t0 = time.perf_counter()
         model = step.run(model, PassContext(cfg, hw, rec, flow))
         rec.seconds = time.perf_counter() - t0
-    if steps and keep_a_parameter(model, before):  # (rec: the last pass's record)
-        rec.notes.append(ANCHOR_NOTE)
+    if steps:
+        keep_a_parameter(model, before, rec)
     return model
 
 

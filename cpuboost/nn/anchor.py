@@ -36,15 +36,16 @@ def float_parameter_kind(model: nn.Module) -> Optional[tuple[torch.dtype, torch.
     return None if p is None else (p.dtype, p.device)
 
 
-def keep_a_parameter(model: nn.Module, kind: Optional[tuple[torch.dtype, torch.device]]) -> bool:
+def keep_a_parameter(model: nn.Module, kind: Optional[tuple[torch.dtype, torch.device]],
+                     rec) -> None:
     """Give ``model`` an anchor if it had a floating-point parameter (of ``kind``) and has none
-    now; True if it did."""
+    now, and say so in ``rec`` (the report's record of the pass that ran last)."""
     if kind is None or float_parameter_kind(model) is not None:
-        return False
+        return
     dtype, device = kind
     # on the root itself, not a child module: a Sequential root would call a child
     model.register_parameter(NAME, nn.Parameter(torch.empty(0, dtype=dtype, device=device),
                                                 requires_grad=False))
     model.register_state_dict_post_hook(_drop_from_state_dict)
     model.register_load_state_dict_post_hook(_not_missing)
-    return True
+    rec.notes.append(NOTE)

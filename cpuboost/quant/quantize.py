@@ -16,7 +16,7 @@ from cpuboost.checks import check_model, run_sample
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import CalibrationError, ConfigError, UnsupportedRequestError
 from cpuboost.hw import CpuFeatures, detect
-from cpuboost.nn.anchor import NOTE as ANCHOR_NOTE, float_parameter_kind, keep_a_parameter
+from cpuboost.nn.anchor import float_parameter_kind, keep_a_parameter
 from cpuboost.nn.int8 import _Int8, affine_qparams
 from cpuboost.passes import (PassContext, fold_bn, fuse_pointwise, replace_module,
                              transformer_layers, weight_bytes)
@@ -156,8 +156,7 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
     if p.flow is not None and not p.cfg.dynamic:
         _timed(p.report, "int8_hand_off", lambda r: hand_off(work, p.flow, r))
         _timed(p.report, "int8_shared_inputs", lambda r: share_inputs(work, p.flow, r))
-    if keep_a_parameter(work, p.parameters):
-        p.rec.notes.append(ANCHOR_NOTE)
+    keep_a_parameter(work, p.parameters, p.rec)
     if graph_mode:
         _compile(work, p.hw, p.report, p.flow, p.cfg.dynamic)
     if p.first is not None:
