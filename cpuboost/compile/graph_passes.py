@@ -96,7 +96,7 @@ _VIEWS = (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default,
           torch.ops.aten.reshape.default)
 
 
-# single-node activations -> cpuboost::linear's activation code (cpuboost.nn.fused._AVX2_ACTS)
+# single-node activations -> cpuboost::linear's activation code (cpuboost.kernels.AVX2_ACTS)
 _ONE_NODE_ACTS = {torch.ops.aten.relu.default: 1, torch.ops.aten.tanh.default: 4,
                   torch.ops.aten.sigmoid.default: 5}
 

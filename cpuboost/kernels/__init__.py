@@ -4,8 +4,10 @@
 its header), loaded as the op ``cpuboost::attention``. ``gemm_avx2.cpp``: fp32 linear layers on
 CPUs with AVX2 and FMA but no AVX-512 (``cpuboost::linear`` on float32 or bf16 weights packed by
 ``cpuboost::pack_linear_weight``; ``cpuboost::linear_scaled`` on int8 ones with per-feature
-scales). Each is built on first use with the C++ compiler Inductor
-uses anyway (``$CXX`` or ``c++``) against the installed torch, cached under
+scales). ``gemm_u8s8_avx2.cpp``: int8 x int8 linear layers for the same CPUs
+(``cpuboost::linear_u8s8`` on weights packed by ``cpuboost::pack_u8s8_weight``) and
+``cpuboost::quantize_u8``, float32 to uint8 in one pass. Each is built on first use with the
+C++ compiler Inductor uses anyway (``$CXX`` or ``c++``) against the installed torch, cached under
 ``~/.cache/cpuboost/kernels`` (``$CPUBOOST_CACHE``) by a hash of the source, torch's version and
 the flags. No build at install time, so the install never needs torch's headers or a build
 backend that could pull another torch. Where a kernel cannot run (the CPU lacks its
@@ -27,9 +29,13 @@ import torch
 _SOURCE = Path(__file__).with_name("attention.cpp")
 _COMMON = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-w"]
 _FLAGS = _COMMON + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
-_GEMM_SOURCE = Path(__file__).with_name("gemm_avx2.cpp")
+_GEMM_SOURCES = [Path(__file__).with_name(n) for n in ("gemm_avx2.cpp", "gemm_u8s8_avx2.cpp")]
 _GEMM_FLAGS = _COMMON + ["-mavx2", "-mfma"]
 _why: list[str] = []
+# post-op name -> activation code of cpuboost::linear and linear_u8s8 (applied in registers;
+# act_avx2.h)
+AVX2_ACTS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "tanh": 4, "sigmoid": 5, "silu": 6,
+             "hardswish": 7}
 _gemm_why: list[str] = []
 
 
@@ -69,7 +75,7 @@ def gemm_ops() -> bool:
         _gemm_why.append("the CPU has no AVX2+FMA")
     elif "avx512" in flags:
         _gemm_why.append("the CPU has AVX-512, where oneDNN's kernels are used")
-    if _gemm_why or not _load(_GEMM_SOURCE, _GEMM_FLAGS, _gemm_why):
+    if _gemm_why or not all(_load(s, _GEMM_FLAGS, _gemm_why) for s in _GEMM_SOURCES):
         return False
     _register_gemm_fakes()
     return True
@@ -78,6 +84,13 @@ def gemm_ops() -> bool:
 # bf16 panels hold output feature j (< 8) in slot 2j and j + 8 in slot 2j + 1 of each K step
 # (gemm_avx2.cpp, load_weights): this indexes the slots in feature order
 _BF16_SLOTS = [2 * j for j in range(8)] + [2 * j + 1 for j in range(8)]
+
+
+def unpack_u8s8(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """The [out_features, in_features] int8 weight ``cpuboost::pack_u8s8_weight`` packed into
+    ``packed`` ([ceil(N/16), ceil(K/4), 16, 4])."""
+    p, g = packed.shape[:2]
+    return packed.transpose(1, 2).reshape(p * 16, g * 4)[:out_features, :in_features].contiguous()
 
 
 def unpack_panels(packed: torch.Tensor, out_features: int) -> torch.Tensor:
@@ -142,3 +155,18 @@ def _register_gemm_fakes() -> None:
     @torch.library.register_fake("cpuboost::linear_scaled")
     def _(x, packed, scale, bias, out_features, act):
         return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("cpuboost::pack_u8s8_weight")
+    def _(weight):
+        n, k = weight.shape
+        return weight.new_empty(((n + 15) // 16, (k + 3) // 4, 16, 4))
+
+    @torch.library.register_fake("cpuboost::quantize_u8")
+    def _(x, scale, zp, qmax):
+        return torch.empty_like(x, dtype=torch.uint8)
+
+    @torch.library.register_fake("cpuboost::linear_u8s8")
+    def _(x, packed, w_scale, colsum, bias, out_features, act, x_scale, x_zp, qmax, out_scale,
+          out_zp):
+        dtype = torch.uint8 if out_scale > 0 else torch.float32
+        return x.new_empty((*x.shape[:-1], out_features), dtype=dtype)

@@ -1,6 +1,6 @@
 // 2^f for f in [-0.5, 0.5] by its Taylor series to degree 6 (relative error < 2e-7), highest
 // coefficient first, for Horner's rule: the fraction part of the kernels' e^x = 2^(x log2 e).
-// Shared by attention.cpp (AVX-512) and gemm_avx2.cpp (AVX2).
+// Shared by attention.cpp (AVX-512) and act_avx2.h (AVX2).
 #pragma once
 
 constexpr float kExp2Poly[] = {1.5403530393381606e-4f, 1.3333558146428443e-3f,

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpuboost.kernels import AVX2_ACTS
 from cpuboost.nn._state import incoming, refuse_cast
 from cpuboost.nn.lazy import LazyWeight
 from cpuboost.nn.postops import POST_OPS, PostOpHolder
@@ -28,11 +29,6 @@ def _autocast_dtype() -> Optional[torch.dtype]:
     if torch.is_autocast_enabled("cpu"):
         return torch.get_autocast_dtype("cpu")
     return None
-
-
-# post-op name -> activation code of cpuboost::linear (the AVX2 kernel applies these in registers)
-_AVX2_ACTS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "tanh": 4, "sigmoid": 5, "silu": 6,
-              "hardswish": 7}
 
 
 def _check_backend(backend: str, dtype: torch.dtype) -> None:
@@ -272,7 +268,7 @@ class FusedLinear(_Fused):
 
     def accepts(self, op) -> bool:
         """Whether this module's kernel can apply the post-op ``op`` itself."""
-        return self.backend != "avx2" or op.name in _AVX2_ACTS
+        return self.backend != "avx2" or op.name in AVX2_ACTS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.compute_dtype:
@@ -280,7 +276,7 @@ class FusedLinear(_Fused):
         if self.backend == "onednn":
             y = _linear_pointwise(x, self._w, self._b, self._attr, self._scalars, self._algo)
         elif self.backend == "avx2":
-            act = _AVX2_ACTS.get(self.post_op_name)
+            act = AVX2_ACTS.get(self.post_op_name)
             y = torch.ops.cpuboost.linear.default(x, self._w, self._b, self.out_features, act or 0)
             if act is None:  # a post-op the kernel has not (never set by the passes: accepts())
                 y = self.post_op.reference(y)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cpuboost.kernels import AVX2_ACTS, unpack_u8s8
 from cpuboost.nn._state import refuse_int8_load
 from cpuboost.nn.postops import POST_OPS, PostOp, PostOpHolder
 
@@ -48,6 +49,15 @@ def pairs_saturate() -> bool:
     """Whether this CPU's int8 kernels add neighbouring u8 x s8 products in int16 (see
     ``CpuFeatures.int8_pairs_saturate``): then weights are quantized pair-bounded."""
     return _detect().int8_pairs_saturate
+
+
+def avx2_kernels() -> bool:
+    """Whether int8 linears (and the quantization of inputs) run cpuboost's AVX2 kernels
+    (``kernels/gemm_u8s8_avx2.cpp``): x86 CPUs with AVX2 but neither AVX-512 nor any VNNI, where
+    oneDNN's int8 inner product ran BERT-base's linears at 200-220 GOP/s and the kernel at
+    230-270 (2-2.5x at 17-45 rows). It relies on the pair-bounded weights such CPUs get."""
+    from cpuboost.kernels import gemm_ops
+    return pairs_saturate() and gemm_ops()
 
 
 def pair_extent(w: torch.Tensor) -> torch.Tensor:
@@ -234,6 +244,7 @@ class _Int8(PostOpHolder, nn.Module):
         self.residual_grid: Optional[tuple[float, int]] = None
         self.post_op = post_op
         self.training = False
+        self._avx2 = avx2_kernels()
         return qw
 
     def describe(self) -> dict:
@@ -294,7 +305,10 @@ class _Int8(PostOpHolder, nn.Module):
         return dynamic_qparams(x, self.qmax) if self.dynamic else (self.x_scale, self.x_zp)
 
     def _quantize(self, x: torch.Tensor, scale: float, zp: int, inv=None) -> torch.Tensor:
-        # The formula of quantized_decomposed.quantize_per_tensor, in place to save passes.
+        # The formula of quantized_decomposed.quantize_per_tensor, in place to save passes; one
+        # pass in cpuboost's kernel where it runs (same rounding, same float products).
+        if inv is None and x.dtype == torch.float32 and self._avx2:
+            return torch.ops.cpuboost.quantize_u8(x, scale, zp, self.qmax)
         inv = 1.0 / scale if inv is None else inv
         q = x.float().mul(inv) if x.dtype != torch.float32 else x.mul(inv)
         return q.round_().add_(zp).clamp_(0, self.qmax).to(torch.uint8)
@@ -379,6 +393,7 @@ class _Int8(PostOpHolder, nn.Module):
         held = state.get("_w")
         state.setdefault("shared_input", None)  # pickled by a cpuboost without it
         super().__setstate__(state)
+        self._avx2 = avx2_kernels()  # this CPU's kernels, not those of the pickling one
         if isinstance(held, tuple) and held[0] == "__plain__":
             self._w = self._pack(held[1])
 
@@ -433,20 +448,46 @@ class Int8Linear(_Int8):
                                                smooth))
 
     def _pack(self, qw: torch.Tensor) -> torch.Tensor:
+        if self._avx2:  # int32 column sums: the kernel takes the input's zero point out with them
+            self._colsum = qw.sum(1, dtype=torch.int32)
+            return torch.ops.cpuboost.pack_u8s8_weight(qw)
         return _onednn.qlinear_prepack(qw, None)
 
     def _unpacked(self) -> torch.Tensor:
-        return self._w.to_dense().t().contiguous()  # packed is (in, out)
+        if self._w.dim() == 4:
+            return unpack_u8s8(self._w, self.out_features, self.in_features)
+        return self._w.to_dense().t().contiguous()  # oneDNN's packed is (in, out)
+
+    @property
+    def packed(self) -> bool:
+        return self._w.is_mkldnn or self._w.dim() == 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed or torch.compiler.is_compiling():
             return self.reference_forward(x)
-        shape = x.shape
-        qx, scale, zp = self._kernel_input(x.reshape(-1, self.in_features), x)  # (M, K)
-        out_scale, out_zp, out_dtype = self._kernel_output(x)
-        y = _qlinear(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, out_scale,
-                     out_zp, out_dtype, self._attr, self._scalars, self._algo)
+        shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (M, K)
+        if self._w.dim() == 4:
+            y = self._avx2_forward(x2, x)
+        else:
+            qx, scale, zp = self._kernel_input(x2, x)
+            out_scale, out_zp, out_dtype = self._kernel_output(x)
+            y = _qlinear(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, out_scale,
+                         out_zp, out_dtype, self._attr, self._scalars, self._algo)
         return y.reshape(*shape[:-1], self.out_features)
+
+    def _avx2_forward(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """cpuboost::linear_u8s8: a float input without smoothing or siblings to share with is
+        quantized inside the kernel (its range measured there when dynamic)."""
+        if x2.dtype == torch.uint8 or self.smooth is not None or self.shared_input is not None:
+            qx, scale, zp = self._kernel_input(x2, x)
+        else:
+            qx = x2.float()
+            scale, zp = (0.0, 0) if self.dynamic else (self.x_scale, self.x_zp)
+        out_scale, out_zp = (0.0, 0) if self.out_q is None else self.out_q
+        y = torch.ops.cpuboost.linear_u8s8(qx, self._w, self.w_scale, self._colsum, self.bias,
+                                           self.out_features, AVX2_ACTS[self.post_op_name],
+                                           scale, zp, self.qmax, out_scale, out_zp)
+        return y.to(torch.bfloat16) if x.dtype == torch.bfloat16 and self.out_q is None else y
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(self._qdq_input(x), self._dequantized_weight(), self.bias)

@@ -16,9 +16,9 @@ import cpuboost
 from cpuboost.checks import bf16_weights_only
 from cpuboost.errors import UnsupportedRequestError
 from cpuboost.hw import detect
-from cpuboost.kernels import gemm_ops, gemm_unavailable
+from cpuboost.kernels import AVX2_ACTS, gemm_ops, gemm_unavailable
 from cpuboost.nn import POST_OPS, FusedLinear, set_backend
-from cpuboost.nn.fused import _AVX2_ACTS, FusedConv
+from cpuboost.nn.fused import FusedConv
 from tests.conftest import rel_err
 
 needs_kernel = pytest.mark.skipif(not gemm_ops(), reason=f"kernel unavailable: {gemm_unavailable()}")
@@ -62,12 +62,12 @@ def test_bf16_panels_match_float64_on_the_rounded_weight(m, k, n):
 
 
 @needs_kernel
-@pytest.mark.parametrize("act", list(_AVX2_ACTS))
+@pytest.mark.parametrize("act", list(AVX2_ACTS))
 def test_bf16_panels_apply_every_activation(act):
     x, w, b = _case(37, 50, 70)
     b = b * 6
     out = torch.ops.cpuboost.linear(x, torch.ops.cpuboost.pack_linear_weight(w.to(BF16)), b, 70,
-                                    _AVX2_ACTS[act])
+                                    AVX2_ACTS[act])
     ref = POST_OPS[act].reference(F.linear(x.double(), w.to(BF16).double(), b.double()))
     assert (out.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import cpuboost
-from cpuboost.kernels import gemm_ops, gemm_unavailable
+from cpuboost.kernels import AVX2_ACTS, gemm_ops, gemm_unavailable
 from cpuboost.nn import POST_OPS, FusedLinear, set_backend
-from cpuboost.nn.fused import _AVX2_ACTS
 from tests.conftest import rel_err
 
 needs_kernel = pytest.mark.skipif(not gemm_ops(), reason=f"kernel unavailable: {gemm_unavailable()}")
@@ -60,14 +59,14 @@ def test_a_strided_bias_or_one_ending_at_the_last_output_is_read_right(n):
 
 
 @needs_kernel
-@pytest.mark.parametrize("act", list(_AVX2_ACTS))
+@pytest.mark.parametrize("act", list(AVX2_ACTS))
 def test_activations_match_torch(act):
     """Every post-op torch.nn names, applied in registers, over outputs spread across
     [-12, 12] (where the erf/tanh/exp approximations differ most) and beyond."""
     x, w, b = _case(37, 50, 70)
     b = b * 6  # a wide spread of pre-activations, some beyond +-12
     out = torch.ops.cpuboost.linear(x, torch.ops.cpuboost.pack_linear_weight(w), b, 70,
-                                    _AVX2_ACTS[act])
+                                    AVX2_ACTS[act])
     ref = _ref(x, w, b, act)
     assert (out.double() - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
 
@@ -140,7 +139,7 @@ def test_int8_panels_scaled_per_feature_match_float64(m, k, n, act):
     scale = torch.rand(n, generator=g) * 0.02 + 1e-3
     b = torch.randn(n, generator=g)
     out = torch.ops.cpuboost.linear_scaled(x, torch.ops.cpuboost.pack_linear_weight(q), scale,
-                                           b, n, _AVX2_ACTS[act])
+                                           b, n, AVX2_ACTS[act])
     ref = _ref(x, q.double() * scale.double()[:, None], b, act)
     assert out.shape == (m, n) and rel_err(ref, out) <= TOL
 

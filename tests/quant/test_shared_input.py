@@ -68,7 +68,8 @@ def test_siblings_quantize_their_input_once_with_the_same_result(monkeypatch):
         calls = _count_quantizes(q, monkeypatch)
         out = q(x)
     assert torch.equal(out, ref)
-    assert len(calls) == 2  # q (for k and v too) and out; 4 without sharing
+    # q quantizes for k and v too (3 calls without sharing); out, where oneDNN runs it, too
+    assert [c for c in calls if c is not q.out] == [q.q]
     assert q.q.shared_input._last is None  # let go once k and v read it
 
 
@@ -82,11 +83,13 @@ def test_an_input_changed_in_place_or_under_inference_mode_is_quantized_again(mo
         ref = _unshared(q)(x.clone())
         calls = _count_quantizes(q, monkeypatch)
         assert torch.equal(q(x.clone()), ref)  # k sees the rows flipped, not q's uint8 of x
-        assert len(calls) == 3  # q, then k again (the version moved), v shares k's, out
+        # q, then k again (the version moved), v shares k's (out: as in the test above)
+        assert [c for c in calls if c is not q.out] == [q.q, q.k]
     calls.clear()
     with torch.inference_mode():
         assert torch.equal(q(x.clone()), ref)
-    assert len(calls) == 4  # inference tensors have no version counter: no sharing
+    # inference tensors have no version counter: no sharing
+    assert [c for c in calls if c is not q.out] == [q.q, q.k, q.v]
 
 
 def test_sharing_survives_save_load_and_a_tampered_group_is_refused(tmp_path):
