@@ -1,4 +1,6 @@
-"""Linear and Conv modules computing in int8 through torch's oneDNN kernels.
+"""Linear and Conv modules computing in int8 through torch's oneDNN kernels, or on x86 CPUs
+without VNNI or AVX-512 through cpuboost's own int8 GEMM (``nn/int8_gemm.py``: linears and 1x1
+convs).
 
 An activation is quantized per tensor to uint8 (``q = clamp(round(x / s) + z, 0, qmax)``); a
 weight is quantized symmetrically to int8, one scale per output channel (a per-tensor weight
@@ -21,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cpuboost.kernels import AVX2_ACTS, unpack_u8s8
 from cpuboost.nn._state import refuse_int8_load
+from cpuboost.nn.int8_gemm import U8S8Gemm
 from cpuboost.nn.postops import POST_OPS, PostOp, PostOpHolder
 
 _qd = torch.ops.quantized_decomposed
@@ -199,7 +201,7 @@ def share_input(layers: list, group: int) -> None:
         layer.shared_input = shared
 
 
-class _Int8(PostOpHolder, nn.Module):
+class _Int8(U8S8Gemm, PostOpHolder, nn.Module):
     """Shared state: the int8 weight (packed or plain), scales, bias, activation qparams."""
 
     def _init_common(self, weight, bias, act: Optional[tuple[float, int]], qmax: int,
@@ -266,7 +268,7 @@ class _Int8(PostOpHolder, nn.Module):
 
     @property
     def packed(self) -> bool:
-        return self._w.is_mkldnn
+        return self._w.is_mkldnn or self._u8s8
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -284,7 +286,7 @@ class _Int8(PostOpHolder, nn.Module):
         """Hold the weight plain, so a compiler can trace the module (it cannot see into a
         packed tensor); freezing packs it again as a constant of the graph."""
         if self.packed:
-            self._w = self._unpacked()
+            self._w, self._u8s8 = self._unpacked(), False
 
     def for_eager(self) -> None:
         if not self.packed:
@@ -448,46 +450,28 @@ class Int8Linear(_Int8):
                                                smooth))
 
     def _pack(self, qw: torch.Tensor) -> torch.Tensor:
-        if self._avx2:  # int32 column sums: the kernel takes the input's zero point out with them
-            self._colsum = qw.sum(1, dtype=torch.int32)
-            return torch.ops.cpuboost.pack_u8s8_weight(qw)
+        if self._avx2:
+            return self._pack_u8s8(qw)
+        self._u8s8 = False
         return _onednn.qlinear_prepack(qw, None)
 
     def _unpacked(self) -> torch.Tensor:
-        if self._w.dim() == 4:
-            return unpack_u8s8(self._w, self.out_features, self.in_features)
+        if self._u8s8:
+            return self._unpack_u8s8()
         return self._w.to_dense().t().contiguous()  # oneDNN's packed is (in, out)
-
-    @property
-    def packed(self) -> bool:
-        return self._w.is_mkldnn or self._w.dim() == 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed or torch.compiler.is_compiling():
             return self.reference_forward(x)
         shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (M, K)
-        if self._w.dim() == 4:
-            y = self._avx2_forward(x2, x)
+        if self._u8s8:
+            y = self._u8s8_forward(x2, x)
         else:
             qx, scale, zp = self._kernel_input(x2, x)
             out_scale, out_zp, out_dtype = self._kernel_output(x)
             y = _qlinear(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, out_scale,
                          out_zp, out_dtype, self._attr, self._scalars, self._algo)
         return y.reshape(*shape[:-1], self.out_features)
-
-    def _avx2_forward(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """cpuboost::linear_u8s8: a float input without smoothing or siblings to share with is
-        quantized inside the kernel (its range measured there when dynamic)."""
-        if x2.dtype == torch.uint8 or self.smooth is not None or self.shared_input is not None:
-            qx, scale, zp = self._kernel_input(x2, x)
-        else:
-            qx = x2.float()
-            scale, zp = (0.0, 0) if self.dynamic else (self.x_scale, self.x_zp)
-        out_scale, out_zp = (0.0, 0) if self.out_q is None else self.out_q
-        y = torch.ops.cpuboost.linear_u8s8(qx, self._w, self.w_scale, self._colsum, self.bias,
-                                           self.out_features, AVX2_ACTS[self.post_op_name],
-                                           scale, zp, self.qmax, out_scale, out_zp)
-        return y.to(torch.bfloat16) if x.dtype == torch.bfloat16 and self.out_q is None else y
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(self._qdq_input(x), self._dequantized_weight(), self.bias)
@@ -502,7 +486,10 @@ class Int8Linear(_Int8):
 
 class Int8Conv(_Int8):
     """Conv1d/2d/3d with a static per-tensor input scale. Conv1d runs as a 2-D conv of height
-    1; 2-D/3-D inputs are made channels-last (oneDNN's int8 layout)."""
+    1; 2-D/3-D inputs are made channels-last (oneDNN's int8 layout). A 1x1 Conv2d at stride 1
+    without padding or groups is a matrix product: on cpuboost's GEMM where it runs."""
+
+    _matmul = False  # set per instance; pickles of older versions lack it
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  act: tuple[float, int], stride, padding, dilation, groups: int,
@@ -537,16 +524,24 @@ class Int8Conv(_Int8):
         if input_shape is not None and self.nd == 1:
             input_shape = (input_shape[0], input_shape[1], 1, input_shape[2])
         self.pack_shape = None if input_shape is None else list(input_shape)
+        # a matrix product over channels of the channels-last input: cpuboost's GEMM can run it
+        self._matmul = (self.nd == 2 and self.kernel_size == (1, 1) and not any(self.padding)
+                        and all(v == 1 for v in stride) and groups == 1)
         qw = self._init_common(weight, bias, act, qmax, per_channel, post_op)
         self._w = self._pack(qw)
 
     def _pack(self, qw: torch.Tensor) -> torch.Tensor:
+        if self._avx2 and self._matmul:
+            return self._pack_u8s8(qw.flatten(1))
+        self._u8s8 = False
         if self.nd == 1:
             qw = qw.unsqueeze(2)  # (O, I, K) -> (O, I, 1, K)
         return _onednn.qconv_prepack(qw, self.w_scale, self.x_scale, self.x_zp, self._stride,
                                      self._padding, self._dilation, self.groups, self.pack_shape)
 
     def _unpacked(self) -> torch.Tensor:
+        if self._u8s8:
+            return self._unpack_u8s8()[:, :, None, None]
         w = self._w.to_dense()
         return w.squeeze(2).contiguous() if self.nd == 1 else w.contiguous()
 
@@ -564,6 +559,11 @@ class Int8Conv(_Int8):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed or torch.compiler.is_compiling():
             return self.reference_forward(x)
+        if self._u8s8:  # [N*H*W, C] @ W^T, channels-last in and out
+            x = self._subsampled(x)
+            n, _, h, w = x.shape
+            y = self._u8s8_forward(x.permute(0, 2, 3, 1).reshape(-1, self.in_channels), x)
+            return y.view(n, h, w, -1).permute(0, 3, 1, 2)
         qx, scale, zp = self._kernel_input(self._layout(self._subsampled(x)))
         out_scale, out_zp, out_dtype = self._kernel_output(x)
         y = _qconv(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, self._stride,

@@ -8,7 +8,7 @@ import torch
 
 from cpuboost.kernels import AVX2_ACTS, gemm_unavailable, unpack_u8s8
 from cpuboost.nn import POST_OPS
-from cpuboost.nn.int8 import Int8Linear, avx2_kernels, dynamic_qparams, quantize_weight
+from cpuboost.nn.int8 import Int8Conv, Int8Linear, avx2_kernels, dynamic_qparams, quantize_weight
 from tests.conftest import rel_err
 
 needs_kernel = pytest.mark.skipif(not avx2_kernels(), reason="the int8 AVX2 kernel runs only on "
@@ -210,3 +210,33 @@ def test_handing_uint8_to_the_next_layer_matches_the_float_route():
         assert handed.dtype == torch.uint8
         assert torch.equal(handed, _quantize_ref(between, 0.05, 100))
         assert torch.equal(second(handed), floats)
+
+
+@needs_kernel
+@pytest.mark.parametrize("stride", [1, 2])
+def test_1x1_int8_conv_is_a_matrix_product_on_the_kernel(stride):
+    """A 1x1 Conv2d (a strided one subsamples first on these CPUs) holds only the kernel's
+    packing, reads NCHW or channels-last float or uint8 input, writes channels-last, and matches
+    its plain-PyTorch oracle; a 3x3 conv stays on oneDNN."""
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(24, 20, 1, 1, generator=g) / 4, torch.randn(24, generator=g)
+    conv = Int8Conv(w, b, (0.03, 100), (stride, stride), (0, 0), (1, 1), 1,
+                    post_op=POST_OPS["relu"])
+    assert conv.packed and conv._u8s8 and torch.equal(conv.qweight, quantize_weight(w)[0])
+    x = torch.randn(2, 20, 9, 7, generator=g)
+    with torch.no_grad():
+        y = conv(x)
+        ref = conv.reference_forward(x)
+        assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+        assert (y - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+        assert torch.equal(conv(x.contiguous(memory_format=torch.channels_last)), y)
+        qx = _quantize_ref(x, 0.03, 100)
+        assert torch.equal(conv(qx), y)  # uint8 handed over by a previous layer
+        assert torch.equal(_pickled(conv)(x), y)
+        conv.for_compile()
+        assert not conv.packed and conv.qweight.shape == (24, 20, 1, 1)
+        conv.for_eager()
+        assert conv._u8s8 and torch.equal(conv(x), y)
+    wide = Int8Conv(torch.randn(8, 20, 3, 3, generator=g), None, (0.03, 100), (1, 1), (1, 1),
+                    (1, 1), 1)
+    assert wide.packed and not wide._u8s8
