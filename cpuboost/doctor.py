@@ -103,6 +103,10 @@ def _feature_table(f: CpuFeatures, t: TorchInfo, cores: int) -> list[dict]:
         row("int8 static/dynamic (cpuboost.quantize)", FAST, "AMX-INT8 tiles")
     elif vnni:
         row("int8 static/dynamic (cpuboost.quantize)", FAST, "VNNI int8 dot products")
+    elif own_gemm and t.compiler:
+        row("int8 static/dynamic (cpuboost.quantize)", FAST, "no VNNI: linears and 1x1 convs "
+            "on cpuboost's AVX2 int8 kernel (16-bit multiplies, ~2x fp32's throughput), other "
+            "convs on oneDNN's; weights pair-bounded so no int16 sum saturates")
     else:
         row("int8 static/dynamic (cpuboost.quantize)", SLOW if simd else UNAVAILABLE,
             "no VNNI: int8 math through 16-bit multiplies (still smaller than fp32)")

@@ -16,6 +16,7 @@ import functools
 import hashlib
 import math
 import operator
+from pathlib import Path
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
@@ -26,8 +27,9 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
 
 def _int8(graph: torch.fx.Graph) -> bool:
+    """Inductor's int8 forms, or cpuboost's int8 linear kernel (graph mode on AVX2 CPUs)."""
     return any(n.op == "call_function" and str(n.target).startswith(
-        ("quantized_decomposed.", "onednn.q")) for n in graph.nodes)
+        ("quantized_decomposed.", "onednn.q", "cpuboost.linear_u8s8")) for n in graph.nodes)
 
 
 def _rewritable(node: torch.fx.Node, int8: bool) -> bool:
@@ -87,5 +89,6 @@ class FastAttention(CustomGraphPass):
 @functools.cache
 def _source_key() -> str:  # read once: uuid() is asked at every compile's cache lookup
     headers = sorted(_SOURCE.parent.glob("*.h"))  # included by the source
-    text = _SOURCE.read_bytes() + b"".join(h.read_bytes() for h in headers)
+    # this pass's own code too: a cached graph must not outlive a change to what it rewrites
+    text = b"".join(f.read_bytes() for f in [_SOURCE, Path(__file__), *headers])
     return "cpuboost-attention-" + hashlib.sha256(text).hexdigest()[:12]

@@ -461,7 +461,9 @@ class Int8Linear(_Int8):
         return self._w.to_dense().t().contiguous()  # oneDNN's packed is (in, out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed or torch.compiler.is_compiling():
+        # compiled: the quantize/dequantize form Inductor turns into oneDNN's int8 kernel, or
+        # cpuboost's kernel as an opaque op where the weight is held for it (graph mode on AVX2)
+        if not self.packed or (torch.compiler.is_compiling() and not self._u8s8):
             return self.reference_forward(x)
         shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (M, K)
         if self._u8s8:

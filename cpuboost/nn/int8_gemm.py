@@ -32,11 +32,15 @@ class U8S8Gemm:
     def _u8s8_forward(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[M, in] -> [M, out]. A float input without smoothing or siblings to share it with is
         quantized inside the kernel (its range measured there when the layer is dynamic); the
-        output is uint8 for the next int8 layer, else float32 (bf16 for a bf16 input)."""
-        if x2.dtype == torch.uint8 or self.smooth is not None or self.shared_input is not None:
+        output is uint8 for the next int8 layer, else float32 (bf16 for a bf16 input). Traced by
+        torch.compile as one opaque op: then a smoothed input is divided here and quantized in
+        the kernel, and siblings do not share (their run-time check is Python state)."""
+        eager = not torch.compiler.is_compiling()
+        if x2.dtype == torch.uint8 or (eager and (self.smooth is not None
+                                                 or self.shared_input is not None)):
             qx, scale, zp = self._kernel_input(x2, x)
         else:
-            qx = x2.float()
+            qx = x2.float() if self.smooth is None else x2.float() * self._inv_smooth
             scale, zp = (0.0, 0) if self.dynamic else (self.x_scale, self.x_zp)
         out_scale, out_zp = (0.0, 0) if self.out_q is None else self.out_q
         y = torch.ops.cpuboost.linear_u8s8(qx, self._w, self.w_scale, self._colsum, self.bias,

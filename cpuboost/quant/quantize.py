@@ -17,7 +17,7 @@ from cpuboost.config import OptimizeConfig
 from cpuboost.errors import CalibrationError, ConfigError, UnsupportedRequestError
 from cpuboost.hw import CpuFeatures, detect
 from cpuboost.nn.anchor import float_parameter_kind, keep_a_parameter
-from cpuboost.nn.int8 import _Int8, affine_qparams
+from cpuboost.nn.int8 import Int8Linear, _Int8, affine_qparams
 from cpuboost.passes import (PassContext, fold_bn, fuse_pointwise, replace_module,
                              transformer_layers, weight_bytes)
 from cpuboost.passes._dataflow import Dataflow, record
@@ -375,9 +375,16 @@ def _compile(model: nn.Module, hw: CpuFeatures, report: OptimizationReport,
     if not dynamic:
         _timed(report, "quantize_shared_outputs",
                lambda r: quantize_shared_outputs(model, flow, r))
+    kept = 0
     for m in model.modules():
-        if isinstance(m, _Int8):
+        if isinstance(m, Int8Linear) and m._u8s8:
+            kept += 1  # an opaque op in the graph: cpuboost's kernel beats oneDNN's here
+        elif isinstance(m, _Int8):
             m.for_compile()
+    if kept:
+        report.record("int8_linears_on_cpuboost_kernel").apply(
+            f"{kept} int8 linears stay on cpuboost's AVX2 int8 kernel inside the compiled graph "
+            "(faster than the oneDNN int8 kernel Inductor would use on a CPU without VNNI)")
     _timed(report, "graph_mode", lambda rec: graph_mode(
         model, PassContext(OptimizeConfig(graph_mode=True), hw, rec)))
 

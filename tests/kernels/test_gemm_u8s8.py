@@ -240,3 +240,37 @@ def test_1x1_int8_conv_is_a_matrix_product_on_the_kernel(stride):
     wide = Int8Conv(torch.randn(8, 20, 3, 3, generator=g), None, (0.03, 100), (1, 1), (1, 1),
                     (1, 1), 1)
     assert wide.packed and not wide._u8s8
+
+
+class _Block(torch.nn.Module):
+    """Linear -> GELU -> Linear, plus a residual: a transformer MLP."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(32, 96), torch.nn.Linear(96, 32)
+        self.act = torch.nn.GELU()
+
+    def forward(self, x):
+        return x + self.down(self.act(self.up(x)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_graph_mode_keeps_int8_linears_on_the_kernel(dynamic):
+    """Compiled, the int8 linears stay packed for cpuboost's kernel (an opaque op in the graph,
+    not Inductor's oneDNN int8 kernel), the report says so, and the outputs are eager int8's."""
+    import cpuboost
+    from cpuboost.verify import sqnr_db
+    torch.manual_seed(0)
+    model = _Block().eval()
+    calib = [torch.randn(2, 10, 32) for _ in range(3)]
+    config = cpuboost.DynamicInt8Config() if dynamic else None
+    kw = dict(config=config, example_inputs=calib[0]) if dynamic else {}
+    eager = cpuboost.quantize(model, None if dynamic else calib, **kw)
+    compiled = cpuboost.quantize(model, None if dynamic else calib, graph_mode=True, **kw)
+    assert compiled.up._u8s8 and compiled.down._u8s8 and compiled.up.packed
+    note = cpuboost.report_of(compiled).applied("int8_linears_on_cpuboost_kernel")
+    assert note and note[0].startswith("2 int8 linears stay on cpuboost's AVX2 int8 kernel")
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        assert sqnr_db(eager(x), compiled(x)) > 60
