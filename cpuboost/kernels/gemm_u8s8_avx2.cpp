@@ -176,7 +176,7 @@ void run(const uint8_t* a, int64_t lda, const int8_t* w, const Epilogue& e, void
   const int64_t nchunks = mblocks >= threads ? 1 : std::min(P, (threads + mblocks - 1) / mblocks);
   const int64_t per_chunk = (P + nchunks - 1) / nchunks, GC = KC / KG;
   at::parallel_for(0, mblocks * nchunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t, std::allocator<int32_t>> buf(rows * NR + 8);
+    std::vector<int32_t> buf(rows * NR + 8);  // the tile rows' int32 sums, 32-byte aligned
     int32_t* acc = reinterpret_cast<int32_t*>(round_up(reinterpret_cast<intptr_t>(buf.data()), 32));
     for (int64_t u = begin; u < end; ++u) {
       const int64_t m0 = (u / nchunks) * rows, m1 = std::min(M, m0 + rows);

@@ -34,7 +34,9 @@ class U8S8Gemm:
         quantized inside the kernel (its range measured there when the layer is dynamic); the
         output is uint8 for the next int8 layer, else float32 (bf16 for a bf16 input). Traced by
         torch.compile as one opaque op: then a smoothed input is divided here and quantized in
-        the kernel, and siblings do not share (their run-time check is Python state)."""
+        the kernel, and siblings do not share (their run-time check is Python state). An
+        ``output_grid`` is not applied: it exists so that Inductor can fuse a residual add into
+        oneDNN's int8 kernel, which this op is not; the output stays float, closer to fp32."""
         eager = not torch.compiler.is_compiling()
         if x2.dtype == torch.uint8 or (eager and (self.smooth is not None
                                                  or self.shared_input is not None)):
