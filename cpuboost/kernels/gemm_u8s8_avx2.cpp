@@ -43,6 +43,8 @@ constexpr int64_t KG = 4;      // K values per int32 lane
 constexpr int64_t KC = 1024;   // K block: a panel's block (16 KB of int8) stays in L1
 constexpr int64_t MC = 192;    // rows per block: x's block (192 KB) stays in L2
 constexpr int64_t kPanelStep = NR * KG;  // bytes of one K group of a panel
+// |u8 x s8| <= 255 x 128 per product: 65536 of them (and the zero-point term) fit int32
+constexpr int64_t kMaxK = 65536;
 
 int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
@@ -269,6 +271,8 @@ at::Tensor linear_u8s8(const at::Tensor& input, const at::Tensor& packed, const 
               " features, the weight expects ", G * KG - 3, " to ", G * KG);
   TORCH_CHECK(N > (P - 1) * NR && N <= P * NR, op, ": ", N,
               " output features do not fit a packed weight of ", P, " panels");
+  TORCH_CHECK(K <= kMaxK, op, ": ", K, " input features could overflow the int32 sums (at most ",
+              kMaxK, ")");
   TORCH_CHECK(act >= kNone && act < kActs, op, ": unknown activation ", act);
   TORCH_CHECK(qmax > 0 && qmax <= 255 && x_zp >= 0 && x_zp <= qmax, op, ": input zero point ",
               x_zp, " outside 0..", qmax);

@@ -450,7 +450,7 @@ class Int8Linear(_Int8):
                                                smooth))
 
     def _pack(self, qw: torch.Tensor) -> torch.Tensor:
-        if self._avx2:
+        if self._fits_u8s8(qw):
             return self._pack_u8s8(qw)
         self._u8s8 = False
         return _onednn.qlinear_prepack(qw, None)
@@ -533,7 +533,7 @@ class Int8Conv(_Int8):
         self._w = self._pack(qw)
 
     def _pack(self, qw: torch.Tensor) -> torch.Tensor:
-        if self._avx2 and self._matmul:
+        if self._matmul and self._fits_u8s8(qw):
             return self._pack_u8s8(qw.flatten(1))
         self._u8s8 = False
         if self.nd == 1:

@@ -17,6 +17,11 @@ class U8S8Gemm:
     """Mixin for ``nn.int8._Int8`` layers: pack for, run on and unpack from the kernel."""
 
     _u8s8 = False  # the weight is held in the kernel's packing
+    MAX_IN = 65536  # input features whose int32 sums cannot overflow (the kernel refuses more)
+
+    def _fits_u8s8(self, qw: torch.Tensor) -> bool:
+        """Whether this CPU runs the kernel and the [out, in...] weight fits it."""
+        return self._avx2 and qw[0].numel() <= self.MAX_IN
 
     def _pack_u8s8(self, qw: torch.Tensor) -> torch.Tensor:
         """[out, in] int8 -> the kernel's panels, with the int32 column sums its epilogue takes

@@ -274,3 +274,21 @@ def test_graph_mode_keeps_int8_linears_on_the_kernel(dynamic):
     x = torch.randn(3, 7, 32)
     with torch.no_grad():
         assert sqnr_db(eager(x), compiled(x)) > 60
+
+
+@needs_kernel
+def test_more_input_features_than_int32_sums_allow_stay_on_onednn(monkeypatch):
+    """The kernel refuses K > 65536 (255 x 128 per product could overflow int32 beyond); a
+    layer that wide keeps oneDNN's kernel (the limit lowered here to keep the test small)."""
+    qx, qw, ws, b = _ints(2, 8, 16)
+    monkeypatch.setattr(Int8Linear, "MAX_IN", 7)
+    layer = Int8Linear(qw.float() / 64, b, (0.05, 7))
+    assert layer.packed and not layer._u8s8
+    with torch.no_grad():
+        x = torch.randn(2, 8)
+        ref = layer.reference_forward(x)
+        assert (layer(x) - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    wide = torch.zeros(2, 65537, dtype=torch.uint8)
+    qw = torch.zeros(16, 65537, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="65537 input features could overflow"):
+        _run(wide, qw, ws, b)
