@@ -223,3 +223,40 @@ def test_packed_weight_need_not_be_aligned(dtype):
     assert shifted.data_ptr() % 32 != 0 and shifted.is_contiguous()
     assert torch.equal(torch.ops.cpuboost.linear(x, shifted, b, 20, 1),
                        torch.ops.cpuboost.linear(x, packed, b, 20, 1))
+
+
+def test_kernels_build_side_by_side_and_a_failed_build_says_why(tmp_path, monkeypatch):
+    """_load_all runs one compiler per source at once, then loads them; a source that does not
+    compile is reported with the compiler's message and the others still build."""
+    import threading
+    import cpuboost.kernels as kernels
+    monkeypatch.setenv("CPUBOOST_CACHE", str(tmp_path))
+    good = tmp_path / "good.cpp"
+    good.write_text("int cpuboost_test_good() { return 1; }\n")
+    bad = tmp_path / "bad.cpp"
+    bad.write_text("this is not C++\n")
+    running, overlapped = [], []
+    real = kernels._built
+
+    def built(source, flags):
+        running.append(source)
+        overlapped.append(len(running) > 1)
+        try:
+            return real(source, flags)
+        finally:
+            running.remove(source)
+    monkeypatch.setattr(kernels, "_built", built)
+    gate = threading.Barrier(2, timeout=60)  # both builds start before either finishes
+    monkeypatch.setattr(kernels.subprocess, "run", _after(gate, kernels.subprocess.run))
+    why: list[str] = []
+    assert not kernels._load_all([good, bad], ["-O0", "-fPIC", "-shared", "-w"], why)
+    assert any(overlapped)
+    assert len(why) == 1 and "did not build or load" in why[0] and "bad.cpp" in why[0]
+    assert list((tmp_path / "kernels").glob("good-*.so"))
+
+
+def _after(gate, run):
+    def waiting(*args, **kwargs):
+        gate.wait()
+        return run(*args, **kwargs)
+    return waiting
