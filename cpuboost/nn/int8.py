@@ -271,6 +271,12 @@ class _Int8(U8S8Gemm, PostOpHolder, nn.Module):
         return self._w.is_mkldnn or self._u8s8
 
     @property
+    def traced_as_op(self) -> bool:
+        """Whether torch.compile sees this layer as one opaque kernel call, its weight kept
+        packed, instead of the quantize/dequantize form Inductor lowers to oneDNN's kernels."""
+        return False
+
+    @property
     def qweight(self) -> torch.Tensor:
         """The plain int8 weight (a copy when it is held packed)."""
         return self._unpacked() if self.packed else self._w
@@ -460,10 +466,12 @@ class Int8Linear(_Int8):
             return self._unpack_u8s8()
         return self._w.to_dense().t().contiguous()  # oneDNN's packed is (in, out)
 
+    @property
+    def traced_as_op(self) -> bool:  # on cpuboost's kernel: faster than Inductor's oneDNN form
+        return self._u8s8  # (convs keep that form: Inductor fuses residual adds into them)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # compiled: the quantize/dequantize form Inductor turns into oneDNN's int8 kernel, or
-        # cpuboost's kernel as an opaque op where the weight is held for it (graph mode on AVX2)
-        if not self.packed or (torch.compiler.is_compiling() and not self._u8s8):
+        if not self.packed or (torch.compiler.is_compiling() and not self.traced_as_op):
             return self.reference_forward(x)
         shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (M, K)
         if self._u8s8:

@@ -17,7 +17,7 @@ from cpuboost.config import OptimizeConfig
 from cpuboost.errors import CalibrationError, ConfigError, UnsupportedRequestError
 from cpuboost.hw import CpuFeatures, detect
 from cpuboost.nn.anchor import float_parameter_kind, keep_a_parameter
-from cpuboost.nn.int8 import Int8Linear, _Int8, affine_qparams
+from cpuboost.nn.int8 import _Int8, affine_qparams
 from cpuboost.passes import (PassContext, fold_bn, fuse_pointwise, replace_module,
                              transformer_layers, weight_bytes)
 from cpuboost.passes._dataflow import Dataflow, record
@@ -377,8 +377,8 @@ def _compile(model: nn.Module, hw: CpuFeatures, report: OptimizationReport,
                lambda r: quantize_shared_outputs(model, flow, r))
     kept = 0
     for m in model.modules():
-        if isinstance(m, Int8Linear) and m._u8s8:
-            kept += 1  # an opaque op in the graph: cpuboost's kernel beats oneDNN's here
+        if isinstance(m, _Int8) and m.traced_as_op:
+            kept += 1
         elif isinstance(m, _Int8):
             m.for_compile()
     if kept:

@@ -268,7 +268,7 @@ def test_graph_mode_keeps_int8_linears_on_the_kernel(dynamic):
     kw = dict(config=config, example_inputs=calib[0]) if dynamic else {}
     eager = cpuboost.quantize(model, None if dynamic else calib, **kw)
     compiled = cpuboost.quantize(model, None if dynamic else calib, graph_mode=True, **kw)
-    assert compiled.up._u8s8 and compiled.down._u8s8 and compiled.up.packed
+    assert compiled.up.traced_as_op and compiled.down.traced_as_op and compiled.up.packed
     note = cpuboost.report_of(compiled).applied("int8_linears_on_cpuboost_kernel")
     assert note and note[0].startswith("2 int8 linears stay on cpuboost's AVX2 int8 kernel")
     x = torch.randn(3, 7, 32)
