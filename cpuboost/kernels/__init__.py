@@ -31,7 +31,8 @@ import torch
 _SOURCE = Path(__file__).with_name("attention.cpp")
 _COMMON = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-w"]
 _FLAGS = _COMMON + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
-_GEMM_SOURCES = [Path(__file__).with_name(n) for n in ("gemm_avx2.cpp", "gemm_u8s8_avx2.cpp")]
+_GEMM_SOURCES = [Path(__file__).with_name(n)
+                 for n in ("gemm_avx2.cpp", "gemm_u8s8_avx2.cpp", "winograd_avx2.cpp")]
 _GEMM_FLAGS = _COMMON + ["-mavx2", "-mfma"]
 _why: list[str] = []
 # post-op name -> activation code of cpuboost::linear and linear_u8s8 (applied in registers;
@@ -101,6 +102,33 @@ def unpack_panels(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     if packed.dtype == torch.bfloat16:
         packed = packed[:, :, _BF16_SLOTS]
     return packed.transpose(1, 2).reshape(-1, packed.shape[1])[:out_features].contiguous()
+
+
+# Winograd F(4x4, 3x3): G maps a 3-tap kernel to the 6 transform points (winograd_avx2.cpp)
+_WINOGRAD_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+               (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
+
+
+def winograd_pack(weight: torch.Tensor) -> torch.Tensor:
+    """A [out, in, 3, 3] convolution weight transformed for ``cpuboost::conv3x3_winograd``:
+    U = G g G^T (computed in float64, rounded once to float32), 36 [out, in] matrices, each in
+    the panels of ``cpuboost::pack_linear_weight`` -> [36, ceil(out/16), in, 16]."""
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"winograd_pack takes a [out, in, 3, 3] weight, got {tuple(weight.shape)}")
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64)
+    u = torch.einsum("ik,ockl,jl->ijoc", g, weight.detach().double(), g).reshape(36, *weight.shape[:2])
+    return torch.stack([torch.ops.cpuboost.pack_linear_weight(m.float()) for m in u])
+
+
+def unpack_winograd(packed: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """The [out, in, 3, 3] weight ``winograd_pack`` transformed into ``packed``, solved back
+    through G's pseudo-inverse (G has full column rank) in float64: within ~1e-7 of the weight
+    packed, the float32 rounding of U."""
+    g = torch.tensor(_WINOGRAD_G, dtype=torch.float64)
+    u = torch.stack([unpack_panels(p, out_channels) for p in packed]).double()
+    u = u.reshape(6, 6, *u.shape[1:])
+    pinv = torch.linalg.pinv(g)  # G has full column rank: G^+ G = I
+    return torch.einsum("ki,ijoc,lj->ockl", pinv, u, pinv).float()
 
 
 def _load_all(sources: list[Path], flags: list[str], why: list[str]) -> bool:
@@ -185,3 +213,10 @@ def _register_gemm_fakes() -> None:
           out_zp):
         dtype = torch.uint8 if out_scale > 0 else torch.float32
         return x.new_empty((*x.shape[:-1], out_features), dtype=dtype)
+
+    @torch.library.register_fake("cpuboost::conv3x3_winograd")
+    def _(x, packed, bias, add, out_channels, padding, act):
+        n, _, h, w = x.shape
+        shape = (n, out_channels, h + 2 * padding[0] - 2, w + 2 * padding[1] - 2)
+        return torch.empty(shape, dtype=x.dtype, device=x.device,
+                           memory_format=torch.channels_last)
