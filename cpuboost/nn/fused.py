@@ -35,12 +35,13 @@ def _check_backend(backend: str, dtype: torch.dtype) -> None:
     """Raise if ``backend``'s kernel cannot compute ``dtype`` on this CPU."""
     from cpuboost.errors import UnsupportedRequestError
     from cpuboost.hw.features import detect, onednn_runs
-    if backend == "avx2":
+    if backend in ("avx2", "winograd"):
         from cpuboost.kernels import gemm_unavailable
         why = gemm_unavailable()
         if why or dtype != torch.float32:
+            kernel = "linear" if backend == "avx2" else "Winograd convolution"
             raise UnsupportedRequestError(
-                f"cpuboost's AVX2 linear kernel cannot run {dtype} here"
+                f"cpuboost's AVX2 {kernel} kernel cannot run {dtype} here"
                 f" ({why or 'it computes in float32 only'}): use backend='onednn' or 'aten'.")
     if backend == "onednn" and not onednn_runs(dtype, detect()):
         raise UnsupportedRequestError(
@@ -55,7 +56,7 @@ class _Fused(PostOpHolder, nn.Module):
     out_dim = 0  # which dim of the *original* weight indexes output channels
 
     def _init_common(self, src: nn.Module, compute_dtype: torch.dtype, backend: str):
-        assert backend in ("onednn", "aten", "avx2"), backend
+        assert backend in ("onednn", "aten", "avx2", "winograd"), backend
         _check_backend(backend, compute_dtype)
         self.backend = backend
         self.compute_dtype = compute_dtype
@@ -200,7 +201,7 @@ class _Fused(PostOpHolder, nn.Module):
         super().__setstate__(state)
         if isinstance(packed, tuple) and packed[0] == "__dense__":
             self._w = self._pack(self._to_kernel_layout(packed[1]))
-        if self.backend == "avx2":
+        if self.backend in ("avx2", "winograd"):
             from cpuboost.kernels import gemm_ops
             if not gemm_ops():  # pickled where the AVX2 kernel ran, loaded where it cannot
                 w = self._unpack(self._w).to(self.compute_dtype)
@@ -310,7 +311,9 @@ def is_hf_conv1d(m: nn.Module) -> bool:
 
 
 class FusedConv(_Fused):
-    """Conv1d/2d/3d. Conv1d runs as a 2-D conv of height 1 (oneDNN packs only 2-D/3-D)."""
+    """Conv1d/2d/3d. Conv1d runs as a 2-D conv of height 1 (oneDNN packs only 2-D/3-D).
+    ``backend="winograd"``: a 3x3 Conv2d on cpuboost's Winograd kernel (passes.winograd); its
+    weight is held transformed (4x the bytes), and read back within ~1e-7 (state_dict)."""
 
     def __init__(self, src: nn.modules.conv._ConvNd, padding: tuple[int, ...],
                  compute_dtype=torch.float32, backend="onednn",
@@ -337,9 +340,18 @@ class FusedConv(_Fused):
         return w.reshape(self.orig_shape)
 
     def _pack(self, w):
+        if self.backend == "winograd":
+            from cpuboost.kernels import winograd_pack
+            return winograd_pack(w)
         shape = list(self.pack_shape) if self.pack_shape else None
         return _mkldnn._reorder_convolution_weight(w, self._padding, self._stride, self._dilation,
                                                    self.groups, shape)
+
+    def _unpack(self, w):
+        if self.backend == "winograd":
+            from cpuboost.kernels import unpack_winograd
+            return unpack_winograd(w, self.out_channels)
+        return super()._unpack(w)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         if self.nd == 1:
@@ -352,6 +364,20 @@ class FusedConv(_Fused):
     def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
         """conv(x) [+ add] then the post-op, in one oneDNN call. ``add`` is set only by the
         fuse_add pass, which rewrites a block's ``y = conv(x); y += r; relu(y)``."""
+        if self.backend == "winograd":  # any layout in, channels-last out (as oneDNN's)
+            x = self._prepare(x)
+            n, _, h, w = x.shape
+            out = (n, self.out_channels, h + 2 * self.padding[0] - 2, w + 2 * self.padding[1] - 2)
+            if add is None or tuple(add.shape) == out:
+                add = None if add is None else self._prepare(add)
+                y = torch.ops.cpuboost.conv3x3_winograd.default(
+                    x, self._w, self._b, add, self.out_channels, self._padding,
+                    AVX2_ACTS[self.post_op_name])
+            else:  # an add that broadcasts: the kernel adds only a tensor of the output's shape
+                y = torch.ops.cpuboost.conv3x3_winograd.default(
+                    x, self._w, self._b, None, self.out_channels, self._padding, 0)
+                y = self.post_op.reference(y + self._prepare(add))
+            return self._finish(y)
         if self.backend != "onednn":
             return self._finish(self.reference_forward(x, add))
         x = self._layout(self._prepare(x))

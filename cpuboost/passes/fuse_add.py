@@ -40,7 +40,7 @@ def _conv_behind(flow: Dataflow, key, consumer):
             return None
         call = flow.producer(prev)
     ok = (isinstance(call, ModuleCall) and isinstance(call.module, FusedConv)
-          and call.module.backend == "onednn" and call.module.post_op.name == "none"
+          and call.module.backend in ("onednn", "winograd") and call.module.post_op.name == "none"
           and len(flow.calls_of(call.module)) == 1 and not has_user_hooks(call.module))
     return call if ok else None
 

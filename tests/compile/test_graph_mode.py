@@ -37,7 +37,10 @@ def test_a_dynamic_batch_keeps_convolution_weights_packed():
     assert opt.__dict__["forward"].graphs == 2  # batch 2, then one dynamic graph
     convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     assert linear_pass.convs_packed >= 1
-    assert linear_pass.convs_packed + linear_pass.convs_plain == convs
+    # on AVX2 CPUs some 3x3 convolutions run cpuboost's Winograd kernel instead, the same ones
+    # in both graphs (its weight fits every batch)
+    winograd = linear_pass.winograd // 2
+    assert linear_pass.convs_packed + linear_pass.convs_plain + winograd == convs
     note = f"{linear_pass.convs_packed} packed for oneDNN (one weight format for batches 1-32)"
     assert any(note in n for n in cpuboost.report_of(opt).pass_named("graph_mode").notes)
 
