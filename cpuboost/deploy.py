@@ -239,7 +239,8 @@ def _compile(program, target: Path, weight_dtype: torch.dtype) -> tuple[Path, di
     return path, {"linears_on_cpuboost_kernel": linear_pass.own,
                   "linears_on_onednn": linear_pass.replaced,
                   "conv_weights_packed_for_dynamic_batch": linear_pass.convs_packed,
-                  "conv_weights_left_plain": linear_pass.convs_plain}
+                  "conv_weights_left_plain": linear_pass.convs_plain,
+                  "convs_on_cpuboost_winograd": linear_pass.winograd}
 
 
 def _write(path: Path, meta: dict, blob: bytes) -> Path:
@@ -305,6 +306,8 @@ def _check_compatible(meta: dict, where: str) -> None:
 # (asking loads the op's library where it can run)
 _OWN_OPS = {"cpuboost::linear": kernels.gemm_unavailable,
             "cpuboost::pack_linear_weight": kernels.gemm_unavailable,
+            "cpuboost::conv3x3_winograd": kernels.gemm_unavailable,
+            "cpuboost::quantize_u8": kernels.gemm_unavailable,
             "cpuboost::attention": kernels.unavailable}
 
 

@@ -224,6 +224,28 @@ def test_package_calling_a_kernel_that_cannot_run_here_is_refused(tmp_path, monk
         cpuboost.load(path)
 
 
+def test_winograd_convolutions_export_and_run_in_a_fresh_process(tmp_path):
+    """On AVX2 CPUs, 3x3 convolutions in a package run cpuboost's Winograd kernel at any batch
+    (its weight does not depend on the batch); load loads the kernel's library first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU()).eval()
+    path = cpuboost.export(model, {"input": torch.randn(1, 3, 24, 24)}, tmp_path / "wino.cbpk")
+    meta = cpuboost.load(path).metadata
+    from cpuboost.kernels import gemm_ops
+    if not gemm_ops():
+        assert meta["graph_passes"]["convs_on_cpuboost_winograd"] == 0
+        return
+    assert meta["graph_passes"]["convs_on_cpuboost_winograd"] == 1  # not the 3-channel one
+    assert meta["cpuboost_ops"] == ["cpuboost::conv3x3_winograd"]
+    x = torch.randn(3, 3, 24, 24)
+    torch.save({"input": x}, tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _FRESH, str(path), str(tmp_path / "in.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=300)
+    with torch.no_grad():
+        assert rel_err(model(x), torch.load(tmp_path / "out.pt")) <= 2e-5
+
+
 def test_weights_are_frozen_and_packed_for_onednn(tmp_path):
     """Freezing only applies with grad off; without it the package ran aten convolutions on
     dense weights (ResNet-50 static batch 0.88x eager instead of 1.64x). Inductor packs conv

@@ -22,8 +22,9 @@ tanh, sigmoid, erf-GELU) computed from a linear's output alone is moved into the
 (``fuse_activations``). Also under AOT compilation: ``cpuboost.export`` records the ops a
 package calls and ``cpuboost.load`` loads their library first.
 
-The same pass packs convolution weights Inductor left plain because the input shape is dynamic
-(``conv_pack``).
+The same pass moves qualifying 3x3 convolutions onto cpuboost's Winograd kernel on those CPUs
+(``winograd_pass``) and packs convolution weights Inductor left plain because the input shape
+is dynamic (``conv_pack``).
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from cpuboost.compile.attention_pass import FastAttention
 from cpuboost.compile.conv_pack import pack_dynamic_convolutions
 from cpuboost.compile.shared_constants import made_once
+from cpuboost.compile.winograd_pass import winograd_convolutions
 from cpuboost.hw import detect
 from cpuboost.passes.kernel_choice import mkl_or_onednn
 
@@ -157,6 +159,7 @@ class OneDnnLinear(CustomGraphPass):
         self.activations_fused = 0
         # convolution weights of a dynamic batch: packed (one format for every batch), plain
         self.convs_packed = self.convs_plain = 0
+        self.winograd = 0  # 3x3 convolutions on cpuboost's Winograd kernel
         self.attention = FastAttention()  # chained after this pass (backend.inductor_scope)
 
     def choose(self, batch, k: int, n: int, dtype: torch.dtype) -> str:
@@ -218,6 +221,7 @@ class OneDnnLinear(CustomGraphPass):
                 self.replaced += 1
         if _own_kernel(torch.float32):
             self.activations_fused += fuse_activations(graph)
+            self.winograd += winograd_convolutions(graph)  # before packing what stays on oneDNN
         packed, plain = pack_dynamic_convolutions(graph)
         self.convs_packed, self.convs_plain = self.convs_packed + packed, self.convs_plain + plain
 
@@ -225,7 +229,7 @@ class OneDnnLinear(CustomGraphPass):
         # Choices are measured on this CPU at this thread count: a cached graph is reused
         # only where the same measurement would apply.
         hw = detect()
-        return (f"cpuboost.OneDnnLinear.v5|{self.weight_dtype}|{hw.model_name}|{sorted(hw.flags)}|"
+        return (f"cpuboost.OneDnnLinear.v6|{self.weight_dtype}|{hw.model_name}|{sorted(hw.flags)}|"
                 f"{torch.get_num_threads()}")
 
 
