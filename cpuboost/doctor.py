@@ -81,7 +81,7 @@ def _feature_table(f: CpuFeatures, t: TorchInfo, cores: int) -> list[dict]:
     own_gemm = x86 and {"avx2", "fma"} <= f.flags and "avx512" not in f.flags
     row("optimize fp32 (packed oneDNN GEMM/conv, folding)", FAST if t.mkldnn and simd else SLOW,
         "oneDNN with " + (t.capability if simd else "no AVX2/AVX-512/NEON: generic kernels") +
-        ("; linears on cpuboost's AVX2 kernel (built on first use" +
+        ("; linears and 3x3 convs (Winograd) on cpuboost's AVX2 kernels (built on first use" +
          (f" with {t.compiler})" if t.compiler else ": no C++ compiler found, oneDNN's instead)")
          if own_gemm else ""))
     if f.native_bf16:

@@ -98,6 +98,8 @@ def test_feature_table_follows_the_isa():
     fma = fake(flags=("avx2", "fma"))
     assert levels(fma)["bf16"] == FAST
     assert any("bf16 weights" in f["why"] for f in fma.features if f["feature"].startswith("bf16"))
+    assert any("3x3 convs (Winograd)" in f["why"] for f in fma.features
+               if f["feature"].startswith("optimize fp32"))
     # int8 without VNNI: cpuboost's AVX2 int8 kernel where it can be built
     assert levels(fma)["int8"] == FAST
     assert any("AVX2 int8 kernel" in f["why"] for f in fma.features

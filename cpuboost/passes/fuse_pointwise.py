@@ -64,7 +64,8 @@ def fusing_pays(op: PostOp, dtype: torch.dtype) -> bool:
 
 
 def _takes_post_op(m: nn.Module) -> bool:
-    return (isinstance(m, _Fused) and m.backend in ("onednn", "avx2", "winograd")) or isinstance(m, _Int8)
+    return ((isinstance(m, _Fused) and m.backend in ("onednn", "avx2", "winograd"))
+            or isinstance(m, _Int8))
 
 
 def _activation_after(flow, call):

@@ -209,6 +209,7 @@ def test_fused_conv_winograd_keeps_its_weight_and_state(monkeypatch):
         assert rel_err(F.silu(src(x)), fused(x)) <= TOL
         add = torch.randn(2, 24, 1, 1)  # broadcast: added apart from the kernel
         assert rel_err(F.silu(src(x) + add), fused(x, add)) <= TOL
+        assert rel_err(F.silu(src(x[0])), fused(x[0])) <= TOL  # one unbatched image
         set_backend(fused, "onednn")
         assert rel_err(F.silu(src(x)), fused(x)) <= TOL
         monkeypatch.setattr(importlib.import_module("cpuboost.kernels"), "gemm_ops", lambda: False)
