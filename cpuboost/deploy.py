@@ -24,6 +24,7 @@ import io
 import json
 import os
 import platform
+import re
 import tempfile
 import time
 import zipfile
@@ -304,11 +305,10 @@ def _check_compatible(meta: dict, where: str) -> None:
 
 # cpuboost's ops a package may call (through the dispatcher), and why each cannot run here
 # (asking loads the op's library where it can run)
-_OWN_OPS = {"cpuboost::linear": kernels.gemm_unavailable,
-            "cpuboost::pack_linear_weight": kernels.gemm_unavailable,
-            "cpuboost::conv3x3_winograd": kernels.gemm_unavailable,
-            "cpuboost::quantize_u8": kernels.gemm_unavailable,
-            "cpuboost::attention": kernels.unavailable}
+_OWN_OPS = {**{f"cpuboost::{name}": kernels.gemm_unavailable for name in (
+    "linear", "linear_scaled", "pack_linear_weight", "linear_u8s8", "pack_u8s8_weight",
+    "quantize_u8", "conv3x3_winograd", "attention_f32")},
+    "cpuboost::attention": kernels.unavailable}
 
 
 def _own_ops(blob: bytes) -> list[str]:
@@ -317,7 +317,9 @@ def _own_ops(blob: bytes) -> list[str]:
     optimized model's linears on the AVX2 kernel) or Inductor's passes put it in."""
     with zipfile.ZipFile(io.BytesIO(blob)) as package:
         files = [package.read(info) for info in package.infolist() if not info.is_dir()]
-    return sorted(op for op in _OWN_OPS if any(op.encode() in f for f in files))
+    named = re.compile(rb"cpuboost::\w+")  # whole names: attention is not attention_f32
+    called = {m.decode() for f in files for m in named.findall(f)}
+    return sorted(op for op in _OWN_OPS if op in called)
 
 
 def _load_own_ops(ops: list, where: str) -> None:

@@ -164,9 +164,9 @@ def test_hf_model_runs_in_a_fresh_process_without_its_code(tmp_path):
     ids = torch.randint(5, 300, (2, 16))
     path = cpuboost.export(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
                            tmp_path / "bert.cbpk")
-    from cpuboost.kernels import gemm_ops  # a plain model's linears on the AVX2 kernel too
-    assert cpuboost.load(path).metadata["cpuboost_ops"] == (["cpuboost::linear"] if gemm_ops()
-                                                            else [])
+    from cpuboost.kernels import gemm_ops  # a plain model's linears and attention on the
+    own = ["cpuboost::attention_f32", "cpuboost::linear"]  # AVX2 kernels too: loaded first
+    assert cpuboost.load(path).metadata["cpuboost_ops"] == (own if gemm_ops() else [])
     ids3 = torch.randint(5, 300, (3, 16))
     # keyword order differs from the export's: inputs are matched by name, not position
     inputs = {"attention_mask": torch.ones_like(ids3), "input_ids": ids3}

@@ -253,7 +253,8 @@ class CompiledForward:
                           f"{self.linear_pass.winograd} 3x3 convolution(s) on cpuboost's "
                           "Winograd kernel, "
                           f"{self.linear_pass.attention.replaced} attention(s) on cpuboost's "
-                          "bf16 kernel")
+                          f"bf16 kernel, {self.linear_pass.attention.replaced_f32} on its fp32 "
+                          "kernel")
         if self.linear_pass.attention.missed:
             from cpuboost.kernels import unavailable
             self.record.skip("forward", f"{self.linear_pass.attention.missed} attention(s) kept on "

@@ -6,11 +6,14 @@ CPUs with AVX2 and FMA but no AVX-512 (``cpuboost::linear`` on float32 or bf16 w
 ``cpuboost::pack_linear_weight``; ``cpuboost::linear_scaled`` on int8 ones with per-feature
 scales). ``gemm_u8s8_avx2.cpp``: int8 x int8 linear layers for the same CPUs
 (``cpuboost::linear_u8s8`` on weights packed by ``cpuboost::pack_u8s8_weight``) and
-``cpuboost::quantize_u8``, float32 to uint8 in one pass. Each is built on first use with the
+``cpuboost::quantize_u8``, float32 to uint8 in one pass. ``winograd_avx2.cpp``: fp32 3x3
+convolutions by Winograd F(4x4, 3x3) (``cpuboost::conv3x3_winograd`` on weights transformed by
+``winograd_pack``). ``attention_avx2.cpp``: fp32 attention (``cpuboost::attention_f32``); these
+two share the fp32 GEMM's register tiles (``gemm_tile_avx2.h``). Each is built on first use with the
 C++ compiler Inductor uses anyway (``$CXX`` or ``c++``) against the installed torch, cached under
 ``~/.cache/cpuboost/kernels`` (``$CPUBOOST_CACHE``) by a hash of the source, torch's version and
-the flags (the two GEMM sources side by side: 22 s on a fresh 2-core machine, 38 s one after
-the other). No build at install time, so the install never needs torch's headers or a build
+the flags (the four AVX2 sources side by side: 43 s on a fresh 2-core machine; the first two
+alone took 22 s side by side, 38 s one after the other). No build at install time, so the install never needs torch's headers or a build
 backend that could pull another torch. Where a kernel cannot run (the CPU lacks its
 instructions, not x86, no compiler) the callers keep torch's kernels; ``unavailable()`` and
 ``gemm_unavailable()`` say why.
@@ -32,7 +35,8 @@ _SOURCE = Path(__file__).with_name("attention.cpp")
 _COMMON = ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-w"]
 _FLAGS = _COMMON + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 _GEMM_SOURCES = [Path(__file__).with_name(n)
-                 for n in ("gemm_avx2.cpp", "gemm_u8s8_avx2.cpp", "winograd_avx2.cpp")]
+                 for n in ("gemm_avx2.cpp", "gemm_u8s8_avx2.cpp", "winograd_avx2.cpp",
+                           "attention_avx2.cpp")]
 _GEMM_FLAGS = _COMMON + ["-mavx2", "-mfma"]
 _why: list[str] = []
 # post-op name -> activation code of cpuboost::linear and linear_u8s8 (applied in registers;
@@ -220,3 +224,8 @@ def _register_gemm_fakes() -> None:
         shape = (n, out_channels, h + 2 * padding[0] - 2, w + 2 * padding[1] - 2)
         return torch.empty(shape, dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last)
+
+    @torch.library.register_fake("cpuboost::attention_f32")
+    def _(q, k, v, mask, scale):
+        b, h, lq, d = q.shape
+        return q.new_empty((b, lq, h, d)).transpose(1, 2)

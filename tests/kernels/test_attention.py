@@ -131,6 +131,7 @@ def test_the_report_says_why_the_kernel_was_not_used(monkeypatch):
     import cpuboost.compile.attention_pass as attention_pass
     import cpuboost.kernels as kernels
     monkeypatch.setattr(attention_pass, "attention_op", lambda: None)
+    monkeypatch.setattr(attention_pass, "_f32_op", lambda: None)  # nor the AVX2 fp32 one
     monkeypatch.setattr(kernels, "unavailable", lambda: "the CPU has no AVX512-BF16")
     torch._dynamo.reset()
     model, inputs = _tiny_bert()
