@@ -233,6 +233,8 @@ def test_compiled_3x3_convolutions_run_the_kernel(dynamic):
         if dynamic:
             assert rel_err(model(x[:1]), compiled(x[:1])) <= TOL
     assert rel_err(model(x), out) <= TOL
+    if dynamic:
+        return
     opt = cpuboost.optimize(model, sample_input=x, graph_mode=True)
     with cfg.patch(fx_graph_cache=False), torch.no_grad():
         assert rel_err(model(x), opt(x)) <= TOL
