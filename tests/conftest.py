@@ -54,6 +54,20 @@ def rel_err(ref, out):
     return ((ref - out).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
+def same_at_every_thread_count(fn, counts=(1, 2, 3)) -> bool:
+    """Whether ``fn()`` returns bitwise the same tensor at each torch thread count (IPEX gave
+    different results when the thread count changed); the caller's count is restored."""
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in counts:
+            torch.set_num_threads(t)
+            outs.append(fn())
+    finally:
+        torch.set_num_threads(threads)
+    return all(torch.equal(outs[0], o) for o in outs[1:])
+
+
 def onednn_packs(dtype) -> bool:
     """Whether torch's oneDNN can pack ``dtype`` weights on this CPU (bf16 cannot on AVX2-only
     CPUs: tests of the bf16 oneDNN kernels skip there; the fallbacks are tested instead)."""

@@ -18,7 +18,7 @@ from torch.fx.experimental.symbolic_shapes import has_free_symbols
 from cpuboost.compile.conv_pack import _hinted
 from cpuboost.compile.shared_constants import made_once
 from cpuboost.kernels import winograd_pack
-from cpuboost.passes.winograd import why_not_winograd, winograd_pays
+from cpuboost.passes.winograd import use_winograd
 
 _M = torch.ops.mkldnn
 # oneDNN post-op (attr, algorithm) -> the kernel's activation code (cpuboost.kernels.AVX2_ACTS)
@@ -66,20 +66,22 @@ def winograd_convolutions(graph: torch.fx.Graph) -> int:
         if not isinstance(weight, torch.Tensor) or val is None or out is None or \
                 val.dim() != 4 or weight.dim() != 4:
             continue
-        size, out_size = _hinted(val.shape), _hinted(out.shape)
-        if size is None or out_size is None or has_free_symbols(val.shape[1:]) or \
+        size = _hinted(val.shape)  # a dynamic batch: the size traced with
+        if size is None or has_free_symbols(val.shape[1:]) or \
                 not out.is_contiguous(memory_format=torch.channels_last):
             continue  # a dynamic image size (the choice needs it), or not the kernel's layout
         oc, c = weight.shape[:2]
-        if why_not_winograd(tuple(weight.shape[2:]), stride, dilation, groups, padding, c, oc,
-                            val.dtype) or not winograd_pays(c, oc, *out_size[2:], size[0]):
+        if not use_winograd(tuple(weight.shape[2:]), stride, dilation, groups, padding, c, oc,
+                            val.dtype, size):
             continue
-        dense = weight.to_dense() if weight.is_mkldnn else weight
+
+        def transform(weight=weight):  # once per weight, whatever the number of graphs
+            return winograd_pack(weight.to_dense() if weight.is_mkldnn else weight)
+
         name = f"_cpuboost_winograd_w{moved}"
         while hasattr(gm, name):
             name += "_"
-        gm.register_buffer(name, made_once(("winograd",), weight, lambda: winograd_pack(dense)),
-                           persistent=False)
+        gm.register_buffer(name, made_once(("winograd",), weight, transform), persistent=False)
         with graph.inserting_before(node):
             packed = graph.get_attr(name)
             new = graph.call_function(torch.ops.cpuboost.conv3x3_winograd.default,

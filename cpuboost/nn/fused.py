@@ -364,9 +364,9 @@ class FusedConv(_Fused):
     def forward(self, x: torch.Tensor, add: Optional[torch.Tensor] = None) -> torch.Tensor:
         """conv(x) [+ add] then the post-op, in one oneDNN call. ``add`` is set only by the
         fuse_add pass, which rewrites a block's ``y = conv(x); y += r; relu(y)``."""
+        if x.dim() == self.nd + 1:  # one unbatched input, as nn.Conv*d takes
+            return self.forward(x[None], None if add is None else add[None])[0]
         if self.backend == "winograd":  # any layout in, channels-last out (as oneDNN's)
-            if x.dim() == 3:  # one unbatched image, as nn.Conv2d takes
-                return self.forward(x[None], None if add is None else add[None])[0]
             x = self._prepare(x)
             n, _, h, w = x.shape
             out = (n, self.out_channels, h + 2 * self.padding[0] - 2, w + 2 * self.padding[1] - 2)

@@ -16,7 +16,7 @@ from cpuboost.nn.fused import FusedConv1DLinear, _Fused, is_hf_conv1d
 from cpuboost.nn.probe import why_not_plain_linear
 from cpuboost.passes._context import PassContext, names_of, replace_module
 from cpuboost.passes.kernel_choice import linear_backend
-from cpuboost.passes.winograd import why_not_winograd, winograd_available, winograd_pays
+from cpuboost.passes.winograd import use_winograd
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CONV_T = (nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -133,18 +133,13 @@ def _conv_backend(m: nn.Module, backend: str, shape, ctx: PassContext) -> str:
     """A float32 3x3 Conv2d runs cpuboost's Winograd kernel where oneDNN would, on CPUs with
     AVX2 but no AVX-512, for the shapes where it measured faster (passes.winograd)."""
     if backend != "onednn" or not isinstance(m, (nn.Conv2d, FusedConv)) or not shape or \
-            len(m.kernel_size) != 2 or len(shape) != 4:
+            len(m.kernel_size) != 2:
         return backend
     padding = _conv_padding(m) if isinstance(m, nn.Conv2d) else m.padding
-    if padding is None or why_not_winograd(m.kernel_size, m.stride, m.dilation, m.groups,
-                                           padding, m.in_channels, m.out_channels,
-                                           ctx.config.compute_dtype):
-        return backend
-    out_h, out_w = (shape[2] + 2 * padding[0] - 2, shape[3] + 2 * padding[1] - 2)
-    if not winograd_pays(m.in_channels, m.out_channels, out_h, out_w, shape[0]) or \
-            not winograd_available():
-        return backend
-    return "winograd"
+    ok = padding is not None and use_winograd(
+        m.kernel_size, m.stride, m.dilation, m.groups, padding, m.in_channels, m.out_channels,
+        ctx.config.compute_dtype, shape)
+    return "winograd" if ok else backend
 
 
 def prepack(model: nn.Module, ctx: PassContext) -> nn.Module:

@@ -25,8 +25,8 @@ transformed tiles pass through memory; oneDNN's direct kernel reads the image on
 channels on a few tiles (the transformed weight is 4x the 3x3 weight and is read once per call).
 :func:`winograd_pays` draws those two lines, the second one stricter than speed alone would:
 512 channels at 7x7 and batch 1 (4 tiles) gained 1.09-1.25x, 0.3 ms per layer, for 28 MB more
-weight per layer, so it stays on oneDNN (ResNet-50's weights: 102 MB, 144 MB with its eleven
-other 3x3 layers transformed, 200 MB with those two as well). Batch 16 over the ResNet-50
+weight per layer, so it stays on oneDNN (ResNet-50's weights: 94 MB, 136 MB with its eleven
+other 3x3 layers transformed, 193 MB with those two as well). Batch 16 over the ResNet-50
 shapes: 2.12x.
 """
 from __future__ import annotations
@@ -37,8 +37,17 @@ from typing import Optional
 import torch
 
 
-
-def winograd_available() -> bool:
+def use_winograd(kernel, stride, dilation, groups, padding, in_channels: int,
+                 out_channels: int, dtype: torch.dtype, input_size) -> bool:
+    """Whether a convolution with these parameters, on an input of ``input_size`` [N, C, H, W],
+    runs the kernel: it qualifies, pays for that shape, and the kernel runs on this CPU."""
+    if why_not_winograd(kernel, stride, dilation, groups, padding, in_channels, out_channels,
+                        dtype) or len(input_size) != 4:
+        return False
+    n, _, h, w = input_size
+    if not winograd_pays(in_channels, out_channels, h + 2 * padding[0] - 2,
+                         w + 2 * padding[1] - 2, n):
+        return False
     from cpuboost.kernels import gemm_ops
     return gemm_ops()
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import cpuboost
 from cpuboost.kernels import gemm_ops, gemm_unavailable
-from tests.conftest import rel_err
+from tests.conftest import rel_err, same_at_every_thread_count
 from tests.kernels.test_attention import _attention_note, _tiny_bert
 
 needs_kernel = pytest.mark.skipif(not gemm_ops(), reason=f"kernel unavailable: {gemm_unavailable()}")
@@ -63,15 +63,8 @@ def test_strided_inputs_and_a_row_with_every_key_masked():
 @needs_kernel
 def test_result_does_not_depend_on_the_thread_count():
     q, k, v = _qkv(2, 6, 50, 50, 64)
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            outs.append(torch.ops.cpuboost.attention_f32(q, k, v, None, 0.125))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert same_at_every_thread_count(
+        lambda: torch.ops.cpuboost.attention_f32(q, k, v, None, 0.125))
 
 
 @needs_kernel

@@ -11,7 +11,7 @@ from torch import nn
 import cpuboost
 from cpuboost.kernels import AVX2_ACTS, gemm_ops, gemm_unavailable
 from cpuboost.nn import POST_OPS, FusedLinear, set_backend
-from tests.conftest import rel_err
+from tests.conftest import rel_err, same_at_every_thread_count
 
 needs_kernel = pytest.mark.skipif(not gemm_ops(), reason=f"kernel unavailable: {gemm_unavailable()}")
 TOL = 2e-6  # fp32 accumulation over K <= 1000 (measured <= 4e-7 relative)
@@ -88,15 +88,7 @@ def test_result_does_not_depend_on_the_thread_count():
     different results when the thread count changed)."""
     x, w, b = _case(130, 300, 200)
     packed = torch.ops.cpuboost.pack_linear_weight(w)
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            outs.append(torch.ops.cpuboost.linear(x, packed, b, 200, 2))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert same_at_every_thread_count(lambda: torch.ops.cpuboost.linear(x, packed, b, 200, 2))
 
 
 @needs_kernel

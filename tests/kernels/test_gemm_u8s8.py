@@ -9,7 +9,7 @@ import torch
 from cpuboost.kernels import AVX2_ACTS, gemm_unavailable, unpack_u8s8
 from cpuboost.nn import POST_OPS
 from cpuboost.nn.int8 import Int8Conv, Int8Linear, avx2_kernels, dynamic_qparams, quantize_weight
-from tests.conftest import rel_err
+from tests.conftest import rel_err, same_at_every_thread_count
 
 needs_kernel = pytest.mark.skipif(not avx2_kernels(), reason="the int8 AVX2 kernel runs only on "
                                   f"x86 without VNNI or AVX-512 ({gemm_unavailable()})")
@@ -119,15 +119,8 @@ def test_layouts_empty_batch_and_thread_count():
     assert _run(qx.reshape(2, 5, 13, 300), qw, ws, b).shape == (2, 5, 13, 200)
     assert torch.equal(_run(qx.t().contiguous().t(), qw, ws, b), ref)
     assert _run(qx[:0], qw, ws, b).shape == (0, 200)
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            outs.append(_run(qx.float() * 0.1, qw, ws, b, 2, x_scale=0.0, x_zp=0))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert same_at_every_thread_count(
+        lambda: _run(qx.float() * 0.1, qw, ws, b, 2, x_scale=0.0, x_zp=0))
 
 
 @needs_kernel

@@ -14,7 +14,7 @@ from cpuboost.kernels import (AVX2_ACTS, gemm_ops, gemm_unavailable, unpack_wino
                               winograd_pack)
 from cpuboost.nn import POST_OPS, FusedConv, set_backend
 from cpuboost.passes.winograd import why_not_winograd, winograd_pays
-from tests.conftest import rel_err
+from tests.conftest import rel_err, same_at_every_thread_count
 
 needs_kernel = pytest.mark.skipif(not gemm_ops(), reason=f"kernel unavailable: {gemm_unavailable()}")
 # The transforms' float32 rounding (constants up to 8, sums of up to 36 terms per point): measured
@@ -77,15 +77,8 @@ def test_any_input_layout_and_an_empty_batch():
 def test_result_does_not_depend_on_the_thread_count():
     x, w, b = _case(2, 32, 48, 30, 30)
     packed = winograd_pack(w)
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for t in (1, 2, 3):
-            torch.set_num_threads(t)
-            outs.append(torch.ops.cpuboost.conv3x3_winograd(x, packed, b, None, 48, [1, 1], 1))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert same_at_every_thread_count(
+        lambda: torch.ops.cpuboost.conv3x3_winograd(x, packed, b, None, 48, [1, 1], 1))
 
 
 @needs_kernel

@@ -52,6 +52,16 @@ def test_matches_reference_and_original(kind, backend, dtype, post_op):
     assert rel_err(expected, out.float()) <= RTOL[dtype] * 2
 
 
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d_grouped", "conv3d"])
+@pytest.mark.parametrize("backend", ["onednn", "aten"])
+def test_convs_take_one_unbatched_input_as_torch_does(kind, backend):
+    """nn.Conv*d takes an input without its batch dim; the packed conv did not (oneDNN's
+    channels-last needed rank 4) and raised where the original ran."""
+    src, fused, x = _build(kind, backend, torch.float32)
+    with torch.no_grad():
+        assert rel_err(src(x[0]), fused(x[0])) <= RTOL[torch.float32]
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_dict_has_original_keys_shapes_dtypes(kind):
     # bf16 storage of an fp32 model; packed where this CPU's oneDNN can pack bf16
