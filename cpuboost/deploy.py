@@ -239,6 +239,7 @@ def _compile(program, target: Path, weight_dtype: torch.dtype) -> tuple[Path, di
                           f"{type(e).__name__}: {_first_line(e)}") from e
     return path, {"linears_on_cpuboost_kernel": linear_pass.own,
                   "linears_on_onednn": linear_pass.replaced,
+                  "linears_on_weights_shared_with_an_embedding": linear_pass.shared,
                   "conv_weights_packed_for_dynamic_batch": linear_pass.convs_packed,
                   "conv_weights_left_plain": linear_pass.convs_plain,
                   "convs_on_cpuboost_winograd": linear_pass.winograd}

@@ -250,6 +250,8 @@ class CompiledForward:
                           f"{self.linear_pass.replaced} Linear(s) on oneDNN, "
                           f"{self.linear_pass.own} on cpuboost's AVX2 kernel "
                           f"({self.linear_pass.activations_fused} with the activation fused), "
+                          f"{self.linear_pass.shared} on oneDNN with the plain weight they share "
+                          "with an embedding (not packed: no second copy), "
                           f"{self.linear_pass.winograd} 3x3 convolution(s) on cpuboost's "
                           "Winograd kernel, "
                           f"{self.linear_pass.attention.replaced} attention(s) on cpuboost's "

@@ -79,13 +79,7 @@ def test_toy_models_match_eager(name):
         assert rel_err(model(*x), out) <= 1e-4
 
 
-@pytest.mark.parametrize("winner", ["onednn", "mkl", "avx2"])
-def test_fp32_linear_packed_once_for_the_faster_kernel(monkeypatch, winner):
-    """Where oneDNN measures faster, Inductor's packing pattern emits the oneDNN linear directly:
-    no MKL pack is ever folded (it used to be made, then dropped: a transient copy of every
-    weight). Where MKL is faster, the MKL path stays. Where cpuboost's AVX2 kernel runs (an
-    AVX2 CPU without AVX-512), only its pack is folded."""
-    from torch._inductor import constant_folding
+def _kernel_wins(monkeypatch, winner):
     from cpuboost.compile import graph_passes
     from cpuboost.kernels import gemm_ops
     if winner == "avx2" and not gemm_ops():
@@ -93,6 +87,11 @@ def test_fp32_linear_packed_once_for_the_faster_kernel(monkeypatch, winner):
     monkeypatch.setattr(graph_passes, "mkl_or_onednn", lambda *a: (winner, 1.0, 1.0))
     if winner != "avx2":
         monkeypatch.setattr(graph_passes, "_own_kernel", lambda dtype: False)  # as on AVX-512
+
+
+def _folds(monkeypatch) -> list:
+    """The targets of the nodes freezing folds into constants, as it folds them."""
+    from torch._inductor import constant_folding
     folded = []
     original = constant_folding.replace_node_with_constant
 
@@ -101,6 +100,17 @@ def test_fp32_linear_packed_once_for_the_faster_kernel(monkeypatch, winner):
         return original(gm, node, constant, name)
 
     monkeypatch.setattr(constant_folding, "replace_node_with_constant", spy)
+    return folded
+
+
+@pytest.mark.parametrize("winner", ["onednn", "mkl", "avx2"])
+def test_fp32_linear_packed_once_for_the_faster_kernel(monkeypatch, winner):
+    """Where oneDNN measures faster, Inductor's packing pattern emits the oneDNN linear directly:
+    no MKL pack is ever folded (it used to be made, then dropped: a transient copy of every
+    weight). Where MKL is faster, the MKL path stays. Where cpuboost's AVX2 kernel runs (an
+    AVX2 CPU without AVX-512), only its pack is folded."""
+    _kernel_wins(monkeypatch, winner)
+    folded = _folds(monkeypatch)
     import torch._inductor.config as cfg
     torch._dynamo.reset()
     model, x = _mlp(), torch.randn(16, 64)
@@ -112,3 +122,42 @@ def test_fp32_linear_packed_once_for_the_faster_kernel(monkeypatch, winner):
     assert (len(mkl), len(onednn), len(own)) == {"onednn": (0, 2, 0), "mkl": (2, 0, 0),
                                                  "avx2": (0, 0, 2)}[winner]
     assert rel_err(model(x), out) <= 1e-4
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(500, 64)
+        self.body = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 500)
+        self.head.weight = self.embed.weight  # tied, as in GPT-2's or XLM-R's LM head
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.embed(ids))))
+
+
+@pytest.mark.parametrize("winner", ["onednn", "mkl", "avx2"])
+def test_head_tied_to_embedding_is_not_packed(monkeypatch, winner):
+    """A weight the graph also reads plain (the embedding lookup) gets no packed copy: the head
+    runs oneDNN on the shared weight, whichever kernel would have taken an untied linear."""
+    _kernel_wins(monkeypatch, winner)
+    folded = _folds(monkeypatch)
+    made = []
+
+    class Recording(backend_mod.OneDnnLinear):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(backend_mod, "OneDnnLinear", Recording)
+    import torch._inductor.config as cfg
+    torch._dynamo.reset()
+    model, ids = _TiedLM().eval(), torch.randint(0, 500, (2, 9))
+    with cfg.patch(fx_graph_cache=False), torch.no_grad(), backend_mod.scope():
+        out = torch.compile(model, backend="cpuboost")(ids)
+    packs = [t for t in folded if "reorder" in t or "pack_linear_weight" in t]
+    assert len(packs) == 1  # the body's weight only
+    assert sum(p.shared for p in made) == 1
+    with torch.no_grad():
+        assert rel_err(model(ids), out) <= 1e-4
