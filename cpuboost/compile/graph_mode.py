@@ -114,7 +114,7 @@ class CompiledForward:
         self.linear_pass = OneDnnLinear(self.weight_dtype)
         isolated, _ = _features()
         own = {"recompile_limit": _LIMIT, "isolate_recompiles": True} if isolated else {}
-        self.watch = ModelState() if dict_version() and self.changes < 2 else None
+        self.watch = ModelState(self.model) if dict_version() and self.changes < 2 else None
         if self.watch is not None:
             own["options"] = {"guard_filter_fn": self.watch.filter}
         self.compiled = torch.compile(type(self.model).forward.__get__(self.model),

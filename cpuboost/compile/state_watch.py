@@ -16,13 +16,22 @@ BERT-base) tells whether anything the graph was traced from has changed since. G
 this cannot watch (a set, an object without a ``__dict__``) are kept, and so are Dynamo's tensor
 guards (a tensor attribute can be resized in place). Out of reach: what freezing already ignores
 (a weight changed in place) and torch's own classes (see ``_torchs``).
+
+Only frames whose modules are the model itself drop guards. Dynamo caches graphs per code
+object: after a graph break inside a layer, that layer's ``forward`` compiles as its own frame,
+and its next call may come from another layer of the same class. Dynamo's guards on that frame's
+module tell the layers apart; the dicts watched for the first one do not, so its graph (with
+its weights frozen in) served every layer: Longformer's logits were off by 0.27 with two layers.
+A frame with any module in a local other than the root model keeps all its guards.
 """
 from __future__ import annotations
 
 import enum
 import functools
 import gc
+import re
 import types
+import weakref
 
 import torch
 
@@ -61,11 +70,16 @@ def _torchs(cls: type) -> bool:
     return cls is object or module == "torch" or module.startswith("torch.")
 
 
+_LOCAL = re.compile(r"[A-Za-z_]\w*")  # a guard on a frame's local itself, not on an attribute
+
+
 class ModelState:
     """The dicts, lists and object types that the dropped guards read, with their state when
-    each graph was traced (recorded in the guard filter, before the call's side effects)."""
+    each graph was traced (recorded in the guard filter, before the call's side effects), for
+    frames whose modules belong to ``root`` only."""
 
-    def __init__(self):
+    def __init__(self, root: torch.nn.Module):
+        self._root = weakref.ref(root)
         self._seen: set[int] = set()
         self._empty: tuple = ()  # hook dicts that must stay empty (cheaper than a version)
         # (dicts, their versions, lists, their items' ids, objects, their types): replaced
@@ -74,6 +88,9 @@ class ModelState:
 
     def filter(self, entries) -> list[bool]:
         """Dynamo's guard filter: drop the guards on the model that a watched dict covers."""
+        entries = list(entries)
+        if self._another_modules_frame(entries):
+            return [True] * len(entries)
         found = ([], [], [], [])  # dicts, lists, objects, empty hook dicts
         keep = []
         for entry, kept in zip(entries, torch.compiler.skip_guard_on_all_nn_modules_unsafe(
@@ -90,6 +107,13 @@ class ModelState:
                        o + tuple(objects), t + tuple(map(type, objects)))
         self._empty += tuple(empty)
         return keep
+
+    def _another_modules_frame(self, entries) -> bool:
+        """Whether a local of the frame (``self`` of a layer's forward, a loop's ``layer``) is a
+        module other than the root model: the frame may run again for another module."""
+        root = self._root()
+        return any(e.has_value and isinstance(e.value, torch.nn.Module) and e.value is not root
+                   and _LOCAL.fullmatch(e.name) for e in entries)
 
     def _add(self, into: list, value) -> None:
         if id(value) not in self._seen:

@@ -162,3 +162,44 @@ def test_without_dict_versions_dynamos_guards_catch_the_change(monkeypatch):
     assert forward.watch is None
     opt.blocks[1].scale = 3.0
     assert _same(opt, net, x)
+
+
+class Breaking(nn.Module):
+    """A layer whose forward breaks the graph (a data-dependent Python branch, like Longformer's
+    global attention check): Dynamo compiles its frames once per code object, for every
+    instance of the class."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.lin(x)
+        if (y.sum() > -1e9).item():  # always true, but only known by running
+            y = torch.relu(y)
+        return self.lin(y)
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Breaking(1), Breaking(2), Breaking(3)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_a_frame_of_another_module_keeps_its_guards():
+    """A frame whose ``self`` is one of several modules of a class (each layer's forward after
+    a graph break) keeps Dynamo's guards: watching the first layer's dicts does not tell the
+    layers apart, and its graph's frozen weights served all three (Longformer's logits were
+    off by 0.27 with two layers)."""
+    model, x = Stack().eval(), torch.randn(4, 8)
+    with torch.no_grad():
+        expected = model(x)
+        fast = cpuboost.optimize(model, graph_mode=True)
+        for _ in range(2):
+            assert torch.allclose(fast(x), expected, rtol=1e-4, atol=1e-5)
