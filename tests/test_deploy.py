@@ -275,3 +275,19 @@ def test_int8_model_exports(tmp_path):
     x = case.inputs(3)
     with torch.no_grad():
         assert rel_err(loaded(*x), q(*x)) < 2e-2
+
+
+def test_head_tied_to_its_embedding_exports_without_a_packed_copy(tmp_path):
+    """A head sharing its weight with the embedding runs oneDNN on that weight in a package
+    too (no packed second copy), at any batch, in a fresh process."""
+    from tests.compile.test_backend import _TiedLM
+    model, ids = _TiedLM().eval(), torch.randint(0, 500, (2, 9))
+    path = cpuboost.export(model, {"ids": ids}, tmp_path / "tied.cbpk")
+    assert cpuboost.load(path).metadata["graph_passes"][
+        "linears_on_weights_shared_with_an_embedding"] == 1
+    ids3 = torch.randint(0, 500, (3, 9))
+    torch.save({"ids": ids3}, tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", _FRESH, str(path), str(tmp_path / "in.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=300)
+    with torch.no_grad():
+        assert rel_err(model(ids3), torch.load(tmp_path / "out.pt")) <= 1e-4

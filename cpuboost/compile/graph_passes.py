@@ -237,6 +237,14 @@ class OneDnnLinear(CustomGraphPass):
 _MATMUL = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.permute.default)
 
 
+def _constant(gm: torch.nn.Module, target: str):
+    """A get_attr node's value; exported graphs name nested ones by path (``model.head.weight``)."""
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
 def read_elsewhere(graph: torch.fx.Graph, weight: torch.fx.Node) -> bool:
     """Whether the constant ``weight`` (a linear's (k, n) operand, a view of the Linear's weight)
     is also read as it is at run time by something other than a matmul: a language model's
@@ -247,12 +255,12 @@ def read_elsewhere(graph: torch.fx.Graph, weight: torch.fx.Node) -> bool:
     gm = graph.owning_module
     if weight.op != "get_attr" or gm is None:
         return False
-    tensor = getattr(gm, weight.target, None)
+    tensor = _constant(gm, weight.target)
     if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
         return False
     storage = tensor.untyped_storage().data_ptr()
     for node in graph.find_nodes(op="get_attr"):
-        other = getattr(gm, node.target, None)
+        other = _constant(gm, node.target)
         if isinstance(other, torch.Tensor) and other.layout == torch.strided and \
                 other.untyped_storage().data_ptr() == storage and \
                 any(user.target not in _MATMUL for user in node.users):
