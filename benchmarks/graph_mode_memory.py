@@ -93,7 +93,7 @@ def measure(name, dtype_name, check=True):
     graphs = om.forward.graphs
     # with sample_input, a graph that fails the numerics check is dropped and the model runs
     # eager: its memory would say nothing about graph mode (Longformer's did, until 2026-11-28)
-    if "DROPPED" in str(cpuboost.report_of(om)):
+    if cpuboost.report_of(om).pass_named("graph_mode").dropped:
         name += " (graph mode DROPPED by the numerics check: ran eager)"
     print(f"| {name}{'' if check else ' (no sample_input)'} | {dtype_name} | {eager:.0f} | {p.peak:.0f} ({p.peak / eager:.2f}x) | "
           f"{after:.0f} ({after / eager:.2f}x) | {graphs} | {seconds:.0f} |", flush=True)

@@ -2,6 +2,7 @@ import importlib
 
 import pytest
 import torch
+from torch import nn
 
 from cpuboost.testing import TOY_MODELS, build_eval
 
@@ -78,3 +79,18 @@ def onednn_packs(dtype) -> bool:
 def skip_unless_onednn_packs(dtype) -> None:
     if not onednn_packs(dtype):
         pytest.skip(f"this CPU's oneDNN cannot pack {dtype} weights")
+
+
+class TiedLM(nn.Module):
+    """A language model whose head is tied to its token embedding (as GPT-2's or XLM-R's)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(500, 64)
+        self.body = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 500)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.body(self.embed(ids))))

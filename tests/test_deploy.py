@@ -15,7 +15,7 @@ import cpuboost
 from cpuboost.config import BF16_WEIGHTS_NAME
 from cpuboost.errors import ExportError, InvalidModelError, PackageError
 from cpuboost.testing.toy_models import TOY_MODELS, build_eval
-from tests.conftest import BF16_RTOL, rel_err
+from tests.conftest import BF16_RTOL, TiedLM, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +280,7 @@ def test_int8_model_exports(tmp_path):
 def test_head_tied_to_its_embedding_exports_without_a_packed_copy(tmp_path):
     """A head sharing its weight with the embedding runs oneDNN on that weight in a package
     too (no packed second copy), at any batch, in a fresh process."""
-    from tests.compile.test_backend import _TiedLM
-    model, ids = _TiedLM().eval(), torch.randint(0, 500, (2, 9))
+    model, ids = TiedLM().eval(), torch.randint(0, 500, (2, 9))
     path = cpuboost.export(model, {"ids": ids}, tmp_path / "tied.cbpk")
     assert cpuboost.load(path).metadata["graph_passes"][
         "linears_on_weights_shared_with_an_embedding"] == 1

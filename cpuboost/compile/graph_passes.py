@@ -54,6 +54,14 @@ def _own_kernel(dtype: torch.dtype) -> bool:
     return gemm_ops()
 
 
+def _own_op(name: str):
+    """cpuboost's op ``name`` where its library is loaded, else None (and no node calls it): on
+    CPUs without the AVX2 kernels (AVX-512, Arm) it never is, and naming the op there raised
+    AttributeError inside every compile with a Linear, so graph mode ran eager."""
+    namespace = torch.ops.cpuboost
+    return getattr(namespace, name).default if hasattr(namespace, name) else None
+
+
 def _is_op(node, target, *args) -> bool:
     """``node`` calls ``target`` (an OpOverload or its packet); ``args``, where given, match
     its arguments (a node or a number)."""
@@ -308,7 +316,8 @@ def onednn_where_faster(linear_pass: OneDnnLinear):
             linear_pass.shared += 1
             return graph.create_node("call_function", torch.ops.mkldnn._linear_pointwise.default,
                                      (input, packed_weight_node, bias, "none", [], ""))
-        if packed_weight_node.target is torch.ops.cpuboost.pack_linear_weight.default:
+        own_pack = _own_op("pack_linear_weight")
+        if own_pack is not None and packed_weight_node.target is own_pack:
             weight = packed_weight_node.args[0]
             if weight.target is _CONVERT:
                 weight = weight.args[0]

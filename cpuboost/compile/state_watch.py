@@ -70,7 +70,9 @@ def _torchs(cls: type) -> bool:
     return cls is object or module == "torch" or module.startswith("torch.")
 
 
-_LOCAL = re.compile(r"[A-Za-z_]\w*")  # a guard on a frame's local itself, not on an attribute
+# a guard on a frame's local itself, not on an attribute of one: ``self`` (torch 2.13 names
+# sources so) or ``L['self']`` (how older Dynamo printed them)
+_LOCAL = re.compile(r"[A-Za-z_]\w*|L\['[A-Za-z_]\w*'\]")
 
 
 class ModelState:

@@ -9,7 +9,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from cpuboost.compile import backend as backend_mod
 from cpuboost.testing import TOY_MODELS, build_eval
-from tests.conftest import rel_err
+from tests.conftest import TiedLM, rel_err
 
 
 def _mlp():
@@ -37,6 +37,22 @@ class _Spy(CustomGraphPass):
 
     def uuid(self):
         return "test-spy"
+
+
+def test_compiles_where_cpuboosts_kernels_are_not_loaded():
+    """On a CPU without the AVX2 kernels (AVX-512, Arm) their library is never loaded; the
+    backend must not name its ops there (it raised inside every compile with a Linear)."""
+    code = ("import torch, cpuboost.kernels as k\n"
+            "k.gemm_ops = lambda: False  # as on an AVX-512 or Arm CPU\n"
+            "from cpuboost.compile import scope\n"
+            "m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(),\n"
+            "                        torch.nn.Linear(16, 4)).eval()\n"
+            "x = torch.randn(3, 8)\n"
+            "with torch.no_grad(), scope():\n"
+            "    out = torch.compile(m, backend='cpuboost')(x)\n"
+            "    assert torch.allclose(out, m(x), rtol=1e-4, atol=1e-5)\n"
+            "assert not hasattr(torch.ops.cpuboost, 'pack_linear_weight')\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_settings_restored_and_other_passes_kept(monkeypatch):
@@ -124,19 +140,6 @@ def test_fp32_linear_packed_once_for_the_faster_kernel(monkeypatch, winner):
     assert rel_err(model(x), out) <= 1e-4
 
 
-class _TiedLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(500, 64)
-        self.body = nn.Linear(64, 64)
-        self.head = nn.Linear(64, 500)
-        self.head.weight = self.embed.weight  # tied, as in GPT-2's or XLM-R's LM head
-
-    def forward(self, ids):
-        return self.head(torch.relu(self.body(self.embed(ids))))
-
-
 @pytest.mark.parametrize("winner", ["onednn", "mkl", "avx2"])
 def test_head_tied_to_embedding_is_not_packed(monkeypatch, winner):
     """A weight the graph also reads plain (the embedding lookup) gets no packed copy: the head
@@ -153,7 +156,7 @@ def test_head_tied_to_embedding_is_not_packed(monkeypatch, winner):
     monkeypatch.setattr(backend_mod, "OneDnnLinear", Recording)
     import torch._inductor.config as cfg
     torch._dynamo.reset()
-    model, ids = _TiedLM().eval(), torch.randint(0, 500, (2, 9))
+    model, ids = TiedLM().eval(), torch.randint(0, 500, (2, 9))
     with cfg.patch(fx_graph_cache=False), torch.no_grad(), backend_mod.scope():
         out = torch.compile(model, backend="cpuboost")(ids)
     packs = [t for t in folded if "reorder" in t or "pack_linear_weight" in t]
