@@ -25,11 +25,13 @@ from torch import nn
 
 from cpuboost.compile.backend import cpuboost_backend, inductor_scope
 from cpuboost.compile.graph_passes import OneDnnLinear
+from cpuboost.compile.release import WeightRelease
 from cpuboost.compile.state_watch import ModelState, dict_version
 
 
 _GRAPHS = "graphs compiled so far:"
 _GARBAGE = "garbage left by compiling, collected after each compile:"
+_RELEASED = "inplace=True:"
 _CONVS = "convolution weights of graphs with a dynamic batch (Inductor leaves them plain):"
 SHAPE_POLICY = ("shape policy: the first input shape compiles a static graph; when a dim takes a "
                 "second size, one graph with that dim dynamic is compiled and serves every later "
@@ -75,6 +77,8 @@ def _compile_started(args) -> None:
     if owner is not None and getattr(_CALLING, "scope", None) is None:
         stack = contextlib.ExitStack()
         stack.enter_context(inductor_scope(owner.linear_pass))
+        if owner.release is not None:  # tracing and freezing read the weights
+            stack.enter_context(owner.release.compiling())
         _CALLING.scope = stack
 
 
@@ -100,9 +104,13 @@ def _hook_compiles() -> None:
 
 class CompiledForward:
     def __init__(self, model: nn.Module, dtype: torch.dtype, record=None,
-                 weight_dtype: torch.dtype = torch.float32):
+                 weight_dtype: torch.dtype = torch.float32, release_weights: bool = False):
         self.model, self.dtype, self.record = model, dtype, record
         self.weight_dtype = weight_dtype  # of linears on cpuboost's AVX2 kernel (OneDnnLinear)
+        # inplace=True: weights held only packed by the graphs are released (compile/release.py);
+        # it needs the compile-start callback to restore them before Dynamo compiles again
+        self.release = WeightRelease(model, lambda why: self._note(_RELEASED, f"weights kept: {why}")) \
+            if release_weights and _features()[1] else None
         self.calls = self.graphs = self.dynamic_graphs = 0
         self.changes = 0  # times the model's state changed after a compile
         self.failed = False  # the compiler raised: forward runs eager (see _fall_back)
@@ -148,13 +156,23 @@ class CompiledForward:
             notes[at] = text
 
     def __call__(self, *args, **kwargs):
+        release = self.release
+        if release is None:
+            return self._call(*args, **kwargs)
+        release.enter()  # released weights are Parameters again while the call runs
+        try:
+            return self._call(*args, **kwargs)
+        finally:
+            release.exit()
+
+    def _call(self, *args, **kwargs):
         low = self.dtype != torch.float32
         if self.failed:
             with torch.autocast("cpu", dtype=self.dtype, enabled=low):
                 return type(self.model).forward(self.model, *args, **kwargs)
         first = self.calls == 0
         counters = torch._dynamo.utils.counters
-        breaks_before = dict(counters["graph_break"]) if first else None
+        breaks_before = dict(counters["graph_break"]) if first or self.release else None
         hits_before = counters["inductor"]["fxgraph_cache_hit"]
         t0, graphs = time.perf_counter(), self.graphs
         watch = self.watch
@@ -175,11 +193,28 @@ class CompiledForward:
             _CALLING.owner = outer
             _compile_ended()  # (already closed unless a compile raised before its end callback)
         self.calls += 1  # counted once it succeeded: a failed first call reports next time
+        if self.release is not None and self.release.pending:
+            self._release_weights(breaks_before != dict(counters["graph_break"]))
         if self.graphs != graphs:
             self._collect_garbage()
         if first and self.record is not None:
             self._report(time.perf_counter() - t0, breaks_before, hits_before, counters)
         return out
+
+    def _release_weights(self, breaks: bool) -> None:
+        """After a call that compiled: free the weights the graphs hold packed, unless a graph
+        break (eager code between graphs might read them) or a compile on another thread."""
+        release = self.release
+        if breaks:
+            release.stop("the forward has graph breaks (the code between its graphs runs "
+                         "eagerly and may read them)")
+            return
+        release.release()
+        if not release.stopped and not release.active:
+            self._note(_RELEASED, f"{len(release.entries)} Linear weight(s) "
+                                  f"({release.released_bytes() / 2**20:.1f} MB) released: the "
+                                  "graphs' packed copies are the only ones (unpacked again for a "
+                                  "recompilation and in state_dict())")
 
     def _collect_garbage(self) -> None:
         """A compile adds ~360k objects that Python tracks, ~40-130k of them garbage in
@@ -226,6 +261,8 @@ class CompiledForward:
         ``conv(x) + conv(x)``): run the model's own forward from now on, eager form restored
         (int8 layers packed again), and say so in the report and as a warning."""
         self.failed = True
+        if self.release is not None:
+            self.release.stop("the compiler failed: forward runs eager")
         for m in self.model.modules():
             if m is not self.model and callable(getattr(m, "for_eager", None)):
                 m.for_eager()
@@ -268,18 +305,18 @@ class CompiledForward:
     # A copy or an unpickled model compiles afresh on its first call.
     def __getstate__(self):
         return {"model": self.model, "dtype": self.dtype, "record": self.record,
-                "weight_dtype": self.weight_dtype}
+                "weight_dtype": self.weight_dtype, "release_weights": self.release is not None}
 
     def __setstate__(self, state):
         self.__init__(state["model"], state["dtype"], state["record"],
-                      state.get("weight_dtype", torch.float32))
+                      state.get("weight_dtype", torch.float32), state.get("release_weights", False))
 
 
 def graph_mode(model: nn.Module, ctx) -> nn.Module:
     from cpuboost.checks import BF16_WEIGHTS_NOTE
     cfg = ctx.config
     model.__dict__["forward"] = CompiledForward(model, cfg.compute_dtype, ctx.record,
-                                                cfg.weight_dtype)
+                                                cfg.weight_dtype, release_weights=cfg.inplace)
     if cfg.bf16_weights:
         ctx.record.notes.append(BF16_WEIGHTS_NOTE)
     ctx.record.notes.append("compiles on the first call of forward (with sample_input: now)")

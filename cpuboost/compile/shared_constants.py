@@ -38,14 +38,44 @@ def _leaf(t: torch.Tensor) -> tuple[_Key, torch.Tensor]:
     """A weight's key: its object, version counter (bumped by in-place updates such as
     ``load_state_dict``), data pointer (``param.data = other`` and ``module.to(...)`` swap the
     data without bumping the version) and a sample of its values (so a freed buffer reused at
-    the same address is not taken for the old one)."""
+    the same address is not taken for the old one). A pinned weight keeps its key while its
+    version is the pinned one."""
     if t.layout != torch.strided or t.device.type == "meta":
         raise _NoRecipe  # opaque (a oneDNN-packed tensor) or no data: never shared as a leaf
     try:
         version = t._version
     except RuntimeError:  # inference tensors carry no version counter: never shared
         raise _NoRecipe from None
+    pinned = _PINNED.get(id(t))
+    if pinned is not None and pinned[0]() is t and pinned[2] == version:
+        return pinned[1], t
     return ("tensor", id(t), version, t.data_ptr(), _sample(t)), t
+
+
+# id(weight) -> (weakref, key, version): weights graph mode released and restored with the same
+# values (compile/release.py); their storage moved, so the key they were folded under is kept.
+_PINNED: dict[int, tuple[weakref.ref, _Key, int]] = {}
+
+
+def pin(t: torch.Tensor) -> None:
+    """Keep ``t``'s current key (the first time) for its current version: call it when its
+    values are, again, those it was folded from."""
+    for k in [k for k, (r, _, _) in _PINNED.items() if r() is None]:
+        del _PINNED[k]
+    pinned = _PINNED.get(id(t))
+    key = pinned[1] if pinned is not None and pinned[0]() is t else _leaf(t)[0]
+    _PINNED[id(t)] = (weakref.ref(t), key, t._version)
+
+
+def folded_constants() -> list[tuple[torch.Tensor, torch.Tensor, str]]:
+    """(weight, constant, op) for each live constant folded by ``op`` from that one weight."""
+    out = []
+    for value_ref, key, leaf_refs in list(_ORIGIN.values()):
+        value = value_ref()
+        if value is None or len(leaf_refs) != 1 or leaf_refs[0]() is None or key[0] != "fold":
+            continue
+        out.append((leaf_refs[0](), value, key[1]))
+    return out
 
 
 def _sample(t: torch.Tensor) -> tuple:
@@ -171,16 +201,51 @@ def _shared_deduce_value(original):
     return deduce_value
 
 
+# Data pointers of the storages a frozen graph reads as they are (after folding): graph mode's
+# WeightRelease never frees those. Recorded at folding, so graphs from Inductor's cache (which
+# skips the post-grad passes, not freezing) count too.
+_READ_AS_IS: set[int] = set()
+
+
+def read_as_is(t: torch.Tensor) -> bool:
+    """Whether a compiled graph reads ``t``'s storage as it is (not only folded into constants)."""
+    return t.untyped_storage().data_ptr() in _READ_AS_IS
+
+
+def _recording_constant_fold(original, reads: dict):
+    """Freezing folds a graph more than once (its patterns fold before packing, then the final
+    fold): ``reads[id(gm)]`` keeps what the latest fold of each graph left it reading."""
+    def constant_fold(gm, *args, **kwargs):
+        out = original(gm, *args, **kwargs)
+        reads[id(gm)] = ptrs = set()
+        for node in gm.graph.find_nodes(op="get_attr"):
+            value = gm
+            for part in node.target.split("."):
+                value = getattr(value, part, None)
+            if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+                ptrs.add(value.untyped_storage().data_ptr())
+        return out
+    constant_fold.__wrapped__ = original
+    return constant_fold
+
+
 @contextlib.contextmanager
 def shared_folding():
-    """While compiling: constants folded by Inductor's freezing are shared across graphs."""
+    """While compiling: constants folded by Inductor's freezing are shared across graphs, and
+    what the frozen graphs read as it is is recorded (``read_as_is``)."""
+    from torch._inductor import freezing
     from torch._inductor.constant_folding import ConstantFolder
     original = ConstantFolder._deduce_value
     if hasattr(original, "__wrapped__"):  # already inside (a nested compile)
         yield
         return
+    fold, reads = freezing.constant_fold, {}
     ConstantFolder._deduce_value = _shared_deduce_value(original)
+    freezing.constant_fold = _recording_constant_fold(fold, reads)
     try:
         yield
     finally:
         ConstantFolder._deduce_value = original
+        freezing.constant_fold = fold
+        for ptrs in reads.values():
+            _READ_AS_IS.update(ptrs)

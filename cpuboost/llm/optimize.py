@@ -106,7 +106,8 @@ def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
 
 def _compile(model: nn.Module, cfg: LlmConfig, rec) -> None:
     from cpuboost.compile.graph_mode import SHAPE_POLICY, CompiledForward
-    model.__dict__["forward"] = CompiledForward(model, cfg.compute_dtype, rec, cfg.weight_dtype)
+    model.__dict__["forward"] = CompiledForward(model, cfg.compute_dtype, rec, cfg.weight_dtype,
+                                                release_weights=cfg.inplace)
     rec.notes += ["forward (what generate() calls each step) compiles on its first call",
                   SHAPE_POLICY]
 
