@@ -2,9 +2,12 @@
 request eagerly, then optimize(graph_mode=True) and run the same request again (compiling every
 graph it needs) under a 5 ms RSS sampler. One model per process.
 
-Usage: python benchmarks/graph_mode_memory.py MODEL fp32|bf16 [--no-check]   (MODEL: see BUILD;
-'all' runs every model and dtype in fresh processes and prints one table). With --no-check,
-optimize gets no sample_input: no numerics check, so no reference output held while compiling."""
+Usage: python benchmarks/graph_mode_memory.py MODEL fp32|bf16 [--no-check] [--inplace]   (MODEL:
+see BUILD; 'all [MODEL...] [--inplace]' runs those models (default every one) and both dtypes in
+fresh processes and prints one table). With --no-check, optimize gets no sample_input: no
+numerics check, so no reference output held while compiling. With --inplace, optimize(...,
+inplace=True), which releases the weights the graphs hold packed; the request's output is then
+compared with eager's (generate: the tokens)."""
 import gc
 import subprocess
 import sys
@@ -71,22 +74,24 @@ def _request(model, inputs, gen):
         return model.generate(**gen) if gen else model(**inputs)
 
 
-def measure(name, dtype_name, check=True):
+def measure(name, dtype_name, check=True, inplace=False):
     import cpuboost
     from cpuboost.bench.harness import PeakRss, rss_mb
     torch.set_num_threads(2)
     torch.manual_seed(0)
     model, inputs, gen = BUILD[name]()
     model.eval()
-    _request(model, inputs, gen)
+    reference = _request(model, inputs, gen)
+    if not inplace:
+        reference = None  # (not held: it would count in graph mode's RSS)
     gc.collect()
     eager = rss_mb()
     dt = torch.bfloat16 if dtype_name == "bf16" else None
     t0 = time.perf_counter()
     with PeakRss() as p:
-        om = cpuboost.optimize(model, dtype=dt, graph_mode=True,
+        om = cpuboost.optimize(model, dtype=dt, graph_mode=True, inplace=inplace,
                                sample_input=inputs if check else None)
-        _request(om, inputs, gen)
+        out = _request(om, inputs, gen)
     seconds = time.perf_counter() - t0
     gc.collect()
     after = rss_mb()
@@ -95,21 +100,37 @@ def measure(name, dtype_name, check=True):
     # eager: its memory would say nothing about graph mode (Longformer's did, until 2026-11-28)
     if cpuboost.report_of(om).pass_named("graph_mode").dropped:
         name += " (graph mode DROPPED by the numerics check: ran eager)"
+    if inplace:
+        released = [n for n in cpuboost.report_of(om).pass_named("graph_mode").notes
+                    if n.startswith("inplace=True:")]
+        name += f" inplace ({released[0][14:70] if released else 'no release note'}; " \
+                f"output {_agreement(reference, out, gen)})"
     print(f"| {name}{'' if check else ' (no sample_input)'} | {dtype_name} | {eager:.0f} | {p.peak:.0f} ({p.peak / eager:.2f}x) | "
           f"{after:.0f} ({after / eager:.2f}x) | {graphs} | {seconds:.0f} |", flush=True)
 
 
+def _agreement(reference, out, gen) -> str:
+    if gen:
+        return "tokens equal" if torch.equal(reference, out) else "tokens DIFFER"
+    ref = reference[0] if isinstance(reference, tuple) else next(iter(reference.values()))
+    got = out[0] if isinstance(out, tuple) else next(iter(out.values()))
+    rel = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+    return f"max rel diff {rel:.1e}"
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "all":
+    flags = [a for a in sys.argv[1:] if a.startswith("--")]
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if args[0] == "all":
         print("| model | dtype | eager RSS MB | graph mode peak MB | after MB | graphs | "
               "optimize + first request s |\n|---|---|---|---|---|---|---|", flush=True)
-        names = sys.argv[2:] or list(BUILD)
+        names = args[1:] or list(BUILD)
         for name in names:
             for dt in ("fp32", "bf16"):
-                r = subprocess.run([sys.executable, __file__, name, dt], capture_output=True,
-                                   text=True)
+                r = subprocess.run([sys.executable, __file__, name, dt, *flags],
+                                   capture_output=True, text=True)
                 line = [ln for ln in r.stdout.splitlines() if ln.startswith("|")]
                 print(line[-1] if line else f"| {name} | {dt} | failed: "
                       f"{r.stderr.strip().splitlines()[-1:]} |", flush=True)
     else:
-        measure(sys.argv[1], sys.argv[2], check="--no-check" not in sys.argv)
+        measure(args[0], args[1], check="--no-check" not in flags, inplace="--inplace" in flags)
