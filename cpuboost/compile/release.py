@@ -12,14 +12,15 @@ The packed panels hold exactly the weight's values (and are held here, so they o
 graphs, e.g. ``torch._dynamo.reset()``): nothing is lost. Before Dynamo compiles again (a new
 input shape), the released weights are unpacked back into their storage and the new graph
 reuses the packed constants (``shared_constants.pin`` keeps their recipe key across the
-restore), then they are released again. ``state_dict()`` gives the unpacked values.
+restore), then they are released again.
 
 Code outside the compiled graphs may still read a weight: T5's ``generate()`` runs the encoder
-module directly, a user prints one, ``model.to(...)``, ``copy.deepcopy``. Between calls a
-released weight is therefore a ``ReleasedParameter``, whose metadata (shape, dtype...) answers
-as before and whose first read of values restores every weight of the model for good (with a
-warning and a report note), then proceeds: such a model runs as with ``inplace=False``, never on
-freed memory. During a call of the compiled forward it is a plain Parameter (Dynamo's tensor
+module directly, a user prints one, ``model.to(...)``. Between calls a released weight is
+therefore a ``ReleasedParameter``, whose metadata (shape, dtype...) answers as before and whose
+first read of values restores every weight of the model for good (with a warning and a report
+note), then proceeds: such a model runs as with ``inplace=False``, never on freed memory.
+Copies need no restore: ``detach()`` (what ``state_dict()`` takes), ``copy.deepcopy`` and
+pickling (``torch.save(model)``) get the values unpacked into a new tensor. During a call of the compiled forward it is a plain Parameter (Dynamo's tensor
 guards check the type). The same happens if the compiler fails and forward falls back to eager.
 
 Not released: a weight any graph also reads as it is (a head tied to an embedding, a bias,
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import OrderedDict
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -73,7 +75,7 @@ _METADATA = frozenset({
     "is_nested", "output_nr", "_version", "itemsize", "nbytes", "size", "numel", "nelement",
     "dim", "ndimension", "element_size", "stride", "storage_offset", "is_contiguous",
     "untyped_storage", "data_ptr", "is_floating_point", "is_complex", "get_device", "__hash__",
-    "__len__", "__format__", "detach"})  # detach: state_dict's (the hook then unpacks it)
+    "__len__", "__format__"})
 
 
 # id(released weight) -> (weakref to it, weakref to its WeightRelease)
@@ -95,27 +97,50 @@ class ReleasedParameter(nn.Parameter):
         if name in _METADATA:
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        if name == "detach":  # state_dict() takes each weight so: the values, as a new tensor
+            values = _unpacked(args[0])
+            if values is not None:
+                return values
         for t in tree_leaves((args, kwargs)):
             if isinstance(t, ReleasedParameter):
                 _bring_back(t, what)
         return func(*args, **kwargs)  # on the restored Parameters
 
-    # copies and pickles are made from the values, as of a plain Parameter
+    # copies and pickles are plain Parameters holding the values
     def __deepcopy__(self, memo):
-        _bring_back(self, "copy.deepcopy()")
-        return self.__deepcopy__(memo)
+        values = _unpacked(self)
+        if values is None:
+            return self.__deepcopy__(memo)  # (now a plain Parameter)
+        memo[id(self)] = copied = nn.Parameter(values, self.requires_grad)
+        return copied
 
     def __reduce_ex__(self, protocol):
-        _bring_back(self, "pickling")
-        return self.__reduce_ex__(protocol)
+        values = _unpacked(self)
+        if values is None:
+            return self.__reduce_ex__(protocol)
+        return torch._utils._rebuild_parameter, (values, self.requires_grad, OrderedDict())
+
+
+def _owner(t: ReleasedParameter):
+    """The WeightRelease that released ``t``; None for a stray object of the class (made from
+    one, e.g. by ``type(p)(...)``), which then becomes a plain Parameter."""
+    ref, owner = _OWNERS.get(id(t), (None, None))
+    owner = owner() if ref is not None and ref() is t else None
+    if owner is None:
+        t.__class__ = nn.Parameter
+    return owner
+
+
+def _unpacked(t) -> Optional[torch.Tensor]:
+    """A released weight's values in a new tensor, or None (not a released weight)."""
+    owner = _owner(t) if isinstance(t, ReleasedParameter) else None
+    return None if owner is None else owner.values_of(t)
 
 
 def _bring_back(t: ReleasedParameter, what: str) -> None:
     """A released weight is read: restore every weight of its model for good."""
-    ref, owner = _OWNERS.get(id(t), (None, None))
-    owner = owner() if ref is not None and ref() is t else None
-    if owner is None:  # not a released weight (a stray object of the class): just a Parameter
-        t.__class__ = nn.Parameter
+    owner = _owner(t)
+    if owner is None:
         return
     owner.stop(f"{what} read a weight outside the compiled graphs (shape {tuple(t.shape)}): "
                "the weights were restored, memory is as with inplace=False", warn=True)
@@ -149,7 +174,6 @@ class WeightRelease:
         self.calls = 0  # calls in progress: while any runs, released weights are Parameters
         self.stopped = ""  # why weights are kept from now on ("" while releasing)
         self._lock = threading.RLock()
-        self._hook = model.register_state_dict_post_hook(_UnpackedStateDict(self))
 
     def stop(self, why: str, warn: bool = False) -> None:
         """Restore the weights for good (a read outside the graphs, eager fallback, graph
@@ -165,6 +189,13 @@ class WeightRelease:
             warnings.warn(f"cpuboost graph_mode (inplace=True): {why}. See "
                           "cpuboost.report_of(model).", RuntimeWarning, stacklevel=4)
 
+    def values_of(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """A released weight's values, unpacked into a new tensor (None if not released)."""
+        with self._lock:
+            entry = next((e for e in self.entries if e.param() is param), None) \
+                if self.released else None
+            return None if entry is None else entry.values().clone()
+
     def enter(self) -> None:
         """A call of the compiled forward starts: Dynamo's guards expect Parameters."""
         with self._lock:
@@ -173,7 +204,7 @@ class WeightRelease:
                 self._set_class(nn.Parameter)
 
     def exit(self) -> None:
-        """The call ended: while no call runs, reading a released weight raises."""
+        """The call ended: while no call runs, a released weight is a ReleasedParameter."""
         with self._lock:
             self.calls -= 1
             if self.calls == 0 and self.released:
@@ -271,24 +302,3 @@ def _owns_storage(t: torch.Tensor) -> bool:
     """``t`` is its storage, whole and contiguous (resizing the storage touches nothing else)."""
     return t.is_contiguous() and t.storage_offset() == 0 and \
         t.untyped_storage().nbytes() == t.numel() * t.element_size()
-
-
-class _UnpackedStateDict:
-    """A state_dict post-hook: released weights appear with their values, unpacked from the
-    graph's copy (the model's own tensors stay released). An object, so the model still pickles
-    (a copy's hook does nothing: its forward compiles afresh)."""
-
-    def __init__(self, release: WeightRelease):
-        self.release = weakref.ref(release)
-
-    def __call__(self, module, state_dict, prefix, local_metadata) -> None:
-        release = self.release() if self.release is not None else None
-        if release is None or not release.released:
-            return
-        entries = {id(e.param()): e for e in release.entries}
-        for name, param in module.named_parameters(remove_duplicate=False):
-            if id(param) in entries and prefix + name in state_dict:
-                state_dict[prefix + name] = entries[id(param)].values().clone()
-
-    def __getstate__(self):
-        return {"release": None}

@@ -8,7 +8,6 @@ from torch import nn
 
 import cpuboost
 from cpuboost.compile import graph_mode as graph_mode_module
-from cpuboost.compile.release import ReleasedParameter
 from cpuboost.compile.shared_constants import folded_constants
 from cpuboost.kernels import gemm_ops, gemm_unavailable
 from tests.conftest import TiedLM, rel_err
@@ -112,33 +111,62 @@ def test_a_weight_held_transposed_is_released_and_restored():
     assert all(torch.equal(saved[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("read", ["add", "linear", "data", "deepcopy", "to", "pickle"])
-def test_a_read_outside_the_graphs_brings_the_weights_back(read):
-    """Between calls a released weight answers its metadata; the first read of its values (T5's
-    generate() runs the encoder module directly) restores every weight for good, with a
-    warning, and proceeds on the values, never on freed memory."""
+def _released_stack():
     torch._dynamo.reset()
     model = Stack().eval()
     (x,) = _inputs(8)
     with torch.no_grad():
         ref, ref_out = model(x), model.out(model.blocks(x))
         cpuboost.optimize(model, graph_mode=True, inplace=True, sample_input=x)
+    return model, x, ref, ref_out
+
+
+@pytest.mark.parametrize("read", ["add", "linear", "data", "to"])
+def test_a_read_outside_the_graphs_brings_the_weights_back(read):
+    """Between calls a released weight answers its metadata; the first read of its values (T5's
+    generate() runs the encoder module directly) restores every weight for good, with a
+    warning, and proceeds on the values, never on freed memory."""
+    model, x, ref, ref_out = _released_stack()
     w = model.out.weight
     assert w.shape == (10, 64) and w.dtype == torch.float32 and w.numel() == 640
     assert isinstance(w, nn.Parameter) and len(_released(model)) == 5
     reads = {"add": lambda: w + 1, "linear": lambda: model.out(model.blocks(x)),
-             "data": lambda: w.data.clone(), "deepcopy": lambda: copy.deepcopy(model.out).weight,
-             "to": lambda: model.to(torch.float64).out.weight,
-             "pickle": lambda: pickle.loads(pickle.dumps(model.out)).weight}
+             "data": lambda: w.data.clone(), "to": lambda: model.to(torch.float64).out.weight}
     with torch.no_grad(), pytest.warns(RuntimeWarning, match="outside the compiled graphs"):
         got = reads[read]()
-    assert not _released(model) and type(w) is nn.Parameter and type(got) is not ReleasedParameter
+    assert not _released(model) and type(w) is nn.Parameter
     assert "weights kept:" in _note(model)
     expected = {"add": w + 1, "linear": ref_out}.get(read, w)
     assert torch.allclose(got.double(), expected.double(), rtol=1e-5, atol=1e-6)
     if read != "to":
         with torch.no_grad():
             assert rel_err(ref, model(x)) <= 1e-5  # still the compiled graph
+
+
+@pytest.mark.parametrize("copy_by", ["deepcopy", "pickle", "state_dict", "detach"])
+def test_copies_of_released_weights_hold_their_values_and_the_model_stays_released(copy_by):
+    model, x, ref, _ = _released_stack()
+    expected = model.state_dict()["blocks.0.up.weight"]
+    copies = {"deepcopy": lambda: copy.deepcopy(model.blocks).state_dict()["0.up.weight"],
+              "pickle": lambda: pickle.loads(pickle.dumps(model.blocks[0].up)).weight,
+              "state_dict": lambda: model.blocks[0].state_dict()["up.weight"],  # a submodule's
+              "detach": lambda: model.blocks[0].up.weight.detach()}
+    got = copies[copy_by]()
+    assert type(got) in (torch.Tensor, nn.Parameter) and torch.equal(got, expected)
+    assert len(_released(model)) == 5
+    with torch.no_grad():
+        assert rel_err(ref, model(x)) <= 1e-5
+
+
+def test_the_packed_copies_outlive_a_dynamo_reset():
+    """torch._dynamo.reset() drops the compiled graphs; the released weights' only copies stay
+    with the model, the next call compiles again from them and reuses them."""
+    model, x, ref, _ = _released_stack()
+    packed = _packed_pointers()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert rel_err(ref, model(x)) <= 1e-5
+    assert len(_released(model)) == 5 and _packed_pointers() == packed
 
 
 def test_without_inplace_the_callers_weights_stay():
