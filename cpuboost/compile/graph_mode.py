@@ -109,8 +109,10 @@ class CompiledForward:
         self.weight_dtype = weight_dtype  # of linears on cpuboost's AVX2 kernel (OneDnnLinear)
         # inplace=True: weights held only packed by the graphs are released (compile/release.py);
         # it needs the compile-start callback to restore them before Dynamo compiles again
-        self.release = WeightRelease(model, lambda why: self._note(_RELEASED, f"weights kept: {why}")) \
-            if release_weights and _features()[1] else None
+        self.release = None
+        if release_weights and _features()[1]:
+            self.release = WeightRelease(
+                model, lambda why: self._note(_RELEASED, f"weights kept: {why}"))
         self.calls = self.graphs = self.dynamic_graphs = 0
         self.changes = 0  # times the model's state changed after a compile
         self.failed = False  # the compiler raised: forward runs eager (see _fall_back)

@@ -20,8 +20,9 @@ therefore a ``ReleasedParameter``, whose metadata (shape, dtype...) answers as b
 first read of values restores every weight of the model for good (with a warning and a report
 note), then proceeds: such a model runs as with ``inplace=False``, never on freed memory.
 Copies need no restore: ``detach()`` (what ``state_dict()`` takes), ``copy.deepcopy`` and
-pickling (``torch.save(model)``) get the values unpacked into a new tensor. During a call of the compiled forward it is a plain Parameter (Dynamo's tensor
-guards check the type). The same happens if the compiler fails and forward falls back to eager.
+pickling (``torch.save(model)``) get the values unpacked into a new tensor. During a call of the
+compiled forward a released weight is a plain Parameter (Dynamo's tensor guards check the
+type). A compiler failure (forward falls back to eager) restores the weights as a read does.
 
 Not released: a weight any graph also reads as it is (a head tied to an embedding, a bias,
 LayerNorm), whose storage another tensor shares, or of a model whose forward has graph breaks

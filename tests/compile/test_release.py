@@ -12,13 +12,15 @@ from cpuboost.compile.shared_constants import folded_constants
 from cpuboost.kernels import gemm_ops, gemm_unavailable
 from tests.conftest import TiedLM, rel_err
 
-pytestmark = pytest.mark.skipif(not gemm_ops(), reason=f"cpuboost's AVX2 kernel: {gemm_unavailable()}")
+pytestmark = pytest.mark.skipif(not gemm_ops(),
+                                reason=f"cpuboost's AVX2 kernel: {gemm_unavailable()}")
 
 
 class Block(nn.Module):
     def __init__(self, dim=64, breaks=False):
         super().__init__()
-        self.up, self.down, self.norm = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim), nn.LayerNorm(dim)
+        self.up, self.down = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.norm = nn.LayerNorm(dim)
         self.breaks = breaks
 
     def forward(self, x):  # (B, T, dim)
@@ -67,7 +69,8 @@ def test_weights_held_packed_are_released_and_come_back_for_a_recompilation():
     with torch.no_grad():
         opt = cpuboost.optimize(model, graph_mode=True, inplace=True, sample_input=xs[0])
         assert opt is model
-        linears = sorted(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear))
+        linears = sorted(f"{n}.weight" for n, m in model.named_modules()
+                         if isinstance(m, nn.Linear))
         assert sorted(_released(model)) == linears  # biases and LayerNorm are read as they are
         packed = _packed_pointers()
         assert "5 Linear weight(s)" in _note(model)
