@@ -9,6 +9,7 @@ import torch
 import cpuboost
 from cpuboost.checks import bf16_weights_only
 from cpuboost.hw import detect
+from cpuboost.kernels import gemm_ops
 from cpuboost.llm.structure import is_linear
 from cpuboost.errors import ConfigError, TrainingModeError, UnsupportedRequestError
 from cpuboost.llm import WoqConfig
@@ -177,6 +178,22 @@ def test_graph_mode_generates_like_stock(arch):
         want = model(input_ids=ids, attention_mask=mask).logits
     assert sqnr(want[mask.bool()], got[mask.bool()]) > 25
     assert "compiled with backend 'cpuboost'" in str(cpuboost.report_of(fast16))
+
+
+@pytest.mark.skipif(not gemm_ops(), reason="packed fp32 copies are cpuboost's AVX2 kernel's")
+def test_graph_mode_inplace_keeps_one_copy_of_each_weight():
+    """inplace=True: the float32 weights the compiled graphs hold packed are released (restored
+    for each recompilation of generate's prefill and decode graphs); tokens as stock."""
+    model = tiny_model("llama")
+    ids, mask = prompts()
+    want = generate(copy.deepcopy(model), ids, mask, do_sample=False)
+    fast = cpuboost.llm.optimize(model, dtype=torch.float32, graph_mode=True, inplace=True)
+    assert torch.equal(generate(fast, ids, mask, do_sample=False), want)
+    released = [n for n, p in fast.named_parameters() if p.untyped_storage().nbytes() == 0]
+    linears = [n for n, m in fast.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(released) >= len(linears) - 1  # all but a head tied to the embedding
+    assert any("Linear weight(s)" in n and "released" in n
+               for n in cpuboost.report_of(fast).pass_named("graph_mode").notes)
 
 
 def test_graph_mode_with_woq_is_refused():
