@@ -39,7 +39,7 @@ def _leaf(t: torch.Tensor) -> tuple[_Key, torch.Tensor]:
     ``load_state_dict``), data pointer (``param.data = other`` and ``module.to(...)`` swap the
     data without bumping the version) and a sample of its values (so a freed buffer reused at
     the same address is not taken for the old one). A pinned weight keeps its key while its
-    version is the pinned one."""
+    version and data pointer are the pinned ones."""
     if t.layout != torch.strided or t.device.type == "meta":
         raise _NoRecipe  # opaque (a oneDNN-packed tensor) or no data: never shared as a leaf
     try:
@@ -47,24 +47,25 @@ def _leaf(t: torch.Tensor) -> tuple[_Key, torch.Tensor]:
     except RuntimeError:  # inference tensors carry no version counter: never shared
         raise _NoRecipe from None
     pinned = _PINNED.get(id(t))
-    if pinned is not None and pinned[0]() is t and pinned[2] == version:
+    if pinned is not None and pinned[0]() is t and pinned[2] == (version, t.data_ptr()):
         return pinned[1], t
     return ("tensor", id(t), version, t.data_ptr(), _sample(t)), t
 
 
-# id(weight) -> (weakref, key, version): weights graph mode released and restored with the same
-# values (compile/release.py); their storage moved, so the key they were folded under is kept.
-_PINNED: dict[int, tuple[weakref.ref, _Key, int]] = {}
+# id(weight) -> (weakref, key, (version, data pointer)): weights graph mode released and
+# restored with the same values (compile/release.py); their storage moved, so the key they were
+# folded under is kept until they change (an in-place update, ``param.data = other``).
+_PINNED: dict[int, tuple[weakref.ref, _Key, tuple[int, int]]] = {}
 
 
 def pin(t: torch.Tensor) -> None:
-    """Keep ``t``'s current key (the first time) for its current version: call it when its
-    values are, again, those it was folded from."""
+    """Keep ``t``'s current key (the first time) for its current version and data: call it when
+    its values are, again, those it was folded from."""
     for k in [k for k, (r, _, _) in _PINNED.items() if r() is None]:
         del _PINNED[k]
     pinned = _PINNED.get(id(t))
     key = pinned[1] if pinned is not None and pinned[0]() is t else _leaf(t)[0]
-    _PINNED[id(t)] = (weakref.ref(t), key, t._version)
+    _PINNED[id(t)] = (weakref.ref(t), key, (t._version, t.data_ptr()))
 
 
 def folded_constants() -> list[tuple[torch.Tensor, torch.Tensor, str]]:

@@ -110,6 +110,29 @@ def test_made_once_keys_on_identity_and_version():
     assert len(made) == 1
 
 
+def test_a_pinned_weight_keeps_its_key_across_a_storage_move_until_its_data_changes():
+    """Graph mode's inplace=True frees a weight's storage and later unpacks the same values into
+    a new one: pinned, it keeps the key its constants were folded under; new data does not."""
+    w = torch.randn(8, 4)
+    made = []
+
+    def make():
+        made.append(w * 2)
+        return made[-1]
+
+    a = sc.made_once(("double",), w, make)
+    sc.pin(w)
+    values, nbytes = w.detach().clone(), w.untyped_storage().nbytes()
+    w.untyped_storage().resize_(0)
+    w.untyped_storage().resize_(nbytes)  # (a new allocation)
+    with torch.no_grad():
+        w.copy_(values)  # (a new version)
+    sc.pin(w)
+    assert sc.made_once(("double",), w, make) is a and len(made) == 1
+    w.data = values.clone()  # the same values, new data: not what was pinned any more
+    assert sc.made_once(("double",), w, make) is not a and len(made) == 2
+
+
 def test_inference_tensors_are_made_every_time():
     with torch.inference_mode():
         w = torch.randn(3)
