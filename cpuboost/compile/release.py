@@ -14,8 +14,9 @@ input shape), the released weights are unpacked back into their storage and the 
 reuses the packed constants (``shared_constants.pin`` keeps their recipe key across the
 restore), then they are released again.
 
-Code outside the compiled graphs may still read a weight: T5's ``generate()`` runs the encoder
-module directly, a user prints one, ``model.to(...)``. Between calls a released weight is
+Code outside the compiled graphs may still read a weight: a submodule called on its own (an
+encoder-decoder's encoder, which ``generate()`` calls, is compiled too and shares this release),
+a user prints one, ``model.to(...)``. Between calls a released weight is
 therefore a ``ReleasedParameter``, whose metadata (shape, dtype...) answers as before and whose
 first read of values restores every weight of the model for good (with a warning and a report
 note), then proceeds: such a model runs as with ``inplace=False``, never on freed memory.
@@ -241,8 +242,13 @@ class WeightRelease:
             self._restore()  # a new graph may have changed which weights qualify
             self.entries = self._candidates()
             for e in self.entries:
-                e.param().untyped_storage().resize_(0)
-                _OWNERS[id(e.param())] = (e.param, weakref.ref(self))
+                param = e.param()
+                if not param.untyped_storage().resizable():
+                    # torch.load's storages (read from the file) cannot be resized: the weight
+                    # gets a storage of its own (not written: no memory taken), freed below
+                    param.data = torch.empty(param.shape, dtype=param.dtype)
+                param.untyped_storage().resize_(0)
+                _OWNERS[id(param)] = (e.param, weakref.ref(self))
             self.released = bool(self.entries)
         if self.released:
             # freed weights below glibc's mmap threshold stay in the heap's RSS otherwise (and
