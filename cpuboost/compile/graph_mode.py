@@ -19,6 +19,7 @@ import inspect
 import threading
 import time
 import warnings
+from typing import Optional
 
 import torch
 from torch import nn
@@ -103,21 +104,32 @@ def _hook_compiles() -> None:
 
 
 class CompiledForward:
+    """``model.forward`` compiled. ``name`` says which in the report ("forward", "encoder");
+    ``outer`` is the model's own CompiledForward when this one compiles a submodule of it (the
+    weight release is then the model's: one set of weights, restored and released together)."""
+
     def __init__(self, model: nn.Module, dtype: torch.dtype, record=None,
-                 weight_dtype: torch.dtype = torch.float32, release_weights: bool = False):
+                 weight_dtype: torch.dtype = torch.float32, release_weights: bool = False,
+                 name: str = "forward", outer: Optional["CompiledForward"] = None):
         self.model, self.dtype, self.record = model, dtype, record
         self.weight_dtype = weight_dtype  # of linears on cpuboost's AVX2 kernel (OneDnnLinear)
+        self.name, self.outer = name, outer
         # inplace=True: weights held only packed by the graphs are released (compile/release.py);
         # it needs the compile-start callback to restore them before Dynamo compiles again
-        self.release = None
-        if release_weights and _features()[1]:
-            self.release = WeightRelease(
+        self._release = None
+        if release_weights and outer is None and _features()[1]:
+            self._release = WeightRelease(
                 model, lambda why: self._note(_RELEASED, f"weights kept: {why}"))
         self.calls = self.graphs = self.dynamic_graphs = 0
         self.changes = 0  # times the model's state changed after a compile
         self.failed = False  # the compiler raised: forward runs eager (see _fall_back)
         self._lock = threading.Lock()
         self._setup()
+
+    @property
+    def release(self) -> Optional[WeightRelease]:
+        # (read when called: a copy's outer may still be under construction when this one is)
+        return self.outer.release if self.outer is not None else self._release
 
     def _setup(self):
         """A fresh Dynamo cache for this forward (its graphs compile on the next call)."""
@@ -146,10 +158,13 @@ class CompiledForward:
                                "oneDNN reorders them on every call)")
         return compiled
 
-    def _note(self, prefix: str, text: str) -> None:
-        """The report's note starting with ``prefix``, replaced (or added) with the latest."""
+    def _note(self, prefix: str, text: str, own: bool = True) -> None:
+        """The report's note starting with ``prefix`` (this forward's own, unless ``own`` is
+        False), replaced (or added) with the latest."""
         if self.record is None:
             return
+        if own and self.name != "forward":
+            prefix = f"{self.name}: {prefix}"
         notes, text = self.record.notes, f"{prefix} {text}"
         at = next((i for i, n in enumerate(notes) if n.startswith(prefix)), None)
         if at is None:
@@ -216,7 +231,7 @@ class CompiledForward:
             self._note(_RELEASED, f"{len(release.entries)} Linear weight(s) "
                                   f"({release.released_bytes() / 2**20:.1f} MB) released: the "
                                   "graphs' packed copies are the only ones (unpacked again for a "
-                                  "recompilation and in state_dict())")
+                                  "recompilation and in state_dict())", own=False)
 
     def _collect_garbage(self) -> None:
         """A compile adds ~360k objects that Python tracks, ~40-130k of them garbage in
@@ -264,14 +279,14 @@ class CompiledForward:
         (int8 layers packed again), and say so in the report and as a warning."""
         self.failed = True
         if self.release is not None:
-            self.release.stop("the compiler failed: forward runs eager")
+            self.release.stop(f"the compiler failed: {self.name} runs eager")
         for m in self.model.modules():
             if m is not self.model and callable(getattr(m, "for_eager", None)):
                 m.for_eager()
         inner = getattr(error, "inner_exception", None) or error
         why = f"{type(inner).__name__}: {str(inner).strip()[:200] or 'no message'}"
         if self.record is not None:
-            self.record.skip("forward", f"the compiler failed ({why}); forward runs eager")
+            self.record.skip(self.name, f"the compiler failed ({why}); {self.name} runs eager")
         warnings.warn(f"cpuboost graph_mode: the compiler failed on {type(self.model).__name__} "
                       f"({why}); it runs uncompiled (correct, not faster). See "
                       "cpuboost.report_of(model).", RuntimeWarning, stacklevel=3)
@@ -284,7 +299,7 @@ class CompiledForward:
             self.record.notes.append(
                 f"{cached} graph(s) came from Inductor's cache: the activations and attentions "
                 "moved into cpuboost's kernels are counted in freshly compiled graphs only")
-        self.record.apply(f"forward compiled with backend 'cpuboost' in {seconds:.1f}s "
+        self.record.apply(f"{self.name} compiled with backend 'cpuboost' in {seconds:.1f}s "
                           f"(first call), {len(breaks)} graph break reason(s), "
                           f"{self.linear_pass.replaced} Linear(s) on oneDNN, "
                           f"{self.linear_pass.own} on cpuboost's AVX2 kernel "
@@ -298,27 +313,79 @@ class CompiledForward:
                           "kernel")
         if self.linear_pass.attention.missed:
             from cpuboost.kernels import unavailable
-            self.record.skip("forward", f"{self.linear_pass.attention.missed} attention(s) kept on "
+            self.record.skip(self.name, f"{self.linear_pass.attention.missed} attention(s) kept on "
                                         f"torch's kernel: {unavailable()}")
         for reason, n in breaks.items():
-            self.record.skip("forward", f"graph break x{n}: {reason[:200]}")
+            self.record.skip(self.name, f"graph break x{n}: {reason[:200]}")
         self.record.seconds += seconds
 
     # A copy or an unpickled model compiles afresh on its first call.
     def __getstate__(self):
         return {"model": self.model, "dtype": self.dtype, "record": self.record,
-                "weight_dtype": self.weight_dtype, "release_weights": self.release is not None}
+                "weight_dtype": self.weight_dtype, "release_weights": self._release is not None,
+                "name": self.name, "outer": self.outer}
 
     def __setstate__(self, state):
         self.__init__(state["model"], state["dtype"], state["record"],
-                      state.get("weight_dtype", torch.float32), state.get("release_weights", False))
+                      state.get("weight_dtype", torch.float32), state.get("release_weights", False),
+                      state.get("name", "forward"), state.get("outer"))
+
+
+class SubmoduleForward:
+    """A submodule's ``forward`` compiled of its own (an encoder-decoder's encoder, which
+    ``generate()`` calls directly). Inside the model's own graph (its full forward traced by
+    Dynamo) it is the submodule's code, inlined: Dynamo traces this object, which never changes
+    after it is made (the watched dict versions stay), never the CompiledForward's counters."""
+
+    def __init__(self, module: nn.Module, compiled: CompiledForward):
+        self.module, self.compiled = module, compiled
+
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return type(self.module).forward(self.module, *args, **kwargs)
+        return self.compiled(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        # what generate() inspects to choose the encoder's keyword arguments
+        return inspect.signature(type(self.module).forward.__get__(self.module))
+
+
+def encoder_path(model: nn.Module) -> Optional[str]:
+    """Where the encoder is that an encoder-decoder model's ``generate()`` runs on its own
+    (once per request, before the decoder steps that go through ``forward``); None for other
+    models."""
+    get = getattr(model, "get_encoder", None)
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False) or \
+            not callable(get):
+        return None
+    try:
+        encoder = get()
+    except Exception:  # noqa: BLE001 - a model whose lookup fails is compiled without it
+        return None
+    if not isinstance(encoder, nn.Module) or encoder is model:
+        return None
+    return next((name for name, m in model.named_modules() if m is encoder and name), None)
 
 
 def graph_mode(model: nn.Module, ctx) -> nn.Module:
     from cpuboost.checks import BF16_WEIGHTS_NOTE
+    from cpuboost.passes._context import shell_path
     cfg = ctx.config
+    path = encoder_path(model)
+    # inplace=False: the model is a shell sharing the caller's modules, which stay as they were
+    encoder = None if path is None else \
+        model.get_submodule(path) if cfg.inplace else shell_path(model, path)
     model.__dict__["forward"] = CompiledForward(model, cfg.compute_dtype, ctx.record,
                                                 cfg.weight_dtype, release_weights=cfg.inplace)
+    if encoder is not None:
+        encoder.__dict__["forward"] = SubmoduleForward(encoder, CompiledForward(
+            encoder, cfg.compute_dtype, ctx.record, cfg.weight_dtype, name="encoder",
+            outer=model.__dict__["forward"]))
+        ctx.record.notes.append(f"encoder-decoder: the encoder ({path}), which generate() runs "
+                                "once per request before the decoder steps, is compiled too, "
+                                "on its first call (within a full forward it is part of the "
+                                "model's graph)")
     if cfg.bf16_weights:
         ctx.record.notes.append(BF16_WEIGHTS_NOTE)
     ctx.record.notes.append("compiles on the first call of forward (with sample_input: now)")

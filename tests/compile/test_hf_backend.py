@@ -103,5 +103,10 @@ def test_graph_mode_matches_eager_without_a_numerics_check(name):
     with torch.no_grad():
         ref = _first_tensor(model(**inputs))
         fast = cpuboost.optimize(model, graph_mode=True)
+        graphs = []
         for _ in range(2):
             assert rel_err(ref, _first_tensor(fast(**inputs))) <= 1e-3
+            graphs.append(fast.__dict__["forward"].graphs)
+    assert graphs[0] == graphs[1]  # nothing recompiles (T5: its encoder traced inline)
+    if name == "t5":  # the encoder's own compiled forward (for generate()) was not called
+        assert fast.encoder.__dict__["forward"].compiled.calls == 0
