@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -21,7 +20,7 @@ from cpuboost.passes import (PassContext, autocast_scope, embedding_tables, fold
                              remove_dropout, transformer_layers, weight_bytes)
 from cpuboost.passes._context import shell
 from cpuboost.passes._dataflow import Dataflow, Recording, record
-from cpuboost.report import NumericsCheck, OptimizationReport, attach, report_of
+from cpuboost.report import NumericsCheck, OptimizationReport, attach
 from cpuboost.verify import compare
 
 
@@ -107,60 +106,11 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
         _defer(work, [s for s in steps if s.needs_flow], cfg, hw, report)
     else:
         work = _apply_verified(work, source, steps, cfg, hw, report, call, reference)
-        if cfg.graph_mode:
-            work = _graph_or_eager(work, model, cfg, sample_input, call)
-            report = report_of(work)  # the eager passes' own, if they were kept
     report.weight_bytes_after = weight_bytes(work)
     attach(work, report)
     if _env.verbose():
         print(report)
     return work
-
-
-def _graph_or_eager(compiled: nn.Module, model: nn.Module, cfg: OptimizeConfig, sample_input,
-                    call) -> nn.Module:
-    """Graph mode on a forward with graph breaks: the code between its graphs runs as stock
-    eager (graph mode turns the eager passes off), and each graph's guards are checked on every
-    call. That can be slower than the eager passes, even than stock: Longformer-base (52 graphs)
-    ran 0.85-0.96x of eager compiled, 1.16-1.22x with the eager passes. So with a sample input,
-    both are timed on it and the faster is returned; the report says which and why."""
-    forward = compiled.__dict__.get("forward")
-    if not getattr(forward, "breaks", 0) or forward.failed:
-        return compiled
-    rec = report_of(compiled).pass_named("graph_mode")
-    if cfg.inplace:  # the caller's model is the compiled one: nothing else to return
-        rec.notes.append(f"{forward.breaks} graph break(s): not timed against the eager passes "
-                         "with inplace=True (graph mode with breaks can be slower than them: "
-                         "try graph_mode=False)")
-        return compiled
-    eager = optimize(model, config=cfg.with_(graph_mode=False), sample_input=sample_input)
-    graph_ms, eager_ms = time_calls((compiled, eager), call)
-    what = (f"forward compiled into {forward.graphs} graph(s) with {forward.breaks} graph "
-            f"break(s) ran {graph_ms:.1f} ms on the sample input, the eager passes "
-            f"{eager_ms:.1f} ms (median of 3 calls each)")
-    if graph_ms <= eager_ms:
-        rec.notes.append(f"{what}: compiled kept")
-        return compiled
-    report = report_of(eager)
-    report.record("graph_mode").skip("forward", f"{what}: the eager passes kept "
-                                                "(graph_mode=False skips the compile)")
-    return eager
-
-
-def time_calls(models, call, rounds: int = 3) -> list[float]:
-    """Median milliseconds of each model on ``call``, the models taking turns (this machine's
-    speed drifts within seconds: timed back to back, not one after the other)."""
-    args, kwargs = call
-    times = [[] for _ in models]
-    with torch.no_grad():
-        for m in models:
-            m(*args, **kwargs)
-        for _ in range(rounds):
-            for spent, m in zip(times, models):
-                t0 = time.perf_counter()
-                m(*args, **kwargs)
-                spent.append(time.perf_counter() - t0)
-    return [statistics.median(t) * 1e3 for t in times]
 
 
 def _resolve_config(config, dtype, level, inplace, flags, graph_mode) -> OptimizeConfig:

@@ -121,7 +121,6 @@ class CompiledForward:
             self._release = WeightRelease(
                 model, lambda why: self._note(_RELEASED, f"weights kept: {why}"))
         self.calls = self.graphs = self.dynamic_graphs = 0
-        self.breaks = 0  # graph breaks of the first call
         self.changes = 0  # times the model's state changed after a compile
         self.failed = False  # the compiler raised: forward runs eager (see _fall_back)
         self._lock = threading.Lock()
@@ -316,7 +315,6 @@ class CompiledForward:
             from cpuboost.kernels import unavailable
             self.record.skip(self.name, f"{self.linear_pass.attention.missed} attention(s) kept on "
                                         f"torch's kernel: {unavailable()}")
-        self.breaks = sum(breaks.values())
         for reason, n in breaks.items():
             self.record.skip(self.name, f"graph break x{n}: {reason[:200]}")
         self.record.seconds += seconds
