@@ -110,3 +110,7 @@ def test_graph_mode_matches_eager_without_a_numerics_check(name):
     assert graphs[0] == graphs[1]  # nothing recompiles (T5: its encoder traced inline)
     if name == "t5":  # the encoder's own compiled forward (for generate()) was not called
         assert fast.encoder.__dict__["forward"].compiled.calls == 0
+    # graph breaks (Longformer's attention) come with the advice to time graph_mode=False
+    advice = [n for n in cpuboost.report_of(fast).pass_named("graph_mode").notes
+              if "graph break(s): the code between" in n]
+    assert bool(advice) == (name == "longformer_cls")
