@@ -202,15 +202,19 @@ def _shared_deduce_value(original):
     return deduce_value
 
 
-# Data pointers of the storages a frozen graph reads as they are (after folding): graph mode's
-# WeightRelease never frees those. Recorded at folding, so graphs from Inductor's cache (which
-# skips the post-grad passes, not freezing) count too.
-_READ_AS_IS: set[int] = set()
+# Data pointers of the storages a frozen graph reads as they are (after folding), each with weak
+# references to the tensors the graphs hold there: graph mode's WeightRelease never frees those.
+# Recorded at folding, so graphs from Inductor's cache (which skips the post-grad passes, not
+# freezing) count too. A record expires with its tensor: a pointer alone outlived the graph,
+# and a later weight allocated at a freed address was taken as read (never released).
+_READ_AS_IS: dict[int, list] = {}
 
 
 def read_as_is(t: torch.Tensor) -> bool:
     """Whether a compiled graph reads ``t``'s storage as it is (not only folded into constants)."""
-    return t.untyped_storage().data_ptr() in _READ_AS_IS
+    ptr = t.untyped_storage().data_ptr()
+    return any(r() is not None and r().untyped_storage().data_ptr() == ptr
+               for r in _READ_AS_IS.get(ptr, ()))
 
 
 def _recording_constant_fold(original, reads: dict):
@@ -218,13 +222,13 @@ def _recording_constant_fold(original, reads: dict):
     fold): ``reads[id(gm)]`` keeps what the latest fold of each graph left it reading."""
     def constant_fold(gm, *args, **kwargs):
         out = original(gm, *args, **kwargs)
-        reads[id(gm)] = ptrs = set()
+        reads[id(gm)] = ptrs = {}
         for node in gm.graph.find_nodes(op="get_attr"):
             value = gm
             for part in node.target.split("."):
                 value = getattr(value, part, None)
             if isinstance(value, torch.Tensor) and value.layout == torch.strided:
-                ptrs.add(value.untyped_storage().data_ptr())
+                ptrs[value.untyped_storage().data_ptr()] = weakref.ref(value)
         return out
     constant_fold.__wrapped__ = original
     return constant_fold
@@ -249,4 +253,5 @@ def shared_folding():
         ConstantFolder._deduce_value = original
         freezing.constant_fold = fold
         for ptrs in reads.values():
-            _READ_AS_IS.update(ptrs)
+            for ptr, ref in ptrs.items():
+                _READ_AS_IS.setdefault(ptr, []).append(ref)
