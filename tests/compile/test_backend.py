@@ -164,3 +164,32 @@ def test_head_tied_to_embedding_is_not_packed(monkeypatch, winner):
     assert sum(p.shared for p in made) == 1
     with torch.no_grad():
         assert rel_err(model(ids), out) <= 1e-4
+
+
+def test_a_dropped_compiled_model_frees_its_constants_with_dynamo_reset():
+    """Inductor kept each graph's wrapper module, whose globals hold the frozen constants, in
+    sys.modules and PyCodeCache for good: a dropped model's packed weights were never freed.
+    The backend takes the modules it loaded off both registries; the graph holds its own."""
+    import gc
+    import weakref
+    import cpuboost
+    from torch._inductor.codecache import PyCodeCache
+    from cpuboost.compile.shared_constants import folded_constants
+    torch._dynamo.reset()
+    model = _mlp()
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = model(x)
+        fast = cpuboost.optimize(model, graph_mode=True)
+        assert rel_err(ref, fast(x)) <= 1e-5
+        assert rel_err(ref, fast(x)) <= 1e-5  # the graph runs without the registries
+    constants = [weakref.ref(c) for w, c, _ in folded_constants()
+                 if any(w is p for p in model.parameters())]
+    assert constants
+    owned = {id(m.__dict__) for m in list(sys.modules.values()) + PyCodeCache.modules
+             if hasattr(m, "__dict__")}
+    assert not any(id(r) in owned for c in constants for r in gc.get_referrers(c()))
+    del fast
+    torch._dynamo.reset()
+    gc.collect()
+    assert all(c() is None for c in constants)
