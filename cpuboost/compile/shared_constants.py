@@ -252,6 +252,12 @@ def shared_folding():
     finally:
         ConstantFolder._deduce_value = original
         freezing.constant_fold = fold
+        for ptr in list(_READ_AS_IS):  # records of freed graphs' tensors go
+            alive = [r for r in _READ_AS_IS[ptr] if r() is not None]
+            if alive:
+                _READ_AS_IS[ptr] = alive
+            else:
+                del _READ_AS_IS[ptr]
         for ptrs in reads.values():
             for ptr, ref in ptrs.items():
                 _READ_AS_IS.setdefault(ptr, []).append(ref)

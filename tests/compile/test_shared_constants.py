@@ -138,3 +138,26 @@ def test_inference_tensors_are_made_every_time():
         w = torch.randn(3)
     made = [sc.made_once(("copy",), w, w.clone) for _ in range(2)]
     assert made[0] is not made[1] and torch.equal(made[0], w)
+
+
+def test_records_of_storages_read_as_they_are_expire_with_their_graphs():
+    """A graph reads a bias as it is: recorded while it lives, expired once the model and its
+    graph are freed (a bare address outlived them, and a later weight allocated there was
+    never released by inplace=True)."""
+    import gc
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        fast = cpuboost.optimize(model, graph_mode=True)
+        assert rel_err(model(x), fast(x)) <= 1e-5
+    assert sc.read_as_is(model[0].bias)
+    ptr = model[0].bias.untyped_storage().data_ptr()
+    del fast, model
+    torch._dynamo.reset()
+    gc.collect()
+    assert not any(r() is not None for r in sc._READ_AS_IS.get(ptr, ()))
+    with torch.no_grad():  # the next compile drops the dead records
+        cpuboost.optimize(torch.nn.Linear(16, 8).eval(), graph_mode=True)(x)
+    assert all(r() is not None for refs in sc._READ_AS_IS.values() for r in refs)
