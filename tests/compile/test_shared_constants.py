@@ -91,14 +91,19 @@ def test_new_data_under_the_same_parameter_is_never_served_old_constants():
         assert rel_err(model(ids).logits, second(ids).logits) <= 1e-4
 
 
-def test_made_once_keys_on_identity_and_version():
-    w = torch.randn(4, 4)
+def _doubler(w):
+    """``make`` for made_once (twice ``w``) and the list of what it made."""
     made = []
 
     def make():
         made.append(w * 2)
         return made[-1]
+    return make, made
 
+
+def test_made_once_keys_on_identity_and_version():
+    w = torch.randn(4, 4)
+    make, made = _doubler(w)
     a = sc.made_once(("double",), w, make)
     assert sc.made_once(("double",), w, make) is a and len(made) == 1
     with torch.no_grad():
@@ -114,12 +119,7 @@ def test_a_pinned_weight_keeps_its_key_across_a_storage_move_until_its_data_chan
     """Graph mode's inplace=True frees a weight's storage and later unpacks the same values into
     a new one: pinned, it keeps the key its constants were folded under; new data does not."""
     w = torch.randn(8, 4)
-    made = []
-
-    def make():
-        made.append(w * 2)
-        return made[-1]
-
+    make, made = _doubler(w)
     a = sc.made_once(("double",), w, make)
     sc.pin(w)
     values, nbytes = w.detach().clone(), w.untyped_storage().nbytes()
