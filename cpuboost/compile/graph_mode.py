@@ -19,12 +19,14 @@ import inspect
 import threading
 import time
 import warnings
+import weakref
 from typing import Optional
 
 import torch
 from torch import nn
 
 from cpuboost.compile.backend import cpuboost_backend, inductor_scope
+from cpuboost.compile.dynamo_cache import BackendRef, drop_regions, region_of
 from cpuboost.compile.graph_passes import OneDnnLinear
 from cpuboost.compile.release import WeightRelease
 from cpuboost.compile.state_watch import ModelState, dict_version
@@ -124,6 +126,10 @@ class CompiledForward:
         self.changes = 0  # times the model's state changed after a compile
         self.failed = False  # the compiler raised: forward runs eager (see _fall_back)
         self._lock = threading.Lock()
+        # Dynamo keeps the backend for good and this forward's graphs until told: a weak
+        # backend, and the graphs dropped when this forward is (dynamo_cache.py)
+        self._backend_ref, self._regions = BackendRef(self), []
+        weakref.finalize(self, drop_regions, self._regions, self._backend_ref)
         self._setup()
 
     @property
@@ -140,7 +146,10 @@ class CompiledForward:
         if self.watch is not None:
             own["options"] = {"guard_filter_fn": self.watch.filter}
         self.compiled = torch.compile(type(self.model).forward.__get__(self.model),
-                                      backend=self._backend, **own)
+                                      backend=self._backend_ref, **own)
+        region = region_of(self.compiled)
+        if region is not None:
+            self._regions.append(region)
 
     def _backend(self, gm, example_inputs):
         """cpuboost_backend, counting the graphs this forward compiled (a graph break or a
