@@ -1,9 +1,13 @@
 """RSS of a process that loads a model, compiles it with graph mode, serves, drops it and loads
 the next version (a server reloading weights), without ``torch._dynamo.reset()``.
 
-    python benchmarks/reload_memory.py [--rounds 3] [--layers 12] [--inplace]
+    python benchmarks/reload_memory.py [--variant graph|int8_graph|llm_graph] [--rounds 3]
+                                       [--layers 12] [--inplace]
 
-Each round builds a BERT-base (random weights), ``optimize(graph_mode=True)``, two calls, then
+Each round builds the model (random weights) and compiles it: BERT-base with
+``optimize(graph_mode=True)`` (graph) or ``quantize(..., graph_mode=True)`` (int8_graph), or
+GPT-2 with ``llm.optimize(dtype=bfloat16, graph_mode=True)`` (llm_graph); two requests (for
+GPT-2: ``generate`` of 4 tokens), then
 ``del`` and two ``gc.collect()`` (the first runs the finalizer that drops the graphs, the
 second frees them: they sit in reference cycles) and glibc's ``malloc_trim`` (so RSS shows what
 was freed rather than what glibc keeps for reuse).
@@ -23,13 +27,25 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _round(layers: int, inplace: bool) -> float:
-    import transformers
+def _round(variant: str, layers: int, inplace: bool) -> float:
+    import transformers as T
     import cpuboost
     ids = torch.randint(1000, 30000, (1, 128), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    model = transformers.BertModel(transformers.BertConfig(num_hidden_layers=layers)).eval()
-    fast = cpuboost.optimize(model, graph_mode=True, inplace=inplace)
+    if variant == "llm_graph":
+        model = T.GPT2LMHeadModel(T.GPT2Config(n_layer=layers)).eval()
+        fast = cpuboost.llm.optimize(model, dtype=torch.bfloat16, graph_mode=True,
+                                     inplace=inplace)
+        with torch.no_grad():
+            for _ in range(2):
+                fast.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        return _rss_mb()
+    model = T.BertModel(T.BertConfig(num_hidden_layers=layers)).eval()
+    if variant == "int8_graph":
+        fast = cpuboost.quantize(model, [inputs], example_inputs=inputs, graph_mode=True,
+                                 inplace=inplace)
+    else:
+        fast = cpuboost.optimize(model, graph_mode=True, inplace=inplace)
     with torch.no_grad():
         fast(**inputs)
         fast(**inputs)
@@ -38,17 +54,19 @@ def _round(layers: int, inplace: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=("graph", "int8_graph", "llm_graph"),
+                        default="graph")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--inplace", action="store_true")
     args = parser.parse_args()
     from cpuboost._memory import release_freed_memory
     import cpuboost
-    print(f"cpuboost from {os.path.dirname(cpuboost.__file__)}; BERT {args.layers} layers, "
-          f"inplace={args.inplace}")
+    print(f"cpuboost from {os.path.dirname(cpuboost.__file__)}; {args.variant}, "
+          f"{args.layers} layers, inplace={args.inplace}")
     start = _rss_mb()
     for i in range(args.rounds):
-        compiled = _round(args.layers, args.inplace)
+        compiled = _round(args.variant, args.layers, args.inplace)
         gc.collect()
         gc.collect()
         release_freed_memory()
