@@ -111,12 +111,12 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
         if slower:
             from cpuboost.compile.choice import drop_compiled
             drop_compiled(work)
-            del work  # (a shell when not inplace: its graphs go with it, before the eager copy)
+            del work  # (not inplace: the shell goes too, before the eager passes' copy is made)
             return _eager_instead(model, cfg, sample_input, report, slower)
     report.weight_bytes_after = weight_bytes(work)
     attach(work, report)
     # the weights packing replaced are freed, but glibc keeps their pages in the process
-    # (Longformer-base, eager passes: RSS after optimize 1.95x eager's, 1.49x returned)
+    # (Longformer-base, eager passes: RSS after optimize 1.95x eager's, 1.49x with them returned)
     release_freed_memory()
     if _env.verbose():
         print(report)

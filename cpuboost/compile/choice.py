@@ -49,13 +49,13 @@ def best_ms(*calls: Callable[[], object]) -> list[float]:
 
 def slower_than_eager(model: nn.Module, call: tuple) -> Optional[str]:
     """Why the compiled forward of ``model`` should give way to the eager passes (it has graph
-    breaks and ran slower than the model's own forward on ``call``), else None."""
+    breaks and did not beat the model's own forward on ``call`` by MARGIN), else None."""
     forward = model.__dict__.get("forward")
     if not isinstance(forward, CompiledForward) or forward.failed or not forward.graph_breaks:
         return None
     args, kwargs = call
     compiled, eager = best_ms(lambda: model(*args, **kwargs),
-                                 lambda: type(model).forward(model, *args, **kwargs))
+                              lambda: type(model).forward(model, *args, **kwargs))
     verdict = (f"with {forward.graph_breaks} graph break(s) the compiled forward ran "
                f"{compiled:.1f} ms on the sample against {eager:.1f} ms for the model's own "
                f"forward ({eager / compiled:.2f}x)")

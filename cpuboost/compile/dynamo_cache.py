@@ -19,6 +19,7 @@ graphs stay until ``torch._dynamo.reset()``, as before).
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Callable, Optional
 
@@ -71,7 +72,8 @@ def drop_regions(regions: list[int], backend: Optional[BackendRef]) -> int:
             for key, wrapper in list(eval_frame.cached_backends.items()):
                 if getattr(wrapper, "compiler_fn", wrapper) is backend:
                     eval_frame.cached_backends.pop(key, None)
-    except Exception:  # noqa: BLE001 - a finalizer must not raise; the graphs stay (as before)
-        pass
+    except Exception as e:  # noqa: BLE001 - a finalizer must not raise: say so, keep the graphs
+        warnings.warn(f"cpuboost graph mode: a dropped model's compiled graphs could not be freed "
+                      f"({type(e).__name__}: {e}); they stay until torch._dynamo.reset()",
+                      RuntimeWarning)
     return dropped
-
