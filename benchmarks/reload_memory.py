@@ -1,13 +1,14 @@
 """RSS of a process that loads a model, compiles it with graph mode, serves, drops it and loads
 the next version (a server reloading weights), without ``torch._dynamo.reset()``.
 
-    python benchmarks/reload_memory.py [--variant graph|int8_graph|llm_graph] [--rounds 3]
+    python benchmarks/reload_memory.py [--variant graph|int8_graph|llm_graph|package] [--rounds 3]
                                        [--layers 12] [--inplace]
 
 Each round builds the model (random weights) and compiles it: BERT-base with
 ``optimize(graph_mode=True)`` (graph) or ``quantize(..., graph_mode=True)`` (int8_graph), or
-GPT-2 with ``llm.optimize(dtype=bfloat16, graph_mode=True)`` (llm_graph); two requests (for
-GPT-2: ``generate`` of 4 tokens), then
+GPT-2 with ``llm.optimize(dtype=bfloat16, graph_mode=True)`` (llm_graph), or (package) loads
+with ``cpuboost.load`` a package exported once from an MLP of 24 1024x1024 Linears (96 MB);
+two requests (for GPT-2: ``generate`` of 4 tokens), then
 ``del`` and two ``gc.collect()`` (the first runs the finalizer that drops the graphs, the
 second frees them: they sit in reference cycles) and glibc's ``malloc_trim`` (so RSS shows what
 was freed rather than what glibc keeps for reuse).
@@ -27,9 +28,24 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+_PACKAGE = "/tmp/cpuboost-reload-memory.cbpk"
+
+
+def _mlp_package() -> None:
+    import cpuboost
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(24)]).eval()
+    cpuboost.export(mlp, (torch.randn(4, 1024),), _PACKAGE)
+
+
 def _round(variant: str, layers: int, inplace: bool) -> float:
     import transformers as T
     import cpuboost
+    if variant == "package":
+        loaded = cpuboost.load(_PACKAGE)
+        for _ in range(2):
+            loaded(torch.randn(4, 1024))
+        return _rss_mb()
     ids = torch.randint(1000, 30000, (1, 128), generator=torch.Generator().manual_seed(0))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if variant == "llm_graph":
@@ -54,7 +70,7 @@ def _round(variant: str, layers: int, inplace: bool) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variant", choices=("graph", "int8_graph", "llm_graph"),
+    parser.add_argument("--variant", choices=("graph", "int8_graph", "llm_graph", "package"),
                         default="graph")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=12)
@@ -64,6 +80,10 @@ def main() -> None:
     import cpuboost
     print(f"cpuboost from {os.path.dirname(cpuboost.__file__)}; {args.variant}, "
           f"{args.layers} layers, inplace={args.inplace}")
+    if args.variant == "package":
+        _mlp_package()
+        gc.collect()
+        release_freed_memory()
     start = _rss_mb()
     for i in range(args.rounds):
         compiled = _round(args.variant, args.layers, args.inplace)

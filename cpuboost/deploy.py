@@ -229,9 +229,16 @@ def _compile(program, target: Path, weight_dtype: torch.dtype) -> tuple[Path, di
     linears of any model (not only an optimized one) run cpuboost's kernel, holding
     ``weight_dtype`` weights. Also returns what the graph passes did."""
     import torch._inductor
+    import torch._inductor.config as inductor_config
     from cpuboost.compile.backend import packing_scope
+    # Weights in a blob of the package, not inside the .so: the .so has STB_GNU_UNIQUE symbols
+    # (libstdc++'s), so glibc never unloads it, and every load() of a package kept its weights
+    # mapped for good (96 MB per load of a 96 MB model; now ~1 MB: the code)
+    blob = {"aot_inductor.package_constants_on_disk_format": "binary_blob",
+            "aot_inductor.package_constants_in_so": False}
     try:  # freezing applies only with grad off
-        with packing_scope(weight_dtype) as linear_pass, torch.no_grad():
+        with packing_scope(weight_dtype) as linear_pass, torch.no_grad(), \
+                inductor_config.patch(blob):
             path = Path(torch._inductor.aoti_compile_and_package(program,
                                                                  package_path=str(target)))
     except Exception as e:
