@@ -7,16 +7,17 @@ the next version (a server reloading weights), without ``torch._dynamo.reset()``
 Each round builds the model (random weights) and compiles it: BERT-base with
 ``optimize(graph_mode=True)`` (graph) or ``quantize(..., graph_mode=True)`` (int8_graph), or
 GPT-2 with ``llm.optimize(dtype=bfloat16, graph_mode=True)`` (llm_graph), or (package) loads
-with ``cpuboost.load`` a package exported once from an MLP of 24 1024x1024 Linears (96 MB);
-two requests (for GPT-2: ``generate`` of 4 tokens), then
-``del`` and two ``gc.collect()`` (the first runs the finalizer that drops the graphs, the
-second frees them: they sit in reference cycles) and glibc's ``malloc_trim`` (so RSS shows what
-was freed rather than what glibc keeps for reuse).
+with ``cpuboost.load`` a package exported once from an MLP of 24 1024x1024 Linears (96 MB).
+Then two requests (for GPT-2: ``generate`` of 4 tokens), ``del`` and two ``gc.collect()`` (the
+first runs the finalizer that drops the graphs, the second frees them: they sit in reference
+cycles) and glibc's ``malloc_trim`` (so RSS shows what was freed rather than what glibc keeps
+for reuse).
 """
 import argparse
 import gc
 import os
 import sys
+import tempfile
 
 import torch
 
@@ -28,7 +29,7 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-_PACKAGE = "/tmp/cpuboost-reload-memory.cbpk"
+_PACKAGE = os.path.join(tempfile.gettempdir(), "cpuboost-reload-memory.cbpk")
 
 
 def _mlp_package() -> None:
@@ -78,19 +79,19 @@ def main() -> None:
     args = parser.parse_args()
     from cpuboost._memory import release_freed_memory
     import cpuboost
-    print(f"cpuboost from {os.path.dirname(cpuboost.__file__)}; {args.variant}, "
-          f"{args.layers} layers, inplace={args.inplace}")
+    what = "" if args.variant == "package" else f", {args.layers} layers, inplace={args.inplace}"
+    print(f"cpuboost from {os.path.dirname(cpuboost.__file__)}; {args.variant}{what}")
     if args.variant == "package":
         _mlp_package()
         gc.collect()
         release_freed_memory()
     start = _rss_mb()
     for i in range(args.rounds):
-        compiled = _round(args.variant, args.layers, args.inplace)
+        serving = _round(args.variant, args.layers, args.inplace)
         gc.collect()
         gc.collect()
         release_freed_memory()
-        print(f"round {i + 1}: RSS compiled {compiled:.0f} MB, after dropping {_rss_mb():.0f} MB "
+        print(f"round {i + 1}: RSS serving {serving:.0f} MB, after dropping {_rss_mb():.0f} MB "
               f"(start {start:.0f} MB)", flush=True)
 
 
