@@ -88,23 +88,22 @@ def _loaded_modules() -> set[int]:
     return {id(m) for m in PyCodeCache.modules}
 
 
-def _unregister_new_modules(before: set[int]) -> int:
+def _unregister_new_modules(before: set[int]) -> None:
     """Inductor registers each graph's wrapper module, whose globals hold the frozen constants
     (every packed weight), in ``sys.modules`` and ``PyCodeCache.modules`` for good: a model
     whose compiled forward was dropped kept all of them (BERT-base: RSS 1237 MB compiled, 1231
     after dropping it and ``torch._dynamo.reset()``). Modules loaded with constants are never
     looked up again (Inductor caches only those without), so the ones this compile loaded are
     taken off both registries: the compiled graph's callable then holds its module alone, and
-    the constants go with the graph. Returns how many."""
+    the constants go with the graph."""
     import sys
     from torch._inductor.codecache import PyCodeCache
     shared = {id(m) for m in PyCodeCache.modules_no_attr.values()}
     new = [m for m in PyCodeCache.modules if id(m) not in before and id(m) not in shared]
     if not new:
-        return 0
+        return
     gone = {id(m) for m in new}
     PyCodeCache.modules[:] = [m for m in PyCodeCache.modules if id(m) not in gone]
     for m in new:
         if sys.modules.get(m.__name__) is m:
             del sys.modules[m.__name__]
-    return len(new)

@@ -4,7 +4,7 @@ Between the graphs of a forward with graph breaks, the model's code runs as stoc
 mode turns the eager passes off), and the graphs can come out slower than that code: Inductor
 lowers some tensor layouts to scalar index arithmetic (Longformer-base: its sliding-window
 attention's pad/view/slice-assign chains became loops with integer divisions per element, 37 ms
-of each layer against ~28 ms of fills and copies eagerly), so graph mode ran 0.81-0.96x of
+of each layer against ~28 ms of fills and copies eagerly), so graph mode ran 0.85-0.96x of
 stock eager. With a sample input, ``optimize`` times the compiled forward against the model's
 own forward on the same weights (no second copy of anything) and, unless it is faster by the
 margin, drops the compiled forward (its graphs are freed: ``dynamo_cache.py``) and applies the

@@ -332,7 +332,7 @@ class CompiledForward:
             self.record.notes.append(
                 f"{self.name} has {self.graph_breaks} graph break(s): the code between its "
                 "graphs runs as stock eager (graph mode turns the eager passes off), so it can "
-                "be slower than graph_mode=False (Longformer-base: 0.81-0.96x of stock eager "
+                "be slower than graph_mode=False (Longformer-base: 0.85-0.96x of stock eager "
                 "compiled). With sample_input, optimize times it against the model's own code "
                 "and uses the eager passes instead unless it is 10% faster; without, time both")
         self.record.seconds += seconds
