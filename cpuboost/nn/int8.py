@@ -265,7 +265,6 @@ class _Int8(U8S8Gemm, PostOpHolder, nn.Module):
             out["smooth"] = self.smooth
         return out
 
-
     @property
     def packed(self) -> bool:
         return self._w.is_mkldnn or self._u8s8
@@ -376,8 +375,9 @@ class _Int8(U8S8Gemm, PostOpHolder, nn.Module):
         return _qd.dequantize_per_tensor.default(q, self.x_scale, self.x_zp, 0, self.qmax,
                                                  torch.uint8)
 
-    def _dequantized_weight(self) -> torch.Tensor:
-        return _qd.dequantize_per_channel.default(self.qweight, self.w_scale, self.w_zp, 0,
+    def _dequantized_weight(self, qweight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        qweight = self.qweight if qweight is None else qweight
+        return _qd.dequantize_per_channel.default(qweight, self.w_scale, self.w_zp, 0,
                                                   W_MIN, W_MAX, torch.int8)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -582,11 +582,13 @@ class Int8Conv(_Int8):
         return y.squeeze(2) if self.nd == 1 else y
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = (F.conv1d, F.conv2d, F.conv3d)[self.nd - 1]
-        stride = self.stride if self.subsample is None else 1
-        y = conv(self._qdq_input(self._subsampled(x)), self._dequantized_weight(), self.bias,
-                 stride, self.padding, self.dilation, self.groups)
-        return self._reference_output(y, x)
+        # a Conv1d as a 2-D conv of height 1: Inductor's int8 conv1d got the length wrong
+        lift = (lambda t: t.unsqueeze(2)) if self.nd == 1 else (lambda t: t)
+        xq, w = self._qdq_input(lift(self._subsampled(x))), lift(self.qweight)
+        y = (F.conv3d if self.nd == 3 else F.conv2d)(xq, self._dequantized_weight(w), self.bias,
+                                                     self._stride, self._padding, self._dilation,
+                                                     self.groups)
+        return self._reference_output(y.squeeze(2) if self.nd == 1 else y, x)
 
     def describe(self) -> dict:
         return dict(super().describe(), kind="conv", stride=list(self.stride),

@@ -247,6 +247,38 @@ def test_graph_mode_quantizes_before_max_pooling():
         assert sqnr_db(eager(x), compiled(x)) > 35
 
 
+class _SeparableConv1d(nn.Module):
+    """ConvBERT's span-based attention in small: a depthwise Conv1d (k=9) and a pointwise one
+    over the sequence, multiplied by a linear projection."""
+
+    def __init__(self, c=32, out=16, k=9):
+        super().__init__()
+        self.lin, self.q = nn.Linear(c, c), nn.Linear(c, out)
+        self.depthwise = nn.Conv1d(c, c, k, groups=c, padding=k // 2, bias=False)
+        self.pointwise = nn.Conv1d(c, out, 1)
+
+    def forward(self, x):  # (batch, length, c)
+        y = self.pointwise(self.depthwise(self.lin(x).transpose(1, 2))).transpose(1, 2)
+        return y * self.q(x)
+
+
+def test_graph_mode_compiles_int8_conv1d():
+    # traced as conv1d, Inductor's int8 conv lowering made the depthwise output 8 longer (its
+    # shape read k from the packed weight's height): the compile failed and the model ran eager
+    torch.manual_seed(0)
+    model = _SeparableConv1d().eval()
+    calib = [torch.randn(1, 24, 32) for _ in range(3)]
+    eager = cpuboost.quantize(model, calib)
+    compiled = cpuboost.quantize(model, calib, graph_mode=True)
+    x = torch.randn(1, 24, 32)
+    with torch.no_grad():
+        out = compiled(x)
+        assert sqnr_db(eager(x), out) > 35 and sqnr_db(model(x), out) > MIN_TOY_SQNR
+    record = cpuboost.report_of(compiled).pass_named("graph_mode")
+    assert not record.skipped and not compiled.forward.failed
+    assert isinstance(compiled.depthwise, Int8Conv) and isinstance(compiled.pointwise, Int8Conv)
+
+
 class _Doubled(nn.Module):
     """conv -> y + y: both sides of the add are the same conv output, so there is no second
     conv to fuse the add into and the output keeps no grid of its own."""
