@@ -154,7 +154,8 @@ def convert_model(prepared: Prepared, graph_mode: bool = False) -> nn.Module:
         _timed(p.report, "fuse_activations",
                lambda r: fuse_pointwise(work, PassContext(OptimizeConfig(), p.hw, r, p.flow)))
     if p.flow is not None and not p.cfg.dynamic:
-        _timed(p.report, "int8_hand_off", lambda r: hand_off(work, p.flow, r))
+        _timed(p.report, "int8_hand_off", lambda r: hand_off(
+            work, p.flow, r, lambda: run_sample(work, p.first, _FIRST)))
         _timed(p.report, "int8_shared_inputs", lambda r: share_inputs(work, p.flow, r))
     keep_a_parameter(work, p.parameters, p.rec)
     if graph_mode:

@@ -74,6 +74,38 @@ def test_int8_layers_hand_uint8_through_identities():
     assert cpuboost.report_of(q).applied("int8_hand_off") == ["net.0 -> net.4", "net.4 -> net.7"]
 
 
+class _CastsBetween(nn.Module):
+    """T5's feed-forward (wi -> ReLU -> cast to wo.weight.dtype where the dtypes differ -> wo)
+    beside a plain Linear -> ReLU -> Linear: the cast never runs on float, so the recorded
+    dataflow shows both as hand-offs, but on a uint8 hand-off it turned codes into values."""
+
+    def __init__(self):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.act, self.act_ab = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        h = self.act(self.wi(x))
+        if h.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h) + self.b(self.act_ab(self.a(x)))
+
+
+def test_a_hand_off_the_models_code_would_change_stays_float():
+    torch.manual_seed(0)
+    model = _CastsBetween().eval()
+    calib = [torch.randn(4, 16) for _ in range(3)]
+    q = cpuboost.quantize(model, calib)
+    record = cpuboost.report_of(q).pass_named("int8_hand_off")
+    assert record.applied == ["a -> b"] and q.wi.out_q is None
+    assert [where for where, _ in record.skipped] == ["wi -> wo"]
+    assert "output moved" in record.skipped[0][1]
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert sqnr_db(model(x), q(x)) > MIN_TOY_SQNR  # 1.7 dB on T5 with the hand-off
+
+
 def test_result_does_not_depend_on_thread_count():
     case, model = toy("conv_bn")
     calib = _calib(case)
