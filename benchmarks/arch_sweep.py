@@ -1,0 +1,190 @@
+"""Graph mode and int8 across transformers architectures, built from tiny configs (random
+weights, no downloads): does each compile, run and match?
+
+    python benchmarks/arch_sweep.py --mode graph [bert gpt2 ...]
+    python benchmarks/arch_sweep.py --mode int8 [bert gpt2 ...]
+
+``graph``: ``cpuboost.optimize(model, graph_mode=True)`` with ``inplace=False`` and ``True``,
+without ``sample_input`` (so no numerics check stands between a wrong graph and the caller);
+two calls each, both against the model's own output: max |diff| / max |reference| <= 1e-3.
+``int8``: static ``cpuboost.quantize`` on three calibration inputs, eagerly and with
+``graph_mode=True``: cosine of each against the fp32 output, and graph against eager (the same
+recipe compiled: >= 0.999). One line per architecture; a summary at the end. Speed is not
+measured here (tiny models).
+"""
+import argparse
+import copy
+import gc
+import time
+import traceback
+import warnings
+
+import torch
+
+SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+             n_embd=64, n_layer=2, n_head=4, d_model=64, encoder_layers=2, decoder_layers=2,
+             encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+             decoder_ffn_dim=128, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+             num_key_value_heads=2, vocab_size=512, ffn_dim=128, head_dim=16, embedding_size=64,
+             n_inner=128, num_decoder_layers=2, max_position_embeddings=128, rotary_dim=8,
+             pad_token_id=0, decoder_start_token_id=0, d_inner=128)
+TEXT = {
+    "bert": "BertModel", "roberta": "RobertaForMaskedLM", "xlm-roberta": "XLMRobertaForCausalLM",
+    "distilbert": "DistilBertForSequenceClassification", "albert": "AlbertModel",
+    "electra": "ElectraForMaskedLM", "deberta": "DebertaModel",
+    "deberta-v2": "DebertaV2ForSequenceClassification", "mpnet": "MPNetModel",
+    "camembert": "CamembertModel", "ernie": "ErnieModel", "megatron-bert": "MegatronBertModel",
+    "convbert": "ConvBertModel", "squeezebert": "SqueezeBertModel", "roformer": "RoFormerModel",
+    "mobilebert": "MobileBertModel", "xlnet": "XLNetModel", "funnel": "FunnelModel",
+    "big_bird": "BigBirdModel", "rembert": "RemBertModel", "nystromformer": "NystromformerModel",
+    "longformer": "LongformerForSequenceClassification",
+    "gpt2": "GPT2LMHeadModel", "gpt_neo": "GPTNeoForCausalLM", "gptj": "GPTJForCausalLM",
+    "gpt_neox": "GPTNeoXForCausalLM", "opt": "OPTForCausalLM", "bloom": "BloomForCausalLM",
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "phi": "PhiForCausalLM", "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "falcon": "FalconForCausalLM",
+    "mpt": "MptForCausalLM", "codegen": "CodeGenForCausalLM", "stablelm": "StableLmForCausalLM",
+    "olmo": "OlmoForCausalLM", "starcoder2": "Starcoder2ForCausalLM",
+    "mixtral": "MixtralForCausalLM", "t5": "T5ForConditionalGeneration",
+    "bart": "BartForConditionalGeneration", "mbart": "MBartForConditionalGeneration",
+    "pegasus": "PegasusForConditionalGeneration", "marian": "MarianMTModel",
+    "mt5": "MT5ForConditionalGeneration", "blenderbot": "BlenderbotForConditionalGeneration",
+}
+SEQ2SEQ = {"t5", "bart", "mbart", "pegasus", "marian", "mt5", "blenderbot"}
+VISION = {
+    "vit": "ViTForImageClassification", "deit": "DeiTModel", "beit": "BeitModel",
+    "swin": "SwinModel", "convnext": "ConvNextForImageClassification", "resnet": "ResNetModel",
+    "regnet": "RegNetModel", "dinov2": "Dinov2Model", "segformer": "SegformerModel",
+    "poolformer": "PoolFormerModel", "mobilevit": "MobileViTModel",
+    "efficientnet": "EfficientNetModel", "mobilenet_v2": "MobileNetV2Model", "levit": "LevitModel",
+    "convnextv2": "ConvNextV2Model",
+}
+# per-architecture settings a tiny config needs to be valid
+EXTRA = {
+    "longformer": dict(attention_window=[8, 8]), "big_bird": dict(attention_type="original_full"),
+    "funnel": dict(block_sizes=[1, 1], n_head=4, d_head=16),
+    "deberta-v2": dict(pooler_hidden_size=64),
+    "mobilebert": dict(embedding_size=32, intra_bottleneck_size=32, true_hidden_size=32),
+    "mixtral": dict(num_local_experts=4), "xlm-roberta": dict(is_decoder=True),
+    "swin": dict(embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4),
+    "vit": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                intermediate_size=128, patch_size=8),
+}
+for _name in ("deit", "beit", "dinov2"):
+    EXTRA[_name] = EXTRA["vit"]
+
+
+def config_for(model_type: str):
+    from transformers import AutoConfig
+    config = AutoConfig.for_model(model_type)
+    if model_type not in VISION:
+        for key, value in SMALL.items():
+            if hasattr(config, key):
+                try:
+                    setattr(config, key, value)
+                except (AttributeError, NotImplementedError):  # derived or fixed in this config
+                    pass
+    else:
+        config.image_size = 64
+    for key, value in EXTRA.get(model_type, {}).items():
+        setattr(config, key, value)
+    return config
+
+
+def inputs_for(model_type: str, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    if model_type in VISION:
+        return {"pixel_values": torch.randn(1, 3, 64, 64, generator=gen)}
+    ids = torch.randint(3, 500, (1, 24), generator=gen)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if model_type in SEQ2SEQ:
+        out["decoder_input_ids"] = torch.randint(3, 500, (1, 7), generator=gen)
+    return out
+
+
+def first_tensor(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        if getattr(out, key, None) is not None:
+            return getattr(out, key)
+    return out[0]
+
+
+def rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).abs().max() / ref.abs().max().clamp(min=1e-6))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return float(a @ b / (a.norm() * b.norm()).clamp(min=1e-30))
+
+
+def graph_row(model, kw, ref) -> list:
+    import cpuboost
+    rows = []
+    for inplace in (False, True):
+        work = copy.deepcopy(model) if inplace else model
+        t0 = time.perf_counter()
+        fast = cpuboost.optimize(work, graph_mode=True, inplace=inplace)
+        err = max(rel_diff(first_tensor(fast(**kw)), ref) for _ in range(2))
+        record = cpuboost.report_of(fast).pass_named("graph_mode")
+        breaks = sum(1 for where, why in record.skipped if why.startswith("graph break"))
+        rows.append(f"inplace={inplace}: {'OK' if err <= 1e-3 else 'WRONG'} rel diff {err:.1e}, "
+                    f"{breaks} graph break reason(s), {time.perf_counter() - t0:.0f} s")
+        del work, fast
+        gc.collect()
+    return rows
+
+
+def int8_row(model, kw, ref, model_type) -> list:
+    import cpuboost
+    calib = [kw] + [inputs_for(model_type, seed) for seed in (2, 3)]
+    eager = first_tensor(cpuboost.quantize(model, calib)(**kw))
+    graph = cpuboost.quantize(model, calib, graph_mode=True)
+    outs = [first_tensor(graph(**kw)) for _ in range(2)]
+    ok = cosine(outs[0], eager) >= 0.999 and torch.equal(outs[0], outs[1])
+    return [f"{'OK' if ok else 'CHECK'} cosine vs fp32: eager {cosine(eager, ref):.5f}, graph "
+            f"{cosine(outs[0], ref):.5f}; graph vs eager {cosine(outs[0], eager):.6f}"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("graph", "int8"), required=True)
+    parser.add_argument("only", nargs="*", help="model types (default: all)")
+    args = parser.parse_args()
+    import transformers
+    warnings.filterwarnings("ignore")
+    summary = []
+    for model_type, cls in {**TEXT, **VISION}.items():
+        if args.only and model_type not in args.only:
+            continue
+        try:
+            torch.manual_seed(0)
+            model = getattr(transformers, cls)(config_for(model_type)).eval()
+            kw = inputs_for(model_type, 1)
+            with torch.no_grad():
+                ref = first_tensor(model(**kw)).clone()
+        except Exception as e:  # the tiny config, not cpuboost
+            summary.append(f"{model_type}: not built ({type(e).__name__}: {str(e)[:100]})")
+            print(summary[-1], flush=True)
+            continue
+        try:
+            with torch.no_grad():
+                rows = (graph_row(model, kw, ref) if args.mode == "graph"
+                        else int8_row(model, kw, ref, model_type))
+        except Exception as e:
+            traceback.print_exc(limit=4)
+            rows = [f"ERROR {type(e).__name__}: {str(e)[:300]}"]
+        for row in rows:
+            summary.append(f"{model_type} ({cls}): {row}")
+            print(summary[-1], flush=True)
+        torch._dynamo.reset()
+        gc.collect()
+    print(f"\nSUMMARY ({args.mode}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__})")
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()
