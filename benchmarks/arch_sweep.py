@@ -8,9 +8,9 @@ weights, no downloads): does each compile, run and match?
 without ``sample_input`` (so no numerics check stands between a wrong graph and the caller);
 two calls each, both against the model's own output: max |diff| / max |reference| <= 1e-3.
 ``int8``: static ``cpuboost.quantize`` on three calibration inputs, eagerly and with
-``graph_mode=True``: cosine of each against the fp32 output, and graph against eager (the same
-recipe compiled: >= 0.999). One line per architecture; a summary at the end. Speed is not
-measured here (tiny models).
+``graph_mode=True``: cosine of each against the fp32 output (>= 0.99), and graph against eager
+(the same recipe compiled: >= 0.999). One line per architecture (graph: per ``inplace``); a
+summary at the end. Speed is not measured here (tiny models).
 """
 import argparse
 import copy
@@ -143,7 +143,8 @@ def int8_row(model, kw, ref, model_type) -> list:
     eager = first_tensor(cpuboost.quantize(model, calib)(**kw))
     graph = cpuboost.quantize(model, calib, graph_mode=True)
     outs = [first_tensor(graph(**kw)) for _ in range(2)]
-    ok = cosine(outs[0], eager) >= 0.999 and torch.equal(outs[0], outs[1])
+    ok = (min(cosine(eager, ref), cosine(outs[0], ref)) >= 0.99
+          and cosine(outs[0], eager) >= 0.999 and torch.equal(outs[0], outs[1]))
     return [f"{'OK' if ok else 'CHECK'} cosine vs fp32: eager {cosine(eager, ref):.5f}, graph "
             f"{cosine(outs[0], ref):.5f}; graph vs eager {cosine(outs[0], eager):.6f}"]
 
