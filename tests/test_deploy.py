@@ -113,6 +113,7 @@ def test_damaged_files_raise(conv_pkg, tmp_path):
             cpuboost.load(bad)
 
 
+@pytest.mark.slow
 def test_bf16_package(tmp_path, emulated_bf16):
     """bf16 as autocast arithmetic (a CPU with bf16 instructions; emulated elsewhere): outputs
     in bf16. Where bf16 means bf16 weights, see tests/kernels/test_bf16_weights.py."""
@@ -180,7 +181,8 @@ def test_hf_model_runs_in_a_fresh_process_without_its_code(tmp_path):
     assert rel_err(ref.last_hidden_state, out["last_hidden_state"]) <= 1e-3
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [None, pytest.param(torch.bfloat16, marks=pytest.mark.slow)],
+                         ids=["fp32", "bf16"])
 def test_optimized_model_exports_and_runs_in_a_fresh_process(tmp_path, dtype):
     """A model cpuboost.optimize packed (on AVX2 CPUs its linears run cpuboost's own kernel,
     in bf16 with bf16 weights) exports with that kernel inside: the metadata names the op, and

@@ -39,7 +39,7 @@ def _encoder_forward(model, path):
     return model.get_submodule(path).__dict__["forward"]
 
 
-@pytest.mark.parametrize("name", ["t5", pytest.param("bart", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) for n in ("t5", "bart")])
 def test_generate_compiles_the_encoder_and_leaves_the_callers_model_alone(name):
     build, path = MODELS[name]
     torch.manual_seed(0)

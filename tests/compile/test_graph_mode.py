@@ -22,6 +22,7 @@ def test_compiled_forward_matches(name, dtype):
     assert rel_err(run(model, case, x), run(opt, case, x).float()) <= rtol  # custom methods too
 
 
+@pytest.mark.slow
 def test_a_dynamic_batch_keeps_convolution_weights_packed():
     """A second batch size compiles a graph with a dynamic batch, where Inductor leaves the
     convolution weights plain (oneDNN reorders each on every call): cpuboost packs those whose
@@ -101,7 +102,8 @@ def _tiny_gpt2():
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [None, pytest.param(torch.bfloat16, marks=pytest.mark.slow)],
+                         ids=["fp32", "bf16"])
 def test_generate_runs_through_the_compiled_forward(dtype):
     """HF generate() calls the instance's forward at every step: those calls are compiled.
     New lengths do not compile a graph each (Dynamo marks the changing dim dynamic)."""
@@ -239,6 +241,7 @@ def test_a_call_on_another_thread_cannot_end_a_compile(monkeypatch):
     assert not cfg.freezing
 
 
+@pytest.mark.slow
 def test_each_instance_has_its_own_recompile_limit():
     """Dynamo's default limit of 8 graphs was per code object: once one instance of a class had
     compiled 8 graphs, a second instance of that class silently ran eager. Each graph-mode

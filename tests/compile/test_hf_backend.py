@@ -91,7 +91,8 @@ def test_generate_with_compiled_forward(name, gen):
     assert 1 <= counters["stats"]["unique_graphs"] <= 6
 
 
-@pytest.mark.parametrize("name", ["longformer_cls", "t5", "bert"])
+@pytest.mark.parametrize("name", [pytest.param("longformer_cls", marks=pytest.mark.slow), "t5",
+                                  "bert"])
 def test_graph_mode_matches_eager_without_a_numerics_check(name):
     """optimize(graph_mode=True) without sample_input (so nothing would catch a wrong graph and
     fall back): Longformer breaks its graph inside every layer, so its layers' frames compile

@@ -125,6 +125,7 @@ def test_int8_graphs_use_it():
     assert cos > 0.99
 
 
+@pytest.mark.slow
 def test_the_report_says_why_the_kernel_was_not_used(monkeypatch):
     """Where the kernel cannot run (no AVX512-BF16, no compiler), graphs keep torch's attention
     and the report gives the reason instead of a bare count of 0."""

@@ -90,6 +90,7 @@ def test_impossible_request_starts_nothing(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+@pytest.mark.slow
 def test_glibc_tuning_stops_the_page_faults_of_repeated_requests(tmp_path):
     path = tmp_path / "requests.py"
     path.write_text(REQUESTS)  # run as "stock": the settings come from cpuboost run's env

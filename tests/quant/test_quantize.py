@@ -262,6 +262,7 @@ class _PooledStem(nn.Module):
         return self.fc((self.a(y) * self.b(y)).mean((2, 3)))
 
 
+@pytest.mark.slow
 def test_graph_mode_quantizes_before_max_pooling():
     torch.manual_seed(0)
     model = _PooledStem().eval()
