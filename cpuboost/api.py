@@ -19,7 +19,7 @@ from cpuboost.nn.anchor import float_parameter_kind, keep_a_parameter
 from cpuboost.passes import (PassContext, autocast_scope, embedding_tables, fold_bn, fuse_add,
                              fuse_pointwise, prepack,
                              remove_dropout, transformer_layers, weight_bytes)
-from cpuboost.passes._context import shell
+from cpuboost.passes._context import ForwardStandIn, shell
 from cpuboost.passes._dataflow import Dataflow, Recording, record
 from cpuboost.report import NumericsCheck, OptimizationReport, attach, report_of
 from cpuboost.verify import compare
@@ -223,7 +223,7 @@ def _apply_verified(work, source, steps, cfg, hw, report, call, reference) -> nn
     return final
 
 
-class _FirstCall:
+class _FirstCall(ForwardStandIn):
     """Without sample_input, the passes that must see the model run do so on its first call
     of ``forward`` — through ``model(...)`` or a custom method calling ``self.forward(...)``.
     It stands in as the instance's ``forward`` and removes itself once the passes ran; the

@@ -30,6 +30,7 @@ from cpuboost.compile.dynamo_cache import BackendRef, drop_regions, region_of
 from cpuboost.compile.graph_passes import OneDnnLinear
 from cpuboost.compile.release import WeightRelease
 from cpuboost.compile.state_watch import ModelState, dict_version
+from cpuboost.passes._context import ForwardStandIn
 
 
 _GRAPHS = "graphs compiled so far:"
@@ -105,7 +106,7 @@ def _hook_compiles() -> None:
             callback_handler.register_end_callback(_compile_ended)
 
 
-class CompiledForward:
+class CompiledForward(ForwardStandIn):
     """``model.forward`` compiled. ``name`` says which in the report ("forward", "encoder");
     ``outer`` is the model's own CompiledForward when this one compiles a submodule of it (the
     weight release is then the model's: one set of weights, restored and released together)."""
@@ -349,24 +350,19 @@ class CompiledForward:
                       state.get("name", "forward"), state.get("outer"))
 
 
-class SubmoduleForward:
+class SubmoduleForward(ForwardStandIn):
     """A submodule's ``forward`` compiled of its own (an encoder-decoder's encoder, which
     ``generate()`` calls directly). Inside the model's own graph (its full forward traced by
     Dynamo) it is the submodule's code, inlined: Dynamo traces this object, which never changes
     after it is made (the watched dict versions stay), never the CompiledForward's counters."""
 
     def __init__(self, module: nn.Module, compiled: CompiledForward):
-        self.module, self.compiled = module, compiled
+        self.model, self.compiled = module, compiled
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
-            return type(self.module).forward(self.module, *args, **kwargs)
+            return type(self.model).forward(self.model, *args, **kwargs)
         return self.compiled(*args, **kwargs)
-
-    @property
-    def __signature__(self) -> inspect.Signature:
-        # what generate() inspects to choose the encoder's keyword arguments
-        return inspect.signature(type(self.module).forward.__get__(self.module))
 
 
 def encoder_path(model: nn.Module) -> Optional[str]:

@@ -24,6 +24,7 @@ import torch
 
 from cpuboost.llm.attention import additive_mask
 from cpuboost.llm.cache import PreallocatedLayer
+from cpuboost.passes._context import ForwardStandIn
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 
@@ -148,7 +149,7 @@ class BeamLayer(PreallocatedLayer):
 _PER_ROW = ("input_ids", "attention_mask", "position_ids", "inputs_embeds", "token_type_ids")
 
 
-class BeamPrefill:
+class BeamPrefill(ForwardStandIn):
     """Stands for the model's ``forward`` when beam search uses ``BeamLayer`` caches:
     ``generate()`` repeats every prompt once per beam before the first forward, so the prompt
     would be computed ``beams`` times. If all rows of each request are identical, the prompt

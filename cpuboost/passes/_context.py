@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,6 +26,22 @@ class PassContext:
     hw: CpuFeatures
     record: PassRecord
     flow: Optional[Dataflow] = None  # what the model executed on a real input, when known
+
+
+class ForwardStandIn:
+    """Base of the objects cpuboost installs as a model's instance-level ``forward`` (the
+    first-call passes, compiled forwards, the beam-search prefill): they take ``*args,
+    **kwargs`` but show the model's own signature. transformers' ``generate()`` reads
+    ``inspect.signature(model.forward)`` to choose what it passes: behind a bare ``(*args,
+    **kwargs)`` it passed no ``position_ids`` (XLM-R's causal LM, which numbers positions its
+    own way without them, generated other tokens than stock) and no ``logits_to_keep`` (the
+    prompt's logits came out over the whole vocabulary at every position)."""
+
+    model: nn.Module
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(type(self.model).forward.__get__(self.model))
 
 
 def has_user_hooks(module: nn.Module) -> bool:

@@ -65,3 +65,33 @@ def test_resnet_folds_and_fuses(dtype):
         assert report.applied("fuse_pointwise")
     with torch.no_grad():
         assert rel_err(model(x).logits, opt(x).logits.float()) <= (BF16_RTOL if dtype else FP32_RTOL)
+
+
+def _xlm_roberta_clm():
+    cfg = transformers.XLMRobertaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128, vocab_size=500, is_decoder=True)
+    torch.manual_seed(0)
+    return transformers.XLMRobertaForCausalLM(cfg).eval()
+
+
+def test_generate_sees_the_models_own_forward_signature():
+    """generate() chooses its keyword arguments from inspect.signature(model.forward): behind
+    cpuboost's stand-ins for forward it saw (*args, **kwargs), passed no position_ids, and
+    XLM-R's causal LM (which numbers positions from its padding index without them) generated
+    other tokens than stock on the first generate() of an optimize()d model, and on every one
+    of an llm.optimize()d one."""
+    import inspect
+    model = _xlm_roberta_clm()
+    ids = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(4))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+              min_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        ref = model.generate(**kw)
+        own = inspect.signature(model.forward)
+        made = {"pending first call": cpuboost.optimize(model),
+                "llm": cpuboost.llm.optimize(model, dtype=torch.float32),
+                "graph_mode": cpuboost.optimize(model, graph_mode=True)}  # compiles when called
+        for name, fast in made.items():
+            assert inspect.signature(fast.forward) == own, name
+            if name != "graph_mode":
+                assert torch.equal(fast.generate(**kw), ref), name

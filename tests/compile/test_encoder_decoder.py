@@ -89,7 +89,7 @@ def test_inplace_releases_the_encoders_weights_too():
     # a copy (it compiles afresh) shares its own model's release, not the original's
     copied = copy.deepcopy(model)
     encoder = _encoder_forward(copied, "encoder")
-    assert encoder.module is copied.encoder and encoder.compiled.model is copied.encoder
+    assert encoder.model is copied.encoder and encoder.compiled.model is copied.encoder
     assert encoder.compiled.release is copied.__dict__["forward"].release is not None
     assert copied.__dict__["forward"].release is not model.__dict__["forward"].release
     assert torch.equal(copied.state_dict()["encoder.block.0.layer.1.DenseReluDense.wi.weight"],
