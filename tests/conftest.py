@@ -1,3 +1,4 @@
+import contextlib
 import importlib
 
 import pytest
@@ -8,6 +9,19 @@ from cpuboost.testing import TOY_MODELS, build_eval
 
 BF16_RTOL = 5e-2  # relative to each output's largest magnitude (see cpuboost.verify)
 FP32_RTOL = 1e-4
+
+
+@contextlib.contextmanager
+def one_thread():
+    """For training a small model inside a test. Its many small ops on two OpenMP threads,
+    beside the other test worker's two on the same two cores, spent most of their time
+    waiting: the digits CNN's training took 8 s alone and 68 s in the parallel run."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

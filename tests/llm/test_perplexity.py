@@ -9,6 +9,9 @@ import torch
 
 import cpuboost
 
+# slow: the training takes 25-50 s alone but up to 290 s beside the other test worker (one
+# thread instead of two: 126 s); run by `make test-all`
+pytestmark = pytest.mark.slow
 MAX_INCREASE = {"woq_int8": 0.02, "woq_int4": 0.08}
 SEQ = 128
 

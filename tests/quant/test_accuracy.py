@@ -12,6 +12,7 @@ from torch import nn
 
 import cpuboost
 from cpuboost import DynamicInt8Config, StaticInt8Config
+from tests.conftest import one_thread
 
 MIN_MEAN_COSINE = 0.99  # int8 vs fp32 sentence embeddings, mean over >= 200 sentences
 MAX_TOP1_DROP = 0.5  # percentage points, digits test set
@@ -95,11 +96,12 @@ def _digits():
 def _train(model, x, y, epochs=15):
     torch.manual_seed(0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(epochs):
-        for i in range(0, len(y), 64):
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
-            opt.step()
+    with one_thread():
+        for _ in range(epochs):
+            for i in range(0, len(y), 64):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64]).backward()
+                opt.step()
     return model.eval()
 
 
