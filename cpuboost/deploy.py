@@ -185,12 +185,13 @@ def export(model: nn.Module, example_inputs: Any, path: str | os.PathLike, *,
         "max_batch": max_batch if carries is not None else None,
         "inputs": inputs,
         "cpuboost_ops": ops,
+        "cpuboost_op_schemas": {op: _schema(op) for op in ops},
         "graph_passes": passes,
         "sha256": hashlib.sha256(blob).hexdigest(),
         "compile_seconds": round(seconds, 2),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    meta["verified"] = _verify(model, ExportedModel(_load_runner(blob, str(path), ops), meta,
+    meta["verified"] = _verify(model, ExportedModel(_load_runner(blob, str(path), meta), meta,
                                                     str(path)),
                                call, reference, carries, dtype_name, autocast)
     return _write(Path(path), meta, blob)
@@ -330,19 +331,30 @@ def _own_ops(blob: bytes) -> list[str]:
     return sorted(op for op in _OWN_OPS if op in called)
 
 
-def _load_own_ops(ops: list, where: str) -> None:
-    for op in ops:
+def _schema(op: str) -> str:
+    namespace, name = op.split("::")
+    return str(getattr(getattr(torch.ops, namespace), name).default._schema)
+
+
+def _load_own_ops(meta: dict, where: str) -> None:
+    """Load the library of each cpuboost op the package calls, and check that the op still takes
+    the arguments the compiled code passes (compiled code calling a changed op would crash)."""
+    schemas = meta.get("cpuboost_op_schemas") or {}
+    for op in meta.get("cpuboost_ops") or []:
         unavailable = _OWN_OPS.get(op)
         why = unavailable() if unavailable else "this cpuboost has no such op"
         if why:
             raise PackageError(f"{where} runs cpuboost's kernel {op}, which cannot run here "
                                f"({why}): export the model on this machine, or export the "
                                "model as it was before cpuboost.optimize.")
+        if op in schemas and schemas[op] != _schema(op):
+            raise PackageError(f"{where} calls {schemas[op]}, but this cpuboost's op is "
+                               f"{_schema(op)}: re-export the model with this cpuboost.")
 
 
-def _load_runner(blob: bytes, where: str, ops: list = ()):
+def _load_runner(blob: bytes, where: str, meta: dict):
     import torch._inductor
-    _load_own_ops(list(ops), where)
+    _load_own_ops(meta, where)
     try:
         return torch._inductor.aoti_load_package(io.BytesIO(blob))
     except Exception as e:
@@ -425,4 +437,4 @@ def load(path: str | os.PathLike) -> ExportedModel:
     if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
         raise PackageError(f"{where}: the compiled model does not match the checksum recorded at "
                            "export (the file was altered); copy it again or re-export it.")
-    return ExportedModel(_load_runner(blob, where, meta.get("cpuboost_ops") or []), meta, where)
+    return ExportedModel(_load_runner(blob, where, meta), meta, where)

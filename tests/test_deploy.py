@@ -226,6 +226,25 @@ def test_package_calling_a_kernel_that_cannot_run_here_is_refused(tmp_path, monk
         cpuboost.load(path)
 
 
+def test_package_built_against_another_op_schema_is_refused(tmp_path):
+    """The compiled code passes cpuboost's ops the arguments of the schema it was built
+    against; a cpuboost whose op takes other arguments refuses the package (a graph compiled
+    against linear_u8s8 before it took ``add`` crashed when called)."""
+    opt = cpuboost.optimize(nn.Sequential(nn.Linear(32, 16)).eval(),
+                            sample_input=torch.randn(2, 32))
+    if opt[0].backend != "avx2":
+        pytest.skip("cpuboost's AVX2 kernel does not run here: no package calls it")
+    path = cpuboost.export(opt, (torch.randn(2, 32),), tmp_path / "opt.cbpk")
+    schema = cpuboost.load(path).metadata["cpuboost_op_schemas"]["cpuboost::linear"]
+    assert schema.startswith("cpuboost::linear(Tensor input, Tensor packed")
+
+    def older(meta):
+        meta["cpuboost_op_schemas"]["cpuboost::linear"] = schema.replace(", int act", "")
+    with pytest.raises(PackageError, match=r"calls cpuboost::linear\(.*but this cpuboost's op "
+                                           r"is .*int act.*re-export the model"):
+        cpuboost.load(_rewrite(path, tmp_path / "older.cbpk", older))
+
+
 def test_winograd_convolutions_export_and_run_in_a_fresh_process(tmp_path):
     """On AVX2 CPUs, 3x3 convolutions in a package run cpuboost's Winograd kernel at any batch
     (its weight does not depend on the batch); load loads the kernel's library first."""
