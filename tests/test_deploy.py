@@ -228,8 +228,8 @@ def test_package_calling_a_kernel_that_cannot_run_here_is_refused(tmp_path, monk
 
 def test_package_built_against_another_op_schema_is_refused(tmp_path):
     """The compiled code passes cpuboost's ops the arguments of the schema it was built
-    against; a cpuboost whose op takes other arguments refuses the package (a graph compiled
-    against linear_u8s8 before it took ``add`` crashed when called)."""
+    against; a cpuboost whose op takes other arguments refuses the package (compiled code
+    calling an op whose schema had changed crashed)."""
     opt = cpuboost.optimize(nn.Sequential(nn.Linear(32, 16)).eval(),
                             sample_input=torch.randn(2, 32))
     if opt[0].backend != "avx2":

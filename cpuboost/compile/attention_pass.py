@@ -118,9 +118,9 @@ class FastAttention(CustomGraphPass):
 @functools.cache
 def _source_key() -> str:  # read once: uuid() is asked at every compile's cache lookup
     # Every kernel source, not only the attention's: a cached graph calls cpuboost's ops with
-    # the arguments of the schema it was compiled against (a changed schema crashed a graph
-    # Inductor's cache held), and this pass's own code: a cached graph must not outlive a change
-    # to what it rewrites.
+    # the arguments of the schema it was compiled against (a graph Inductor's cache held
+    # crashed once an op took one more argument), and this pass's own code: a cached graph must
+    # not outlive a change to what it rewrites.
     kernels = sorted(_SOURCE.parent.glob("*.cpp")) + sorted(_SOURCE.parent.glob("*.h"))
     text = b"".join(f.read_bytes() for f in [*kernels, Path(__file__)])
     return "cpuboost-kernels-" + hashlib.sha256(text).hexdigest()[:12]

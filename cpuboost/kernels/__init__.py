@@ -214,7 +214,7 @@ def _register_gemm_fakes() -> None:
 
     @torch.library.register_fake("cpuboost::linear_u8s8")
     def _(x, packed, w_scale, colsum, bias, out_features, act, x_scale, x_zp, qmax, out_scale,
-          out_zp, add=None):
+          out_zp):
         dtype = torch.uint8 if out_scale > 0 else torch.float32
         return x.new_empty((*x.shape[:-1], out_features), dtype=dtype)
 

@@ -1,7 +1,6 @@
 // int8 linear layers (uint8 activations x int8 weights, int32 sums) for CPUs with AVX2 but
-// neither AVX-512 nor VNNI: y = act((x_q - zp) W_q^T * x_scale * w_scale + b [+ add]), returned
-// as float32 or quantized again to uint8 for the next int8 layer. ``add`` (float32, the output's
-// shape) is a residual summed in the epilogue, before the activation.
+// neither AVX-512 nor VNNI: y = act((x_q - zp) W_q^T * x_scale * w_scale + b), returned as float32
+// or quantized again to uint8 for the next int8 layer.
 //
 // Why: on the 2-core AVX2 Zen 3 this was written on, oneDNN's int8 inner product ran BERT-base's
 // linears at 200-220 GOP/s (84% of the int8 model's time), against 125-139 GFLOP/s for fp32 in
@@ -118,20 +117,14 @@ struct Epilogue {
   int64_t act;
   float out_inv;   // 1 / output scale; 0: float32 output
   float out_zp;
-  const float* add;  // [M, N] float32 summed before the activation, or nullptr
 };
 
 // rows of int32 sums (16 per row) -> float32 or uint8 outputs; c points at the tile's first
-// output (row m0 of the whole output), rows ldc elements apart, nvalid of the 16 features kept.
-void finish(const int32_t* acc, int rows, const Epilogue& e, int64_t m0, int64_t p, void* c,
-            int64_t ldc, int nvalid) {
+// output, rows ldc elements apart, nvalid of the 16 features kept.
+void finish(const int32_t* acc, int rows, const Epilogue& e, int64_t p, void* c, int64_t ldc,
+            int nvalid) {
   for (int i = 0; i < rows; ++i) {
     alignas(32) float y[NR];
-    // this row's residual; a partial panel's is copied out, zero past the valid features
-    alignas(32) float part[NR] = {};
-    const float* r = e.add == nullptr ? nullptr : e.add + (m0 + i) * ldc + p * NR;
-    if (r != nullptr && nvalid < NR) r = static_cast<const float*>(
-        std::memcpy(part, r, nvalid * sizeof(float)));
     for (int h = 0; h < NR; h += 8) {
       const int64_t n = p * NR + h;
       const __m256i s = _mm256_sub_epi32(
@@ -139,7 +132,6 @@ void finish(const int32_t* acc, int rows, const Epilogue& e, int64_t m0, int64_t
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(e.offset + n)));
       __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_loadu_ps(e.scale + n),
                                  _mm256_loadu_ps(e.bias + n));
-      if (r != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(r + h));
       _mm256_store_ps(y + h, e.act == kNone ? v : activate(v, e.act));
     }
     if (e.out_inv == 0.0f) {
@@ -203,7 +195,7 @@ void run(const uint8_t* a, int64_t lda, const int8_t* w, const Epilogue& e, void
           }
         }
         char* out = static_cast<char*>(c) + (m0 * N + p * NR) * elem;
-        finish(acc, static_cast<int>(m1 - m0), e, m0, p, out, N, nvalid);
+        finish(acc, static_cast<int>(m1 - m0), e, p, out, N, nvalid);
       }
     }
   });
@@ -261,13 +253,11 @@ at::Tensor quantize_u8(const at::Tensor& input, double scale, int64_t zp, int64_
 
 // x_scale > 0: x's qparams (or those of a uint8 x). x_scale <= 0 (float x only): measured here
 // from x's range and 0, as nn/int8.py's dynamic_qparams does (in double, rounding half to even).
-// out_scale > 0: uint8 output on (out_scale, out_zp); else float32. add: a float32 tensor of the
-// output's shape, summed in before the activation.
+// out_scale > 0: uint8 output on (out_scale, out_zp); else float32.
 at::Tensor linear_u8s8(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& w_scale,
                        const at::Tensor& colsum, const std::optional<at::Tensor>& bias,
                        int64_t out_features, int64_t act, double x_scale, int64_t x_zp,
-                       int64_t qmax, double out_scale, int64_t out_zp,
-                       const std::optional<at::Tensor>& add) {
+                       int64_t qmax, double out_scale, int64_t out_zp) {
   const char* op = "cpuboost::linear_u8s8";
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kByte, op,
               " takes a float32 or uint8 input, got ", input.scalar_type());
@@ -297,13 +287,6 @@ at::Tensor linear_u8s8(const at::Tensor& input, const at::Tensor& packed, const 
   shape.back() = N;
   const bool quantized_out = out_scale > 0;
   at::Tensor out = at::empty(shape, x.options().dtype(quantized_out ? at::kByte : at::kFloat));
-  at::Tensor residual;
-  if (add.has_value() && add->defined()) {
-    TORCH_CHECK(add->scalar_type() == at::kFloat && add->sizes() == out.sizes(), op,
-                ": the added tensor must be float32 of the output's shape ", out.sizes(),
-                ", got ", add->scalar_type(), " of shape ", add->sizes());
-    residual = add->contiguous();
-  }
   if (M == 0) return out;
 
   // the input as uint8 rows, 4-byte padded
@@ -353,8 +336,7 @@ at::Tensor linear_u8s8(const at::Tensor& input, const at::Tensor& packed, const 
   }
   const Epilogue e{offset, scale, b, act,
                    quantized_out ? static_cast<float>(1.0 / out_scale) : 0.0f,
-                   static_cast<float>(out_zp),
-                   residual.defined() ? residual.data_ptr<float>() : nullptr};
+                   static_cast<float>(out_zp)};
   run(a, lda, packed.data_ptr<int8_t>(), e, out.data_ptr(), quantized_out ? 1 : 4, M, N, G);
   return out;
 }
@@ -366,7 +348,7 @@ TORCH_LIBRARY_FRAGMENT(cpuboost, m) {
   m.def("quantize_u8(Tensor input, float scale, int zp, int qmax) -> Tensor");
   m.def("linear_u8s8(Tensor input, Tensor packed, Tensor w_scale, Tensor colsum, Tensor? bias, "
         "int out_features, int act, float x_scale, int x_zp, int qmax, float out_scale, "
-        "int out_zp, Tensor? add=None) -> Tensor");
+        "int out_zp) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(cpuboost, CPU, m) {

@@ -113,31 +113,6 @@ def test_activations_and_uint8_output(act):
 
 
 @needs_kernel
-@pytest.mark.parametrize("m, n", [(23, 35), (4, 16), (200, 7)], ids=lambda v: str(v))
-def test_a_residual_is_added_before_the_activation(m, n):
-    """``add``: summed after the scales and bias, before the activation, for every row tile and
-    a partial last panel; with uint8 output the quantization comes after the sum."""
-    qx, qw, ws, b = _ints(m, 40, n, seed=m)
-    r = torch.randn(m, n, generator=torch.Generator().manual_seed(1)) * 4
-    ref = torch.relu(_exact(qx, qw, ws, b, 0.05, 7) + r.double())
-    out = ops.linear_u8s8(qx, ops.pack_u8s8_weight(qw), ws, qw.sum(1, dtype=torch.int32), b, n,
-                          AVX2_ACTS["relu"], 0.05, 7, 255, 0.0, 0, r)
-    assert (out.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
-    assert bool((out == 0).any()) and bool((out > 0).any())  # the relu sees the sum
-    q = ops.linear_u8s8(qx, ops.pack_u8s8_weight(qw), ws, qw.sum(1, dtype=torch.int32), b, n,
-                        AVX2_ACTS["relu"], 0.05, 7, 255, 0.03, 120, r)
-    assert torch.equal(q, _quantize_ref(out, 0.03, 120))
-    nhwc = r.reshape(1, m, 1, n)  # any layout of the output's shape is read as it is meant
-    assert torch.equal(ops.linear_u8s8(qx.reshape(1, m, 1, 40), ops.pack_u8s8_weight(qw), ws,
-                                       qw.sum(1, dtype=torch.int32), b, n, AVX2_ACTS["relu"],
-                                       0.05, 7, 255, 0.0, 0, nhwc.transpose(1, 2).contiguous()
-                                       .transpose(1, 2)).reshape(m, n), out)
-    with pytest.raises(RuntimeError, match=rf"float32 of the output's shape \[{m}, {n}\]"):
-        ops.linear_u8s8(qx, ops.pack_u8s8_weight(qw), ws, qw.sum(1, dtype=torch.int32), b, n,
-                        0, 0.05, 7, 255, 0.0, 0, r[:, :3])
-
-
-@needs_kernel
 def test_layouts_empty_batch_and_thread_count():
     qx, qw, ws, b = _ints(130, 300, 200, seed=4)
     ref = _run(qx, qw, ws, b)
