@@ -55,6 +55,7 @@ class OpCall:
     out_key: Optional[Key]
     owner: str  # qualified name of the module whose forward ran it ("" = the root)
     plain_args: bool  # no non-tensor arguments besides the tensors (no alpha=..., out=...)
+    in_shapes: tuple = ()  # the tensor arguments' shapes, in order
 
     @property
     def key(self):
@@ -151,8 +152,9 @@ class _Recorder(TorchFunctionMode):
                 self.version[self.uid(result)] += 1
             out_key = self.key(result)
         plain = not kwargs and all(isinstance(a, torch.Tensor) for a in args)
+        shapes = tuple(tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor))
         self.flow.ops.append(OpCall(index, name, in_keys, out_key,
-                                    self.owners[-1] if self.owners else "", plain))
+                                    self.owners[-1] if self.owners else "", plain, shapes))
         return result
 
     def pre_hook(self, name, leaf):

@@ -51,6 +51,8 @@ def _sites(flow: Dataflow) -> dict[str, list]:
     for op in flow.ops:
         if op.name not in _ADD_OPS or not op.plain_args or len(op.in_keys) != 2:
             continue
+        if len(set(op.in_shapes)) != 1:  # broadcast (ConvBERT adds a (C, 1) bias): the fused
+            continue  # kernels take an added tensor of the output's own shape only
         sides = [0] if op.name in _INPLACE else [0, 1]  # in place: only into the conv output
         conv = next((c for i in sides if (c := _conv_behind(flow, op.in_keys[i], op))), None)
         if conv is None:
