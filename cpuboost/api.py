@@ -7,6 +7,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 from cpuboost import _env
 from cpuboost._memory import release_freed_memory
@@ -196,8 +197,16 @@ def _apply_verified(work, source, steps, cfg, hw, report, call, reference) -> nn
     work, report.numerics = _checked(reference, steps, work, cfg, hw, report, call, rtol)
     if report.numerics.passed:
         return work
-    # Something broke numerics: redo from the original, adding passes one at a time and keeping
-    # only those that still check out. Rare, so the extra copies and forwards are acceptable.
+    return _redo_checked(work, source, steps, cfg, hw, report, call, reference, cfg.inplace)
+
+
+def _redo_checked(work, source, steps, cfg, hw, report, call, reference, into_work: bool,
+                  earlier: tuple = ()) -> nn.Module:
+    """Something broke numerics: redo from ``source`` (the model before ``steps``), adding
+    passes one at a time and keeping only those that still check out. Rare, so the extra copies
+    and forwards are acceptable. ``into_work``: the caller holds ``work``, which becomes the
+    verified model. ``earlier``: records of passes run before ``steps``, kept in the report."""
+    rtol = cfg.rtol
     failed, kept, dropped = report.numerics, [], {}
     for step in steps:
         scratch = OptimizationReport(report.dtype, report.level, report.hardware)
@@ -212,22 +221,45 @@ def _apply_verified(work, source, steps, cfg, hw, report, call, reference) -> nn
     final = _apply(copy.deepcopy(source), kept, cfg, hw, final_report, call)
     # The report describes the model returned: the kept passes as applied to it, then the
     # dropped ones with what they would have done.
-    report.passes = final_report.passes + list(dropped.values())
+    report.passes = list(earlier) + final_report.passes + list(dropped.values())
     report.numerics = compare(reference, run_sample(final, call), rtol)
     report.warnings.append(f"the full plan failed the numerics check ({failed}); "
                            "dropped passes are marked DROPPED")
-    if cfg.inplace:  # the caller holds `work`: make that object the verified model
+    if into_work:  # the caller holds `work`: make that object the verified model
         work.__dict__.clear()
         work.__dict__.update(final.__dict__)
         return work
     return final
 
 
+def _replay_copy(args, kwargs) -> tuple[Optional[tuple], str]:
+    """A copy of a first call's arguments to run again after the passes, or (None, why not):
+    only plain data (tensors, numbers, strings, None, in lists/tuples/dicts) can be replayed;
+    an object such as a key/value cache is changed by the forward it is passed to."""
+    leaves, _ = tree_flatten((args, kwargs))
+    odd = next((x for x in leaves if not isinstance(x, (torch.Tensor, int, float, bool, str,
+                                                          type(None)))), None)
+    if odd is not None:
+        return None, (f"the first call passed a {type(odd).__name__}, which a second run "
+                      "could change")
+    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs)), ""
+
+
+def _state_versions(model: nn.Module) -> list[int]:
+    """Version counters of the model's parameters and buffers (a forward that updates a buffer
+    in place moves its counter; inference tensors have none and cannot be changed in place
+    outside inference mode)."""
+    return [-1 if t.is_inference() else t._version
+            for t in (*model.parameters(), *model.buffers())]
+
+
 class _FirstCall(ForwardStandIn):
     """Without sample_input, the passes that must see the model run do so on its first call
     of ``forward`` — through ``model(...)`` or a custom method calling ``self.forward(...)``.
     It stands in as the instance's ``forward`` and removes itself once the passes ran; the
-    recorded call itself runs the unmodified modules, so its result is the original's."""
+    recorded call itself runs the unmodified modules, so its result is the original's. The
+    optimized model then runs the same input once more and is checked against that result, as
+    with sample_input (passes that break it are dropped), where the input can be replayed."""
 
     def __init__(self, model, steps, cfg, hw, report):
         self.model, self.steps, self.cfg, self.hw, self.report = model, steps, cfg, hw, report
@@ -239,6 +271,8 @@ class _FirstCall(ForwardStandIn):
         if self.busy:  # re-entrant call (forward calling itself): just run it
             return original(*args, **kwargs)
         self.busy = True
+        replay, why = _replay_copy(args, kwargs) if self.cfg.verify else (None, "")
+        versions = _state_versions(model)
         rec = Recording(model)
         rec.start()
         output = None
@@ -248,16 +282,48 @@ class _FirstCall(ForwardStandIn):
             flow = rec.stop(output)
             self.busy = False
         model.__dict__.pop("forward", None)
-        _run(model, self.steps, self.cfg, self.hw, self.report, flow)
+        if replay is not None and _state_versions(model) != versions:
+            replay, why = None, "its forward changed the model's parameters or buffers"
+        why = _run_checked(model, self.steps, self.cfg, self.hw, self.report, flow, replay,
+                           output) or why
+        if self.cfg.verify and why:
+            self.report.warnings.append(f"the passes run at the first call were not checked "
+                                        f"against the original ({why}); pass sample_input= "
+                                        "to optimize() to check them")
         self.report.pending = None
         self.report.weight_bytes_after = weight_bytes(model)
+        attach(model, self.report)
         return output
+
+
+def _run_checked(model, steps, cfg, hw, report, flow, replay, reference) -> Optional[str]:
+    """The deferred passes on ``model`` (in place), then, with ``replay`` (the first call's
+    arguments), its output on them against ``reference`` (the original's): redone pass by pass
+    from a copy taken before them if that fails. Returns why nothing was checked, if so."""
+    source, why = None, None
+    try:
+        source = copy.deepcopy(model) if replay is not None else None
+    except Exception as e:  # a model that cannot be copied keeps the unchecked passes
+        why = f"the model could not be copied ({type(e).__name__})"
+    earlier = tuple(report.passes)
+    _run(model, steps, cfg, hw, report, flow)
+    if source is None:
+        return why
+    try:
+        report.numerics = compare(reference, run_sample(model, replay), cfg.rtol)
+    except Exception as e:
+        report.warnings.append(f"optimized model raised {type(e).__name__}: {str(e)[:200]}")
+        report.numerics = NumericsCheck(float("inf"), float("inf"), cfg.rtol, False, 0)
+    if not report.numerics.passed:
+        _redo_checked(model, source, steps, cfg, hw, report, replay, reference, True, earlier)
+    return None
 
 
 def _defer(work, steps, cfg, hw: CpuFeatures, report) -> None:
     if not steps:
         return
-    report.pending = (f"{', '.join(s.name for s in steps)} run at the first call of forward "
-                      "(pass sample_input= to optimize now and check numerics)")
+    report.pending = (f"{', '.join(s.name for s in steps)} run at the first call of forward, "
+                      "then checked against the original's output on that call (pass "
+                      "sample_input= to optimize and check now)")
     # An instance attribute shadows the class's forward, for __call__ and self.forward alike.
     work.__dict__["forward"] = _FirstCall(work, steps, cfg, hw, report)

@@ -112,3 +112,54 @@ def test_compare_blockwise_finds_the_worst_element_anywhere(monkeypatch):
     other[4321, 1, 2] += 0.5
     check = verify.compare(wide, other, rtol=1.0)
     assert abs(check.max_abs - 0.5) < 1e-6 and check.compared == 1
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_first_call_checks_the_deferred_passes(monkeypatch, inplace):
+    """Without sample_input the passes run at the first call, which returns the original's
+    output; the optimized model then runs that input again and a pass that breaks it is dropped
+    as with sample_input (unchecked, ConvBERT's unfusable add raised on the second call)."""
+    _sabotage_relu(monkeypatch)
+    case, model = toy("mlp_bn")
+    x = case.inputs(8)
+    ref = run(model, case, x)
+    opt = cpuboost.optimize(model, inplace=inplace)
+    report = cpuboost.report_of(opt)
+    assert "checked against the original's output" in report.pending
+    for _ in range(2):
+        assert rel_err(ref, run(opt, case, x)) <= FP32_RTOL
+    report = cpuboost.report_of(opt)
+    assert report.pending is None and report.numerics.passed
+    assert report.pass_named("fuse_pointwise").dropped
+    assert not report.pass_named("prepack").dropped
+    assert report.pass_named("remove_dropout") is not None  # run at optimize(): still reported
+    assert not any(isinstance(m, FusedAway) for m in opt.modules())
+    assert (opt is model) == inplace
+
+
+def test_first_call_that_cannot_be_replayed_is_reported(monkeypatch):
+    """An argument that is not plain data (a cache object the forward fills) is not replayed:
+    the passes stay unchecked and the report says so; the first call's result is the
+    original's."""
+    class Cache:
+        def __init__(self):
+            self.seen = 0
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, x, cache=None):
+            if cache is not None:
+                cache.seen += 1
+            return self.fc(x)
+
+    model, x, cache = Model().eval(), torch.randn(2, 8), Cache()
+    opt = cpuboost.optimize(model)
+    with torch.no_grad():
+        assert torch.equal(opt(x, cache=cache), model(x))
+    assert cache.seen == 1  # called once, not replayed
+    report = cpuboost.report_of(opt)
+    assert report.numerics is None
+    assert any("not checked" in w and "passed a Cache" in w for w in report.warnings)
