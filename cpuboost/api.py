@@ -7,7 +7,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from cpuboost import _env
 from cpuboost._memory import release_freed_memory
@@ -233,16 +233,18 @@ def _redo_checked(work, source, steps, cfg, hw, report, call, reference, into_wo
 
 
 def _replay_copy(args, kwargs) -> tuple[Optional[tuple], str]:
-    """A copy of a first call's arguments to run again after the passes, or (None, why not):
-    only plain data (tensors, numbers, strings, None, in lists/tuples/dicts) can be replayed;
-    an object such as a key/value cache is changed by the forward it is passed to."""
+    """A copy of a first call's arguments, taken before it runs, to run again after the passes
+    (a forward may change what it is given: generate()'s first call hands in an empty key/value
+    cache that the forward fills), or (None, why not)."""
     leaves, _ = tree_flatten((args, kwargs))
-    odd = next((x for x in leaves if not isinstance(x, (torch.Tensor, int, float, bool, str,
-                                                          type(None)))), None)
-    if odd is not None:
-        return None, (f"the first call passed a {type(odd).__name__}, which a second run "
-                      "could change")
-    return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs)), ""
+    held = next((x for x in leaves if isinstance(x, nn.Module)), None)
+    if held is not None:  # copying it could mean copying the model
+        return None, f"the first call passed a module ({type(held).__name__})"
+    try:
+        return copy.deepcopy((args, kwargs)), ""
+    except Exception as e:
+        return None, (f"the first call's arguments could not be copied to run again "
+                      f"({type(e).__name__})")
 
 
 def _state_versions(model: nn.Module) -> list[int]:

@@ -137,13 +137,17 @@ def test_first_call_checks_the_deferred_passes(monkeypatch, inplace):
     assert (opt is model) == inplace
 
 
-def test_first_call_that_cannot_be_replayed_is_reported(monkeypatch):
-    """An argument that is not plain data (a cache object the forward fills) is not replayed:
-    the passes stay unchecked and the report says so; the first call's result is the
-    original's."""
+def test_first_call_replays_a_copy_of_its_arguments():
+    """The check runs the optimized model on copies taken before the first call: an object the
+    forward changes (generate()'s key/value cache) is changed once, by the call itself; an
+    argument that cannot be copied leaves the passes unchecked, and the report says so."""
     class Cache:
         def __init__(self):
             self.seen = 0
+
+    class Uncopyable(Cache):
+        def __deepcopy__(self, memo):
+            raise TypeError("no copies")
 
     class Model(torch.nn.Module):
         def __init__(self):
@@ -151,15 +155,19 @@ def test_first_call_that_cannot_be_replayed_is_reported(monkeypatch):
             self.fc = torch.nn.Linear(8, 8)
 
         def forward(self, x, cache=None):
-            if cache is not None:
-                cache.seen += 1
-            return self.fc(x)
+            cache.seen += 1
+            return self.fc(x) + cache.seen
 
-    model, x, cache = Model().eval(), torch.randn(2, 8), Cache()
-    opt = cpuboost.optimize(model)
+    torch.manual_seed(0)
+    model, x = Model().eval(), torch.randn(2, 8)
     with torch.no_grad():
-        assert torch.equal(opt(x, cache=cache), model(x))
-    assert cache.seen == 1  # called once, not replayed
-    report = cpuboost.report_of(opt)
-    assert report.numerics is None
-    assert any("not checked" in w and "passed a Cache" in w for w in report.warnings)
+        ref = model(x, cache=Cache())
+        for kind, checked in ((Cache, True), (Uncopyable, False)):
+            opt, cache = cpuboost.optimize(model), kind()
+            assert torch.equal(opt(x, cache=cache), ref)
+            assert cache.seen == 1  # the replay ran on a copy
+            report = cpuboost.report_of(opt)
+            assert (report.numerics is not None and report.numerics.passed) == checked
+            assert any("not checked" in w and "could not be copied" in w
+                       for w in report.warnings) != checked
+            assert rel_err(ref, opt(x, cache=kind())) <= FP32_RTOL
