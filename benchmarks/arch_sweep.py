@@ -1,10 +1,14 @@
 """Graph mode and int8 across transformers architectures, built from tiny configs (random
 weights, no downloads): does each compile, run and match?
 
+    python benchmarks/arch_sweep.py --mode eager [bert gpt2 ...]
     python benchmarks/arch_sweep.py --mode graph [bert gpt2 ...]
     python benchmarks/arch_sweep.py --mode int8 [bert gpt2 ...]
     python benchmarks/arch_sweep.py --mode generate [gpt2 t5 ...]
 
+``eager``: ``cpuboost.optimize(model)`` in fp32 with and without ``sample_input``, and in bf16:
+two calls each against the model's own output (fp32: max |diff| / max |reference| <= 1e-3; bf16:
+cosine >= 0.99), and the original model's output unchanged afterwards.
 ``graph``: ``cpuboost.optimize(model, graph_mode=True)`` with ``inplace=False`` and ``True``,
 without ``sample_input`` (so no numerics check stands between a wrong graph and the caller);
 two calls each, both against the model's own output: max |diff| / max |reference| <= 1e-3.
@@ -107,12 +111,17 @@ def keep_signal(model, inputs: list) -> None:
     one batch), so that every normalized activation has unit variance. With the configs'
     initializer_range of 0.02 the deep vision nets' activations vanish: MobileNetV2, MobileViT,
     LeViT and EfficientNet output zeros or values below 1e-5, against which no cosine means
-    anything. Done only where the output vanished (largest magnitude below 1e-4). EfficientNet's
-    stays below 1e-26 even so (not its BatchNorms' doing)."""
+    anything. Done only where the output vanished (largest magnitude below 1e-4). EfficientNet
+    initializes its BatchNorms' scales to ~0.02 as well (its output stayed below 1e-26 with the
+    statistics set): every BatchNorm's affine part is made the identity first."""
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None
+        if norm.affine:
+            with torch.no_grad():
+                norm.weight.fill_(1.0)
+                norm.bias.zero_()
     model.train()
     with torch.no_grad():  # one batch: BatchNorm1d (LeViT) takes no batch of 1 in training
         model(**{key: torch.cat([kw[key] for kw in inputs]) for key in inputs[0]})
@@ -157,6 +166,40 @@ def graph_row(model, kw, ref) -> list:
         rows.append(f"inplace={inplace}: {'OK' if err <= 1e-3 else 'WRONG'} rel diff {err:.1e}, "
                     f"{breaks} graph break reason(s), {time.perf_counter() - t0:.0f} s")
         del work, fast
+        gc.collect()
+    return rows
+
+
+def eager_rows(model, kw, ref) -> list:
+    """Eager ``cpuboost.optimize``: fp32 with and without ``sample_input`` (then the first call
+    runs the passes that need an input), bf16 with it; two calls each against the model's own
+    output, and the original model unchanged afterwards."""
+    import cpuboost
+    rows = []
+    for name, options in (("fp32", dict(sample_input=kw)), ("fp32, no sample_input", {}),
+                          ("bf16", dict(sample_input=kw, dtype=torch.bfloat16))):
+        try:
+            t0 = time.perf_counter()
+            fast = cpuboost.optimize(model, **options)
+            outs = [first_tensor(fast(**kw)).float() for _ in range(2)]
+            untouched = torch.equal(first_tensor(model(**kw)), ref)
+            if name == "bf16":
+                cos = min(cosine(o, ref) for o in outs)
+                ok, what = cos >= 0.99, f"cosine {cos:.5f}"
+            else:
+                err = max(rel_diff(o, ref) for o in outs)
+                ok, what = err <= 1e-3, f"rel diff {err:.1e}"
+            report = cpuboost.report_of(fast)
+            applied = sum(len(r.applied) for r in report.passes if not r.dropped)
+            dropped = [r.name for r in report.passes if r.dropped]  # the numerics check's doing
+            rows.append(f"{name}: {'OK' if ok and untouched else 'CHECK'} {what}"
+                        f"{'' if untouched else ', ORIGINAL CHANGED'}, {applied} rewrite(s)"
+                        f"{f', DROPPED {dropped}' if dropped else ''}, "
+                        f"{time.perf_counter() - t0:.1f} s")
+            del fast
+        except Exception as e:
+            traceback.print_exc(limit=4)
+            rows.append(f"{name}: ERROR {type(e).__name__}: {str(e)[:300]}")
         gc.collect()
     return rows
 
@@ -247,7 +290,7 @@ def generate_rows(model, model_type) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("graph", "int8", "generate"), required=True)
+    parser.add_argument("--mode", choices=("eager", "graph", "int8", "generate"), required=True)
     parser.add_argument("only", nargs="*", help="model types (default: all)")
     args = parser.parse_args()
     import transformers
@@ -276,6 +319,7 @@ def main() -> None:
         try:
             with torch.no_grad():
                 rows = (graph_row(model, kw, ref) if args.mode == "graph"
+                        else eager_rows(model, kw, ref) if args.mode == "eager"
                         else generate_rows(model, model_type) if args.mode == "generate"
                         else int8_row(model, kw, ref, model_type))
         except Exception as e:
