@@ -8,8 +8,9 @@ weights, no downloads): does each compile, run and match?
     python benchmarks/arch_sweep.py --mode generate [gpt2 t5 ...]
 
 ``eager``: ``cpuboost.optimize(model)`` in fp32 with and without ``sample_input``, and in bf16:
-two calls each against the model's own output (fp32: max |diff| / max |reference| <= 1e-3; bf16:
-cosine >= 0.99), and the original model's output unchanged afterwards.
+two calls each against the model's own output, then one on another batch and length (fp32: max
+|diff| / max |reference| <= 1e-3; bf16: cosine >= 0.99), and the original model's output
+unchanged afterwards.
 ``graph``: ``cpuboost.optimize(model, graph_mode=True)`` with ``inplace=False`` and ``True``,
 without ``sample_input`` (so no numerics check stands between a wrong graph and the caller);
 two calls each, both against the model's own output: max |diff| / max |reference| <= 1e-3.
@@ -131,14 +132,16 @@ def keep_signal(model, inputs: list) -> None:
     model.eval()
 
 
-def inputs_for(model_type: str, seed: int) -> dict:
+def inputs_for(model_type: str, seed: int, batch: int = 1, length: int = 24) -> dict:
+    """Random inputs; ``length``: the sequence length of text (images stay 64x64: ViT and LeViT
+    take no other size)."""
     gen = torch.Generator().manual_seed(seed)
     if model_type in VISION:
-        return {"pixel_values": torch.randn(1, 3, 64, 64, generator=gen)}
-    ids = torch.randint(3, 500, (1, 24), generator=gen)
+        return {"pixel_values": torch.randn(batch, 3, 64, 64, generator=gen)}
+    ids = torch.randint(3, 500, (batch, length), generator=gen)
     out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if model_type in SEQ2SEQ:
-        out["decoder_input_ids"] = torch.randint(3, 500, (1, 7), generator=gen)
+        out["decoder_input_ids"] = torch.randint(3, 500, (batch, 7), generator=gen)
     return out
 
 
@@ -173,24 +176,27 @@ def graph_row(model, kw, ref) -> list:
     return rows
 
 
-def eager_rows(model, kw, ref) -> list:
+def eager_rows(model, kw, ref, other: dict) -> list:
     """Eager ``cpuboost.optimize``: fp32 with and without ``sample_input`` (then the first call
     runs the passes that need an input), bf16 with it; two calls each against the model's own
-    output, and the original model unchanged afterwards."""
+    output, a third on ``other`` (another batch and length than the first: packing was shaped
+    by the first), and the original model unchanged afterwards."""
     import cpuboost
     rows = []
+    other_ref = first_tensor(model(**other))
     for name, options in (("fp32", dict(sample_input=kw)), ("fp32, no sample_input", {}),
                           ("bf16", dict(sample_input=kw, dtype=torch.bfloat16))):
         try:
             t0 = time.perf_counter()
             fast = cpuboost.optimize(model, **options)
-            outs = [first_tensor(fast(**kw)).float() for _ in range(2)]
+            pairs = [(first_tensor(fast(**kw)).float(), ref) for _ in range(2)]
+            pairs.append((first_tensor(fast(**other)).float(), other_ref))
             untouched = torch.equal(first_tensor(model(**kw)), ref)
             if name == "bf16":
-                cos = min(cosine(o, ref) for o in outs)
+                cos = min(cosine(o, r) for o, r in pairs)
                 ok, what = cos >= 0.99, f"cosine {cos:.5f}"
             else:
-                err = max(rel_diff(o, ref) for o in outs)
+                err = max(rel_diff(o, r) for o, r in pairs)
                 ok, what = err <= 1e-3, f"rel diff {err:.1e}"
             report = cpuboost.report_of(fast)
             applied = sum(len(r.applied) for r in report.passes if not r.dropped)
@@ -362,7 +368,8 @@ def main() -> None:
         try:
             with torch.no_grad():
                 rows = (graph_row(model, kw, ref) if args.mode == "graph"
-                        else eager_rows(model, kw, ref) if args.mode == "eager"
+                        else eager_rows(model, kw, ref, inputs_for(model_type, 9, 2, 17))
+                        if args.mode == "eager"
                         else saved_rows(model, kw, ref, model_type, cls)
                         if args.mode == "int8-saved"
                         else generate_rows(model, model_type) if args.mode == "generate"
