@@ -7,12 +7,11 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from cpuboost import _env
 from cpuboost._memory import release_freed_memory
 from cpuboost.checks import (as_call, bf16_weights_only, check_dtype, check_model,
-                             check_requests, emulated_bf16, run_sample)
+                             check_requests, emulated_bf16, replay_copy, run_sample)
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
@@ -106,6 +105,9 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     if call is None:
         _run(work, [s for s in steps if not s.needs_flow], cfg, hw, report, None)
         _defer(work, [s for s in steps if s.needs_flow], cfg, hw, report)
+        compiled = work.__dict__.get("forward")
+        if cfg.verify and hasattr(compiled, "check_rtol"):  # graph mode: checked when it compiles
+            compiled.check_rtol = cfg.rtol
     else:
         work = _apply_verified(work, source, steps, cfg, hw, report, call, reference)
         slower = _compiled_slower(work, cfg, report, call)
@@ -232,21 +234,6 @@ def _redo_checked(work, source, steps, cfg, hw, report, call, reference, into_wo
     return final
 
 
-def _replay_copy(args, kwargs) -> tuple[Optional[tuple], str]:
-    """A copy of a first call's arguments, taken before it runs, to run again after the passes
-    (a forward may change what it is given: generate()'s first call hands in an empty key/value
-    cache that the forward fills), or (None, why not)."""
-    leaves, _ = tree_flatten((args, kwargs))
-    held = next((x for x in leaves if isinstance(x, nn.Module)), None)
-    if held is not None:  # copying it could mean copying the model
-        return None, f"the first call passed a module ({type(held).__name__})"
-    try:
-        return copy.deepcopy((args, kwargs)), ""
-    except Exception as e:
-        return None, (f"the first call's arguments could not be copied to run again "
-                      f"({type(e).__name__})")
-
-
 def _state_versions(model: nn.Module) -> list[int]:
     """Version counters of the model's parameters and buffers (a forward that updates a buffer
     in place moves its counter; inference tensors have none and cannot be changed in place
@@ -273,7 +260,7 @@ class _FirstCall(ForwardStandIn):
         if self.busy:  # re-entrant call (forward calling itself): just run it
             return original(*args, **kwargs)
         self.busy = True
-        replay, why = _replay_copy(args, kwargs) if self.cfg.verify else (None, "")
+        replay, why = replay_copy(model, args, kwargs) if self.cfg.verify else (None, "")
         versions = _state_versions(model)
         rec = Recording(model)
         rec.start()

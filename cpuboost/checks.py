@@ -1,11 +1,13 @@
 """Input validation for optimize(): every user mistake raises before anything is changed."""
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import (InvalidModelError, SampleInputError, TrainingModeError,
@@ -112,3 +114,26 @@ def run_sample(model: nn.Module, call: tuple[tuple, dict], what: str = "sample_i
             f"{sorted(kwargs)}): {e}. Pass an input the model accepts: a tensor, a tuple of "
             "positional arguments, or a dict of keyword arguments. The model was not changed."
         ) from e
+
+
+def replay_copy(model: nn.Module, args, kwargs, plain_only: bool = False
+                ) -> tuple[Optional[tuple], str]:
+    """A copy of a call's arguments, taken before it runs, to run ``model`` on again (a forward
+    may change what it is given: generate()'s first call hands in an empty key/value cache that
+    the forward fills), or (None, why not): also where the model's modules have forward hooks,
+    which a second run would fire again. ``plain_only``: tensors, numbers, strings and None (in
+    lists, tuples and dicts) only."""
+    hooked = next((n for n, m in model.named_modules()
+                   if m._forward_hooks or m._forward_pre_hooks), None)
+    if hooked is not None:
+        return None, f"module {hooked or '<root>'!r} has forward hooks a second run would fire"
+    leaves, _ = tree_flatten((args, kwargs))
+    plain = (torch.Tensor, int, float, bool, str, type(None))
+    odd = next((x for x in leaves if isinstance(x, nn.Module)
+                or (plain_only and not isinstance(x, plain))), None)
+    if odd is not None:  # (copying a module could mean copying the model)
+        return None, f"the call passed a {type(odd).__name__}"
+    try:
+        return copy.deepcopy((args, kwargs)), ""
+    except Exception as e:
+        return None, f"the call's arguments could not be copied ({type(e).__name__})"

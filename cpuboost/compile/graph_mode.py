@@ -127,6 +127,9 @@ class CompiledForward(ForwardStandIn):
         self.graph_breaks = 0  # in the first call's compile
         self.changes = 0  # times the model's state changed after a compile
         self.failed = False  # the compiler raised: forward runs eager (see _fall_back)
+        # set by optimize() without sample_input: the first call's compiled output is compared
+        # with the model's own forward on a copy of its input, at this tolerance (_first_check)
+        self.check_rtol: Optional[float] = None
         self._lock = threading.Lock()
         # Dynamo keeps the backend for good and this forward's graphs until told: a weak
         # backend, and the graphs dropped when this forward is (dynamo_cache.py)
@@ -209,6 +212,7 @@ class CompiledForward(ForwardStandIn):
         isolated, callbacks = _features()
         if callbacks:
             _hook_compiles()
+        reference = self._reference(args, kwargs) if first and self.check_rtol else None
         outer, _CALLING.owner = getattr(_CALLING, "owner", None), self
         try:
             with self._older_torch_scope(isolated, callbacks), torch.autocast(
@@ -221,6 +225,8 @@ class CompiledForward(ForwardStandIn):
             _CALLING.owner = outer
             _compile_ended()  # (already closed unless a compile raised before its end callback)
         self.calls += 1  # counted once it succeeded: a failed first call reports next time
+        if reference is not None and not self._first_check(reference, out):
+            return reference
         if self.release is not None and self.release.pending:
             self._release_weights(breaks_before != dict(counters["graph_break"]))
         if self.graphs != graphs:
@@ -228,6 +234,44 @@ class CompiledForward(ForwardStandIn):
         if first and self.record is not None:
             self._report(time.perf_counter() - t0, breaks_before, hits_before, counters)
         return out
+
+    def _reference(self, args, kwargs):
+        """The model's own forward (in float32, as optimize's check) on a copy of the first
+        call's input, or None where the input is not plain data (then it goes unchecked)."""
+        from cpuboost.checks import replay_copy
+        replay, why = replay_copy(self.model, args, kwargs, plain_only=True)
+        if replay is None:
+            if self.record is not None:
+                self.record.notes.append(f"{self.name}: the first call was not checked against "
+                                         f"the uncompiled model ({why}); pass sample_input= to "
+                                         "optimize() to check it")
+            return None
+        # submodules' compiled forwards (an encoder-decoder's encoder, for generate()) step
+        # aside too: the reference is the model as it was, and compiles nothing
+        aside = {m: m.__dict__.pop("forward") for m in self.model.modules()
+                 if m is not self.model and isinstance(m.__dict__.get("forward"), ForwardStandIn)}
+        try:
+            with torch.no_grad():
+                return type(self.model).forward(self.model, *replay[0], **replay[1])
+        finally:
+            for m, forward in aside.items():
+                m.__dict__["forward"] = forward
+
+    def _first_check(self, reference, out) -> bool:
+        """Compare the first compiled output with the uncompiled one; on a mismatch the forward
+        runs uncompiled from now on, reported as dropped (as optimize's check with sample_input
+        drops a pass)."""
+        from cpuboost.verify import compare
+        check = compare(reference, out, self.check_rtol)
+        if self.record is not None:
+            self.record.notes.append(f"{self.name}: first call checked against the uncompiled "
+                                     f"model: {check}")
+        if check.passed:
+            return True
+        self._fall_back(RuntimeError(str(check)), "the compiled outputs failed the check")
+        if self.record is not None:
+            self.record.dropped = f"the first call's compiled outputs were off ({check})"
+        return False
 
     def _release_weights(self, breaks: bool) -> None:
         """After a call that compiled: free the weights the graphs hold packed, unless a graph
@@ -284,23 +328,24 @@ class CompiledForward(ForwardStandIn):
             stack.enter_context(_own_limit())
         return stack
 
-    def _fall_back(self, error: Exception) -> None:
+    def _fall_back(self, error: Exception, what: str = "the compiler failed") -> None:
         """Inductor failed on this model (a compiler bug: e.g. its int8 add fusion asserts on
-        ``conv(x) + conv(x)``): run the model's own forward from now on, eager form restored
-        (int8 layers packed again), and say so in the report and as a warning."""
+        ``conv(x) + conv(x)``), or its first output failed the check: run the model's own
+        forward from now on, eager form restored (int8 layers packed again), and say so in the
+        report and as a warning."""
         self.failed = True
         if self.release is not None:
-            self.release.stop(f"the compiler failed: {self.name} runs eager")
+            self.release.stop(f"{what}: {self.name} runs eager")
         for m in self.model.modules():
             if m is not self.model and callable(getattr(m, "for_eager", None)):
                 m.for_eager()
         inner = getattr(error, "inner_exception", None) or error
         why = f"{type(inner).__name__}: {str(inner).strip()[:200] or 'no message'}"
         if self.record is not None:
-            self.record.skip(self.name, f"the compiler failed ({why}); {self.name} runs eager")
-        warnings.warn(f"cpuboost graph_mode: the compiler failed on {type(self.model).__name__} "
-                      f"({why}); it runs uncompiled (correct, not faster). See "
-                      "cpuboost.report_of(model).", RuntimeWarning, stacklevel=3)
+            self.record.skip(self.name, f"{what} ({why}); {self.name} runs eager")
+        warnings.warn(f"cpuboost graph_mode: {what} on {type(self.model).__name__} ({why}); it "
+                      "runs uncompiled (correct, not faster). See cpuboost.report_of(model).",
+                      RuntimeWarning, stacklevel=3)
 
     def _report(self, seconds, breaks_before, hits_before, counters):
         cached = counters["inductor"]["fxgraph_cache_hit"] - hits_before

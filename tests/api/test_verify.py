@@ -171,3 +171,19 @@ def test_first_call_replays_a_copy_of_its_arguments():
             assert any("not checked" in w and "could not be copied" in w
                        for w in report.warnings) != checked
             assert rel_err(ref, opt(x, cache=kind())) <= FP32_RTOL
+
+
+def test_first_call_of_a_hooked_model_is_not_replayed():
+    """A second run would fire the user's hooks again on the first call: not replayed, the
+    report says the passes went unchecked and why; the hook fired once."""
+    case, model = toy("mlp_bn")
+    fired = []
+    model.register_forward_hook(lambda *a: fired.append(1))
+    x = case.inputs(4)
+    opt = cpuboost.optimize(model)
+    fired.clear()
+    run(opt, case, x)
+    assert fired == [1]
+    report = cpuboost.report_of(opt)
+    assert report.numerics is None
+    assert any("not checked" in w and "has forward hooks" in w for w in report.warnings)

@@ -262,3 +262,38 @@ def test_each_instance_has_its_own_recompile_limit():
         second(torch.randn(3, 8))
     assert first.__dict__["forward"].graphs == dynamo_config.recompile_limit + 1
     assert second.__dict__["forward"].graphs == 1
+
+
+def test_first_compiled_call_is_checked_without_sample_input(monkeypatch):
+    """Without sample_input the first call compiles; its output is compared with the
+    uncompiled forward's on a copy of the input, as optimize's check would with sample_input.
+    A wrong graph (sabotaged here) is dropped: that call returns the uncompiled output and
+    later calls run uncompiled, reported and warned."""
+    from cpuboost.compile import graph_mode as gm_module
+    real = gm_module.cpuboost_backend
+
+    def skewed(gm, example_inputs):
+        compiled = real(gm, example_inputs)
+
+        def run_skewed(*args):
+            outs = compiled(*args)
+            return type(outs)(o * 1.1 if isinstance(o, torch.Tensor) and o.is_floating_point()
+                              else o for o in outs)
+        return run_skewed
+
+    torch._dynamo.reset()
+    case, model = toy("mlp_bn")
+    x = case.inputs(4)
+    ref = run(model, case, x)
+    good = cpuboost.optimize(model, graph_mode=True)
+    assert rel_err(ref, run(good, case, x)) <= 1e-4
+    notes = cpuboost.report_of(good).pass_named("graph_mode").notes
+    assert any("first call checked against the uncompiled model: ok" in n for n in notes)
+    monkeypatch.setattr(gm_module, "cpuboost_backend", skewed)
+    torch._dynamo.reset()
+    bad = cpuboost.optimize(model, graph_mode=True)
+    with pytest.warns(RuntimeWarning, match="compiled outputs failed the check"):
+        assert rel_err(ref, run(bad, case, x)) <= 1e-4
+    assert rel_err(ref, run(bad, case, x)) <= 1e-4
+    record = cpuboost.report_of(bad).pass_named("graph_mode")
+    assert record.dropped and "FAILED" in record.dropped
