@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from cpuboost import _env
-from cpuboost._memory import release_freed_memory
+from cpuboost._memory import available_bytes, release_freed_memory
 from cpuboost.checks import (as_call, bf16_weights_only, check_dtype, check_model,
                              check_requests, emulated_bf16, replay_copy, run_sample)
 from cpuboost.config import OptimizeConfig
@@ -290,6 +290,11 @@ def _run_checked(model, steps, cfg, hw, report, flow, replay, reference) -> Opti
     arguments), its output on them against ``reference`` (the original's): redone pass by pass
     from a copy taken before them if that fails. Returns why nothing was checked, if so."""
     source, why = None, None
+    size, free = weight_bytes(model), available_bytes()
+    if replay is not None and free is not None and 2 * size > free:  # (inplace=True to save it)
+        replay, why = None, (f"a copy of the model ({size / 2**30:.1f} GB) to redo its passes "
+                             f"from would not fit comfortably in memory ({free / 2**30:.1f} GB "
+                             "available)")
     try:
         source = copy.deepcopy(model) if replay is not None else None
     except Exception as e:  # a model that cannot be copied keeps the unchecked passes

@@ -187,3 +187,18 @@ def test_first_call_of_a_hooked_model_is_not_replayed():
     report = cpuboost.report_of(opt)
     assert report.numerics is None
     assert any("not checked" in w and "has forward hooks" in w for w in report.warnings)
+
+
+def test_first_call_check_skips_a_copy_memory_cannot_hold(monkeypatch):
+    """The check redoes failing passes from a copy of the model taken at the first call; where
+    that copy would not fit (less than twice the model free: inplace=True is how users avoid
+    copies) the passes stay unchecked and the report says why."""
+    monkeypatch.setattr("cpuboost.api.available_bytes", lambda: 1000)
+    case, model = toy("mlp_bn")
+    x = case.inputs(4)
+    opt = cpuboost.optimize(model, inplace=True)
+    assert rel_err(run(model, case, x), run(opt, case, x)) <= FP32_RTOL
+    report = cpuboost.report_of(opt)
+    assert report.numerics is None
+    assert any("not checked" in w and "would not fit comfortably in memory" in w
+               for w in report.warnings)
