@@ -285,6 +285,15 @@ class _FirstCall(ForwardStandIn):
         return output
 
 
+class _FreshCall(tuple):
+    """A replayed call's (args, kwargs) that unpacks to a new copy each time: every run of the
+    check, and of its redo pass by pass, starts from the arguments as the first call got them
+    (a key/value cache the previous run filled would change the outputs)."""
+
+    def __iter__(self):
+        return iter(copy.deepcopy((self[0], self[1])))
+
+
 def _run_checked(model, steps, cfg, hw, report, flow, replay, reference) -> Optional[str]:
     """The deferred passes on ``model`` (in place), then, with ``replay`` (the first call's
     arguments), its output on them against ``reference`` (the original's): redone pass by pass
@@ -303,6 +312,7 @@ def _run_checked(model, steps, cfg, hw, report, flow, replay, reference) -> Opti
     _run(model, steps, cfg, hw, report, flow)
     if source is None:
         return why
+    replay = _FreshCall(replay)
     try:
         report.numerics = compare(reference, run_sample(model, replay), cfg.rtol)
     except Exception as e:

@@ -202,3 +202,36 @@ def test_first_call_check_skips_a_copy_memory_cannot_hold(monkeypatch):
     assert report.numerics is None
     assert any("not checked" in w and "would not fit comfortably in memory" in w
                for w in report.warnings)
+
+
+def test_redo_after_a_failed_first_call_check_replays_fresh_copies(monkeypatch):
+    """When the first-call check fails, the passes are redone one by one, each run on a new copy
+    of the first call's arguments: a cache object that one run changed must not change the
+    next run's output (else every pass would look broken and be dropped)."""
+    _sabotage_relu(monkeypatch)
+
+    class Counter:
+        def __init__(self):
+            self.seen = 0
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.act, self.down = torch.nn.Linear(8, 16), torch.nn.ReLU(), \
+                torch.nn.Linear(16, 8)
+
+        def forward(self, x, cache):
+            cache.seen += 1
+            return self.down(self.act(self.up(x))) + cache.seen
+
+    torch.manual_seed(0)
+    model, x = Model().eval(), torch.randn(4, 8)
+    with torch.no_grad():
+        ref = model(x, Counter())
+        opt = cpuboost.optimize(model)
+        assert torch.equal(opt(x, Counter()), ref)
+        assert rel_err(ref, opt(x, Counter())) <= FP32_RTOL
+    report = cpuboost.report_of(opt)
+    assert report.numerics.passed
+    assert report.pass_named("fuse_pointwise").dropped
+    assert not report.pass_named("prepack").dropped
