@@ -1,5 +1,5 @@
-"""Graph mode and int8 across transformers architectures, built from tiny configs (random
-weights, no downloads): does each compile, run and match?
+"""Eager and graph-mode optimize, int8 and generate across transformers architectures, built
+from tiny configs (random weights, no downloads): does each optimize, run and match?
 
     python benchmarks/arch_sweep.py --mode eager [bert gpt2 ...]
     python benchmarks/arch_sweep.py --mode graph [bert gpt2 ...]
