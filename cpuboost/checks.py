@@ -123,8 +123,8 @@ def replay_copy(model: nn.Module, args, kwargs, plain_only: bool = False
     the forward fills), or (None, why not): also where the model's modules have forward hooks,
     which a second run would fire again. ``plain_only``: tensors, numbers, strings and None (in
     lists, tuples and dicts) only."""
-    hooked = next((n for n, m in model.named_modules()
-                   if m._forward_hooks or m._forward_pre_hooks), None)
+    from cpuboost.passes._context import has_user_hooks  # (passes import this module)
+    hooked = next((n for n, m in model.named_modules() if has_user_hooks(m)), None)
     if hooked is not None:
         return None, f"module {hooked or '<root>'!r} has forward hooks a second run would fire"
     leaves, _ = tree_flatten((args, kwargs))

@@ -226,7 +226,7 @@ class CompiledForward(ForwardStandIn):
             _compile_ended()  # (already closed unless a compile raised before its end callback)
         self.calls += 1  # counted once it succeeded: a failed first call reports next time
         if reference is not None and not self._first_check(reference, out):
-            return reference
+            out = reference  # (the release, stopped by the fall-back, keeps the weights)
         if self.release is not None and self.release.pending:
             self._release_weights(breaks_before != dict(counters["graph_break"]))
         if self.graphs != graphs:

@@ -297,3 +297,5 @@ def test_first_compiled_call_is_checked_without_sample_input(monkeypatch):
     assert rel_err(ref, run(bad, case, x)) <= 1e-4
     record = cpuboost.report_of(bad).pass_named("graph_mode")
     assert record.dropped and "FAILED" in record.dropped
+    assert any("compiled with backend 'cpuboost'" in a for a in record.applied)  # what it tried
+    assert bad.__dict__["forward"].failed
