@@ -18,7 +18,7 @@ change the output stay float.
 
 Shared input (``share_inputs``): static int8 linears that read the same float tensor with the
 same input qparams (an attention's Q, K and V projections) quantize it once per call instead of
-once each (``nn.int8.SharedInput``): BERT-base int8 quantized 5 tensors per layer, now 3.
+once each (``nn.int8_shared.SharedInput``): BERT-base int8 quantized 5 tensors per layer, now 3.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from typing import Callable, Optional
 from torch import nn
 
 from cpuboost.nn import FoldedBatchNorm
-from cpuboost.nn.int8 import Int8Linear, _Int8, share_input
+from cpuboost.nn.int8 import Int8Linear, _Int8
+from cpuboost.nn.int8_shared import share_input
 from cpuboost.passes._context import has_user_hooks
 from cpuboost.passes._dataflow import Dataflow, ModuleCall
 from cpuboost.passes.fuse_pointwise import FusedAway

@@ -21,7 +21,8 @@ from cpuboost.errors import InvalidModelError, PackageError
 from cpuboost.nn import FoldedBatchNorm
 from cpuboost.nn.folded import fold_into
 from cpuboost.nn.embedding import Int8Embedding, Int8EmbeddingBag, _Int8Table
-from cpuboost.nn.int8 import Int8Conv, Int8Linear, QuantizedWeight, _Int8, share_input
+from cpuboost.nn.int8 import Int8Conv, Int8Linear, QuantizedWeight, _Int8
+from cpuboost.nn.int8_shared import share_input
 from cpuboost.nn.postops import POST_OPS
 from cpuboost.passes import replace_module
 from cpuboost.passes.fuse_pointwise import FusedAway

@@ -10,7 +10,8 @@ from torch import nn
 
 import cpuboost
 from cpuboost import PackageError
-from cpuboost.nn.int8 import _Int8, share_input
+from cpuboost.nn.int8 import _Int8
+from cpuboost.nn.int8_shared import share_input
 
 
 class _ThreeHeads(nn.Module):
