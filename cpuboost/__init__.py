@@ -6,6 +6,7 @@ from cpuboost.errors import (CalibrationError, ConfigError, CpuBoostError, Expor
                              InvalidModelError, PackageError, SampleInputError, TrainingModeError,
                              UnsupportedDeviceError, UnsupportedDtypeError,
                              UnsupportedRequestError)
+from cpuboost.kernels import load_ops
 from cpuboost.quant import (DynamicInt8Config, StaticInt8Config, load_quantized, quantize,
                             save_quantized)
 from cpuboost.report import OptimizationReport, report_of
@@ -26,5 +27,5 @@ __all__ = ["CalibrationError", "ConfigError", "CpuBoostError", "DynamicInt8Confi
            "ExportedModel", "InvalidModelError", "OptimizationReport", "OptimizeConfig",
            "PackageError", "SampleInputError", "StaticInt8Config", "TrainingModeError",
            "UnsupportedDeviceError", "UnsupportedDtypeError", "UnsupportedRequestError", "cpu",
-           "export", "llm", "load", "load_quantized", "optimize", "quantization", "quantize", "report_of",
+           "export", "llm", "load", "load_ops", "load_quantized", "optimize", "quantization", "quantize", "report_of",
            "runtime", "save_quantized"]

@@ -16,6 +16,7 @@ from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
 from cpuboost.nn.anchor import float_parameter_kind, keep_a_parameter
+from cpuboost.nn.tracing import untraced
 from cpuboost.passes import (PassContext, autocast_scope, embedding_tables, fold_bn, fuse_add,
                              fuse_pointwise, prepack,
                              remove_dropout, transformer_layers, weight_bytes)
@@ -259,6 +260,10 @@ class _FirstCall(ForwardStandIn):
         original = type(model).forward.__get__(model)
         if self.busy:  # re-entrant call (forward calling itself): just run it
             return original(*args, **kwargs)
+        if torch._C._get_tracing_state() is not None:  # torch.jit.trace before any call:
+            with untraced():  # the passes run (and are checked) outside the trace,
+                self(*args, **kwargs)
+            return model.forward(*args, **kwargs)  # and the trace records the optimized forward
         self.busy = True
         replay, why = replay_copy(model, args, kwargs) if self.cfg.verify else (None, "")
         versions = _state_versions(model)

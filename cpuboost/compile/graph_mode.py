@@ -30,6 +30,7 @@ from cpuboost.compile.dynamo_cache import BackendRef, drop_regions, region_of
 from cpuboost.compile.graph_passes import OneDnnLinear
 from cpuboost.compile.release import WeightRelease
 from cpuboost.compile.state_watch import ModelState, dict_version
+from cpuboost.errors import UnsupportedRequestError
 from cpuboost.passes._context import ForwardStandIn
 
 
@@ -187,6 +188,12 @@ class CompiledForward(ForwardStandIn):
             notes[at] = text
 
     def __call__(self, *args, **kwargs):
+        if torch._C._get_tracing_state() is not None:
+            raise UnsupportedRequestError(
+                "torch.jit.trace cannot record a model compiled with graph_mode=True (TorchScript "
+                "does not trace torch.compile'd code). It is compiled already: call it as it is, "
+                "package it with cpuboost.export(), or trace a model optimized without "
+                "graph_mode=True.")
         release = self.release
         if release is None:
             return self._call(*args, **kwargs)

@@ -93,6 +93,17 @@ def gemm_ops() -> bool:
 _BF16_SLOTS = [2 * j for j in range(8)] + [2 * j + 1 for j in range(8)]
 
 
+def load_ops() -> list[str]:
+    """Load every cpuboost kernel that runs on this CPU; returns the ``cpuboost::`` ops now
+    registered with torch. cpuboost loads its kernels when a model first needs them, not at
+    import, so a process that only loads a saved TorchScript trace calling them (an optimized
+    model traced on an AVX2 CPU without AVX-512) must call this before ``torch.jit.load``."""
+    gemm_ops()
+    attention_op()
+    return sorted(name for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("cpuboost::"))
+
+
 def unpack_u8s8(packed: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
     """The [out_features, in_features] int8 weight ``cpuboost::pack_u8s8_weight`` packed into
     ``packed`` ([ceil(N/16), ceil(K/4), 16, 4])."""

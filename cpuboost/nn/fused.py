@@ -17,6 +17,7 @@ from cpuboost.kernels import AVX2_ACTS
 from cpuboost.nn._state import incoming, refuse_cast
 from cpuboost.nn.lazy import LazyWeight
 from cpuboost.nn.postops import POST_OPS, PostOpHolder
+from cpuboost.nn.tracing import traces_reference, untraced
 
 _mkldnn = torch.ops.mkldnn
 # Resolved overloads: calling these skips the overload lookup torch.ops does per call.
@@ -92,7 +93,10 @@ class _Fused(PostOpHolder, nn.Module):
         self._w = w if self.backend == "aten" else self._pack(w)
 
     def _unpack(self, w: torch.Tensor) -> torch.Tensor:
-        return w.to_dense() if w.is_mkldnn else w
+        if not w.is_mkldnn:
+            return w
+        with untraced():  # a trace would record the opaque tensor (nn.tracing)
+            return w.to_dense()
 
     def _folded_dense(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self._from_kernel_layout(self._unpack(self._w)), self._b
@@ -274,7 +278,9 @@ class FusedLinear(_Fused):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
-        if self.backend == "onednn":
+        if self.backend == "onednn" and traces_reference(self):
+            y = self.reference_forward(x)
+        elif self.backend == "onednn":
             y = _linear_pointwise(x, self._w, self._b, self._attr, self._scalars, self._algo)
         elif self.backend == "avx2":
             act = AVX2_ACTS.get(self.post_op_name)
@@ -380,7 +386,7 @@ class FusedConv(_Fused):
                     x, self._w, self._b, None, self.out_channels, self._padding, 0)
                 y = self.post_op.reference(y + self._prepare(add))
             return self._finish(y)
-        if self.backend != "onednn":
+        if self.backend != "onednn" or traces_reference(self):
             return self._finish(self.reference_forward(x, add))
         x = self._layout(self._prepare(x))
         if add is not None:
@@ -431,7 +437,7 @@ class FusedConvTranspose(_Fused):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._prepare(x)
-        if self.backend != "onednn":
+        if self.backend != "onednn" or traces_reference(self):
             return self._finish(self.reference_forward(x))
         y = _mkldnn._convolution_transpose_pointwise(
             x, self._w, self._b, list(self.padding), list(self.output_padding), list(self.stride),

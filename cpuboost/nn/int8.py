@@ -27,6 +27,7 @@ from cpuboost.nn.int8_gemm import U8S8Gemm
 # SharedInput lived here: models pickled before it moved name it as cpuboost.nn.int8.SharedInput
 from cpuboost.nn.int8_shared import SharedInput  # noqa: F401
 from cpuboost.nn.postops import POST_OPS, PostOp, PostOpHolder
+from cpuboost.nn.tracing import traces_reference, untraced
 
 _qd = torch.ops.quantized_decomposed
 _onednn = torch.ops.onednn
@@ -232,8 +233,11 @@ class _Int8(U8S8Gemm, PostOpHolder, nn.Module):
 
     @property
     def qweight(self) -> torch.Tensor:
-        """The plain int8 weight (a copy when it is held packed)."""
-        return self._unpacked() if self.packed else self._w
+        """The plain int8 weight (a copy when it is held packed, made outside any trace)."""
+        if not self.packed:
+            return self._w
+        with untraced():
+            return self._unpacked()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -426,7 +430,8 @@ class Int8Linear(_Int8):
         return self._u8s8  # (convs keep that form: Inductor fuses residual adds into them)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed or (torch.compiler.is_compiling() and not self.traced_as_op):
+        if not self.packed or (torch.compiler.is_compiling() and not self.traced_as_op) \
+                or traces_reference(self):
             return self.reference_forward(x)
         shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (M, K)
         if self._u8s8:
@@ -522,7 +527,7 @@ class Int8Conv(_Int8):
         return x[(slice(None), slice(None)) + tuple(slice(None, None, v) for v in self.subsample)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed or torch.compiler.is_compiling():
+        if not self.packed or torch.compiler.is_compiling() or traces_reference(self):
             return self.reference_forward(x)
         if self._u8s8:  # [N*H*W, C] @ W^T, channels-last in and out
             x = self._subsampled(x)
