@@ -33,6 +33,9 @@ _qd = torch.ops.quantized_decomposed
 _onednn = torch.ops.onednn
 _qlinear = _onednn.qlinear_pointwise.default
 _qconv = _onednn.qconv_pointwise.default
+# a user's torch.compile of an int8 model: Inductor lowers oneDNN's int8 linear only with the
+# packed weight a constant of a frozen graph (an assertion otherwise), so it runs uncompiled
+_qlinear_uncompiled = torch.compiler.disable(_qlinear)
 W_MIN, W_MAX = -128, 127
 _EPS = float(torch.finfo(torch.float32).eps)
 
@@ -221,9 +224,12 @@ class _Int8(U8S8Gemm, PostOpHolder, nn.Module):
             out["smooth"] = self.smooth
         return out
 
+    _opaque = False  # the weight is oneDNN's packed tensor (a flag: torch.compile's fake tensors
+    #                  say is_mkldnn False, and the reference path then read the opaque weight)
+
     @property
     def packed(self) -> bool:
-        return self._w.is_mkldnn or self._u8s8
+        return self._opaque or self._u8s8
 
     @property
     def traced_as_op(self) -> bool:
@@ -250,7 +256,7 @@ class _Int8(U8S8Gemm, PostOpHolder, nn.Module):
         """Hold the weight plain, so a compiler can trace the module (it cannot see into a
         packed tensor); freezing packs it again as a constant of the graph."""
         if self.packed:
-            self._w, self._u8s8 = self._unpacked(), False
+            self._w, self._u8s8, self._opaque = self._unpacked(), False, False
 
     def for_eager(self) -> None:
         if not self.packed:
@@ -298,11 +304,11 @@ class _Int8(U8S8Gemm, PostOpHolder, nn.Module):
             return self.shared_input.get(source, lambda: self._quantize(x, scale, zp)), scale, zp
         return self._quantize(x, scale, zp), scale, zp
 
-    def _kernel_output(self, x: torch.Tensor) -> tuple[float, int, Optional[torch.dtype]]:
+    def _kernel_output(self, x: torch.Tensor) -> tuple[float, int, torch.dtype]:
         """(output scale, zero point, dtype) for oneDNN: uint8 for the next int8 layer, else
         the input's float dtype (fp32 when the input came in as uint8)."""
         if self.out_q is not None:
-            return self.out_q[0], self.out_q[1], None  # None: uint8
+            return self.out_q[0], self.out_q[1], torch.uint8
         return 1.0, 0, x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
 
     def _reference_output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -415,7 +421,8 @@ class Int8Linear(_Int8):
                                                smooth))
 
     def _pack(self, qw: torch.Tensor) -> torch.Tensor:
-        if self._fits_u8s8(qw):
+        self._opaque = not self._fits_u8s8(qw)
+        if not self._opaque:
             return self._pack_u8s8(qw)
         self._u8s8 = False
         return _onednn.qlinear_prepack(qw, None)
@@ -430,8 +437,7 @@ class Int8Linear(_Int8):
         return self._u8s8  # (convs keep that form: Inductor fuses residual adds into them)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed or (torch.compiler.is_compiling() and not self.traced_as_op) \
-                or traces_reference(self):
+        if not self.packed or traces_reference(self):
             return self.reference_forward(x)
         shape, x2 = x.shape, x.reshape(-1, self.in_features)  # (M, K)
         if self._u8s8:
@@ -439,8 +445,9 @@ class Int8Linear(_Int8):
         else:
             qx, scale, zp = self._kernel_input(x2, x)
             out_scale, out_zp, out_dtype = self._kernel_output(x)
-            y = _qlinear(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, out_scale,
-                         out_zp, out_dtype, self._attr, self._scalars, self._algo)
+            run = _qlinear_uncompiled if torch.compiler.is_compiling() else _qlinear
+            y = run(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, out_scale,
+                    out_zp, out_dtype, self._attr, self._scalars, self._algo)
         return y.reshape(*shape[:-1], self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -501,7 +508,8 @@ class Int8Conv(_Int8):
         self._w = self._pack(qw)
 
     def _pack(self, qw: torch.Tensor) -> torch.Tensor:
-        if self._matmul and self._fits_u8s8(qw):
+        self._opaque = not (self._matmul and self._fits_u8s8(qw))
+        if not self._opaque:
             return self._pack_u8s8(qw.flatten(1))
         self._u8s8 = False
         if self.nd == 1:
@@ -527,7 +535,7 @@ class Int8Conv(_Int8):
         return x[(slice(None), slice(None)) + tuple(slice(None, None, v) for v in self.subsample)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed or torch.compiler.is_compiling() or traces_reference(self):
+        if not self.packed or traces_reference(self):
             return self.reference_forward(x)
         if self._u8s8:  # [N*H*W, C] @ W^T, channels-last in and out
             x = self._subsampled(x)
