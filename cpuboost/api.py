@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 from typing import Callable, NamedTuple, Optional
 
@@ -249,37 +250,57 @@ class _FirstCall(ForwardStandIn):
     It stands in as the instance's ``forward`` and removes itself once the passes ran; the
     recorded call itself runs the unmodified modules, so its result is the original's. The
     optimized model then runs the same input once more and is checked against that result, as
-    with sample_input (passes that break it are dropped), where the input can be replayed."""
+    with sample_input (passes that break it are dropped), where the input can be replayed.
+    Calls from other threads meanwhile (a server's pool, MultiStreamModule's streams) wait for
+    it and then run the optimized model: run alongside, they saw modules change under them."""
 
     def __init__(self, model, steps, cfg, hw, report):
         self.model, self.steps, self.cfg, self.hw, self.report = model, steps, cfg, hw, report
         self.busy = False
+        self.lock = threading.RLock()  # re-entrant: the passes call the model on this thread
+
+    def __getstate__(self):  # a copy of the model made before its first call (no lock to copy)
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, lock=threading.RLock())
 
     def __call__(self, *args, **kwargs):
+        with self.lock:
+            if self.model.__dict__.get("forward") is not self:  # another thread's first call
+                return self.model.forward(*args, **kwargs)  # ran the passes meanwhile
+            return self._first(*args, **kwargs)
+
+    def _first(self, *args, **kwargs):
         model = self.model
         original = type(model).forward.__get__(model)
-        if self.busy:  # re-entrant call (forward calling itself): just run it
+        if self.busy:  # forward calling itself, or the passes running the model: just run it
             return original(*args, **kwargs)
         if torch._C._get_tracing_state() is not None:  # torch.jit.trace before any call:
             with untraced():  # the passes run (and are checked) outside the trace,
                 self(*args, **kwargs)
             return model.forward(*args, **kwargs)  # and the trace records the optimized forward
-        self.busy = True
-        replay, why = replay_copy(model, args, kwargs) if self.cfg.verify else (None, "")
-        versions = _state_versions(model)
-        rec = Recording(model)
-        rec.start()
-        output = None
+        self.busy = True  # until the passes are done: their runs of the model come back here
+        ran = False
         try:
-            output = original(*args, **kwargs)
+            replay, why = replay_copy(model, args, kwargs) if self.cfg.verify else (None, "")
+            versions = _state_versions(model)
+            rec = Recording(model)
+            rec.start()
+            output = None
+            try:
+                output = original(*args, **kwargs)
+                ran = True
+            finally:
+                flow = rec.stop(output)
+            if replay is not None and _state_versions(model) != versions:
+                replay, why = None, "its forward changed the model's parameters or buffers"
+            why = _run_checked(model, self.steps, self.cfg, self.hw, self.report, flow, replay,
+                               output) or why
         finally:
-            flow = rec.stop(output)
             self.busy = False
-        model.__dict__.pop("forward", None)
-        if replay is not None and _state_versions(model) != versions:
-            replay, why = None, "its forward changed the model's parameters or buffers"
-        why = _run_checked(model, self.steps, self.cfg, self.hw, self.report, flow, replay,
-                           output) or why
+            if ran:  # (a first call that raised leaves the model to try again)
+                model.__dict__.pop("forward", None)
         if self.cfg.verify and why:
             self.report.warnings.append(f"the passes run at the first call were not checked "
                                         f"against the original ({why}); pass sample_input= "
@@ -288,6 +309,16 @@ class _FirstCall(ForwardStandIn):
         self.report.weight_bytes_after = weight_bytes(model)
         attach(model, self.report)
         return output
+
+
+def _copy_without_stand_in(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` during its first call, without the _FirstCall still standing in."""
+    stand_in = model.__dict__.pop("forward", None)
+    try:
+        return copy.deepcopy(model)
+    finally:
+        if stand_in is not None:
+            model.__dict__["forward"] = stand_in
 
 
 class _FreshCall(tuple):
@@ -310,7 +341,7 @@ def _run_checked(model, steps, cfg, hw, report, flow, replay, reference) -> Opti
                              f"from would not fit comfortably in memory ({free / 2**30:.1f} GB "
                              "available)")
     try:
-        source = copy.deepcopy(model) if replay is not None else None
+        source = _copy_without_stand_in(model) if replay is not None else None
     except Exception as e:  # a model that cannot be copied keeps the unchecked passes
         why = f"the model could not be copied ({type(e).__name__})"
     earlier = tuple(report.passes)

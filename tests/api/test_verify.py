@@ -235,3 +235,48 @@ def test_redo_after_a_failed_first_call_check_replays_fresh_copies(monkeypatch):
     assert report.numerics.passed
     assert report.pass_named("fuse_pointwise").dropped
     assert not report.pass_named("prepack").dropped
+
+
+def test_calls_from_other_threads_wait_for_the_first_call(monkeypatch):
+    """Run alongside the first call, another thread's call saw modules folded and packed under
+    it (half the model rewritten); it now waits, then runs the optimized model."""
+    import sys
+    import threading
+    import time
+    api = sys.modules["cpuboost.api"]
+    case, model = toy("conv_bn")
+    (x,), (other,) = case.inputs(2), case.inputs(2)
+    with torch.no_grad():
+        expected = model(other)
+        opt = cpuboost.optimize(model)
+    started, order = threading.Event(), []
+    real = api._run_checked
+
+    def slow_passes(*args, **kwargs):  # the window in which the other thread calls
+        started.set()
+        time.sleep(0.3)
+        out = real(*args, **kwargs)
+        order.append("passes done")
+        return out
+    monkeypatch.setattr(api, "_run_checked", slow_passes)
+    result = {}
+
+    def second():
+        with torch.no_grad():
+            result["out"] = opt(other)
+        order.append("second call done")
+    with torch.no_grad():
+        first = threading.Thread(target=lambda: opt(x))
+        first.start()
+        assert started.wait(60)
+        thread = threading.Thread(target=second)
+        thread.start()
+        first.join()
+        thread.join()
+    assert order == ["passes done", "second call done"]
+    assert rel_err(expected, result["out"]) < FP32_RTOL
+    assert cpuboost.report_of(opt).pass_named("fold_bn").applied
+    copy_made_before = cpuboost.optimize(model)  # the stand-in's lock is not copied along
+    import copy
+    with torch.no_grad():
+        assert rel_err(expected, copy.deepcopy(copy_made_before)(other)) < FP32_RTOL
