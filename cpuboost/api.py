@@ -82,13 +82,20 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     flags = dict(conv_bn_folding=conv_bn_folding, linear_bn_folding=linear_bn_folding,
                  weights_prepack=weights_prepack,
                  replace_dropout_with_identity=replace_dropout_with_identity)
-    cfg = _resolve_config(config, dtype, level, inplace, flags, graph_mode)
     check_model(model)
+    own = _own_low_precision(model)
+    if own == torch.bfloat16 and dtype is None and config is None:
+        dtype = own  # a model loaded in bf16 stays bf16 (its weights are not widened to fp32)
+    cfg = _resolve_config(config, dtype, level, inplace, flags, graph_mode)
     hw = detect()
     check_dtype(cfg, hw)
     check_requests(cfg, hw)
     if cfg.weights_prepack and bf16_weights_only(cfg.dtype, hw):
         cfg = cfg.with_(bf16_weights=True)
+    if own is not None and cfg.rtol < cfg.rtol_low_precision:  # an fp16 model, dtype=None
+        cfg = cfg.with_(rtol_fp32=cfg.rtol_low_precision)
+    else:
+        own = None
     call = as_call(sample_input) if sample_input is not None else None
     reference = run_sample(model, call) if call is not None else None
     source = model
@@ -100,6 +107,11 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     slow = emulated_bf16(cfg.compute_dtype, hw)
     if slow:
         report.warnings.append(slow)
+    if own is not None:
+        report.warnings.append(
+            f"the model's parameters are {str(own).replace('torch.', '')}: its own outputs "
+            f"carry that rounding, so the optimized model is checked against them at the "
+            f"low-precision tolerance ({cfg.rtol_low_precision:g}) instead of float32's")
     steps = [s for s in PLAN if s.wanted(cfg)]
     # attached before any step: graph mode's check of the model's state after compiling (see
     # compile/state_watch.py) would see a later attribute as a change and compile again
@@ -144,6 +156,18 @@ def _eager_instead(model, cfg, sample_input, report, why: str) -> nn.Module:
     final.passes.append(tried)
     final.warnings.append(f"graph_mode=True was not used: {tried.dropped}")
     return result
+
+
+def _own_low_precision(model: nn.Module) -> Optional[torch.dtype]:
+    """bf16 or fp16 where most of the model's floating-point parameters are (a model loaded
+    with torch_dtype=torch.bfloat16): its own rounding exceeds float32's tolerance, and the
+    check dropped every pass that reorders a sum (BatchNorm folding: 1e-3 in bf16)."""
+    sizes: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point():
+            sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    top = max(sizes, key=sizes.get, default=None)
+    return top if top in (torch.bfloat16, torch.float16) else None
 
 
 def _resolve_config(config, dtype, level, inplace, flags, graph_mode) -> OptimizeConfig:

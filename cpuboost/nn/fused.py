@@ -165,9 +165,14 @@ class _Fused(PostOpHolder, nn.Module):
         return x if x.dtype == self.compute_dtype else x.to(self.compute_dtype)
 
     def _finish(self, y: torch.Tensor) -> torch.Tensor:
-        # An fp32-optimized model under the user's autocast returns what autocast would have.
+        # The original layer's output dtype: under the user's autocast what autocast makes it
+        # (for an fp32-optimized model), else its weights' (a bf16 model computed in float32
+        # returned float32 where its layers returned bf16).
         dt = _autocast_dtype()
-        return y if dt is None or y.dtype == dt or self.compute_dtype != torch.float32 else y.to(dt)
+        if dt is None:
+            low = self.orig_dtype in (torch.bfloat16, torch.float16)
+            return y.to(self.orig_dtype) if low and y.dtype != self.orig_dtype else y
+        return y if y.dtype == dt or self.compute_dtype != torch.float32 else y.to(dt)
 
     # -- state_dict: original keys, shapes and dtype ----------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -167,6 +167,30 @@ def test_output_dtypes_follow_autocast(dtype, emulated_bf16):
             assert opt(*x).dtype == expected  # without the user's autocast
 
 
+@pytest.mark.parametrize("own", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["conv_bn", "mlp_bn", "transformer_encoder"])
+def test_model_held_in_low_precision_keeps_it_with_dtype_none(name, own):
+    """A model loaded in bf16/fp16, optimized with dtype=None: every pass checked against its
+    own (low-precision) outputs was dropped at float32's tolerance, and a fused layer returned
+    float32 where the original returned its own dtype."""
+    case, model = toy(name)
+    model = model.to(own)
+    x = tuple(t.to(own) for t in case.inputs(2))
+    with torch.no_grad():
+        expected = _outputs(model(*x))
+        for opt in (cpuboost.optimize(model, sample_input=x), cpuboost.optimize(model)):
+            out = _outputs(run(opt, case, x))
+            out = _outputs(run(opt, case, x))  # (the first call of the second ran the original)
+            report = cpuboost.report_of(opt)
+            assert [o.dtype for o in out] == [e.dtype for e in expected]
+            assert all(rel_err(e, o) < BF16_RTOL for e, o in zip(expected, out))
+            assert report.pass_named("prepack").applied and not report.pass_named("prepack").dropped
+            if own == torch.bfloat16:  # kept in bf16 as dtype=torch.bfloat16 keeps it
+                assert "bfloat16" in report.dtype
+            else:  # computed in float32 here, checked at the tolerance of its own rounding
+                assert any("parameters are float16" in w for w in report.warnings)
+
+
 def test_packed_weight_replaces_original():
     case, model = toy("mlp_bn")
     opt = cpuboost.optimize(model, sample_input=case.inputs(4))
