@@ -309,7 +309,14 @@ class _Int8(U8S8Gemm, PostOpHolder, nn.Module):
         the input's float dtype (fp32 when the input came in as uint8)."""
         if self.out_q is not None:
             return self.out_q[0], self.out_q[1], torch.uint8
-        return 1.0, 0, x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        want = self._float_dtype(x)  # (oneDNN has no fp16 output: cast after, forward)
+        return 1.0, 0, want if want in (torch.float32, torch.bfloat16) else torch.float32
+
+    def _float_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the original layer returned: its input's, or where the input came as uint8
+        from the int8 layer before, its weights' (a bf16 model's last layer returned fp32)."""
+        own = x.dtype if x.is_floating_point() else getattr(self, "orig_dtype", torch.float32)
+        return own if own in (torch.bfloat16, torch.float16) else torch.float32
 
     def _reference_output(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = self.post_op.reference(y)
@@ -320,7 +327,7 @@ class _Int8(U8S8Gemm, PostOpHolder, nn.Module):
             s, z = self.output_grid
             q = _qd.quantize_per_tensor.default(y, s, z, 0, 255, torch.uint8)
             y = _qd.dequantize_per_tensor.default(q, s, z, 0, 255, torch.uint8)
-        return y.to(x.dtype) if x.dtype == torch.bfloat16 else y
+        return y.to(self._float_dtype(x))
 
     def _qdq_input(self, x: torch.Tensor) -> torch.Tensor:
         """Quantize-dequantize x as the int8 kernel sees it (the form Inductor matches)."""
@@ -448,6 +455,7 @@ class Int8Linear(_Int8):
             run = _qlinear_uncompiled if torch.compiler.is_compiling() else _qlinear
             y = run(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, out_scale,
                     out_zp, out_dtype, self._attr, self._scalars, self._algo)
+            y = y if self.out_q is not None else y.to(self._float_dtype(x))  # (fp16)
         return y.reshape(*shape[:-1], self.out_features)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -547,6 +555,7 @@ class Int8Conv(_Int8):
         y = _qconv(qx, scale, zp, self._w, self.w_scale, self.w_zp, self.bias, self._stride,
                    self._padding, self._dilation, self.groups, out_scale, out_zp, out_dtype,
                    self._attr, self._scalars, self._algo)
+        y = y if self.out_q is not None else y.to(self._float_dtype(x))  # (fp16)
         return y.squeeze(2) if self.nd == 1 else y
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ class U8S8Gemm:
     def _u8s8_forward(self, x2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """[M, in] -> [M, out]. A float input without smoothing or siblings to share it with is
         quantized inside the kernel (its range measured there when the layer is dynamic); the
-        output is uint8 for the next int8 layer, else float32 (bf16 for a bf16 input). Traced by
+        output is uint8 for the next int8 layer, else the original layer's float dtype. Traced by
         torch.compile as one opaque op: then a smoothed input is divided here and quantized in
         the kernel, and siblings do not share (their run-time check is Python state). An
         ``output_grid`` is not applied: it exists so that Inductor can fuse a residual add into
@@ -53,4 +53,4 @@ class U8S8Gemm:
         y = torch.ops.cpuboost.linear_u8s8(qx, self._w, self.w_scale, self._colsum, self.bias,
                                            self._colsum.numel(), AVX2_ACTS[self.post_op_name],
                                            scale, zp, self.qmax, out_scale, out_zp)
-        return y.to(torch.bfloat16) if x.dtype == torch.bfloat16 and self.out_q is None else y
+        return y if self.out_q is not None else y.to(self._float_dtype(x))

@@ -410,3 +410,21 @@ def test_a_model_reading_its_convs_attributes_runs_in_int8():
                                                                        "zeros")
     with torch.no_grad():
         assert cosine(model(**data[0]).logits, q(**data[0]).logits) > 0.999
+
+
+@pytest.mark.parametrize("own", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["conv_bn", "mlp_bn", "transformer_encoder", "recommender"])
+def test_int8_model_of_a_low_precision_model_returns_its_dtype(name, own):
+    """A layer handed uint8 by the int8 layer before it returned float32 in a bf16/fp16 model
+    (the last Linear of an MLP, a recommender's head)."""
+    case, model = toy(name)
+    model = model.to(own)
+    cast = lambda args: tuple(t.to(own) if t.is_floating_point() else t for t in args)  # noqa: E731
+    x = cast(case.inputs(2))
+    with torch.no_grad():
+        expected = model(*x)
+        q = cpuboost.quantize(model, [cast(case.inputs(2)) for _ in range(3)])
+        out = q(*x)
+    expected, out = (t[0] if isinstance(t, tuple) else t for t in (expected, out))
+    assert out.dtype == expected.dtype
+    assert cosine(expected.float(), out.float()) > 0.999
