@@ -127,6 +127,10 @@ def replay_copy(model: nn.Module, args, kwargs, plain_only: bool = False
     hooked = next((n for n, m in model.named_modules() if has_user_hooks(m)), None)
     if hooked is not None:
         return None, f"module {hooked or '<root>'!r} has forward hooks a second run would fire"
+    from torch.nn.modules import module as _module
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return None, ("global module hooks (torch.nn.modules.module.register_module_forward_"
+                      "hook) are set, which a second run would fire")
     leaves, _ = tree_flatten((args, kwargs))
     plain = (torch.Tensor, int, float, bool, str, type(None))
     odd = next((x for x in leaves if isinstance(x, nn.Module)

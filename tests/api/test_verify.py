@@ -189,6 +189,24 @@ def test_first_call_of_a_hooked_model_is_not_replayed():
     assert any("not checked" in w and "has forward hooks" in w for w in report.warnings)
 
 
+def test_first_call_under_a_global_module_hook_is_not_replayed():
+    """The same for a hook every module fires (register_module_forward_hook)."""
+    case, model = toy("mlp_bn")
+    x = case.inputs(4)
+    opt = cpuboost.optimize(model)
+    fired = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, args, out: fired.append(type(m).__name__))
+    try:
+        run(opt, case, x)
+    finally:
+        handle.remove()
+    assert fired.count(type(model).__name__) == 1  # the root ran once
+    report = cpuboost.report_of(opt)
+    assert report.numerics is None
+    assert any("not checked" in w and "global module hooks" in w for w in report.warnings)
+
+
 def test_first_call_check_skips_a_copy_memory_cannot_hold(monkeypatch):
     """The check redoes failing passes from a copy of the model taken at the first call; where
     that copy would not fit (less than twice the model free: inplace=True is how users avoid
