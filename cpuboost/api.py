@@ -92,10 +92,9 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     check_requests(cfg, hw)
     if cfg.weights_prepack and bf16_weights_only(cfg.dtype, hw):
         cfg = cfg.with_(bf16_weights=True)
-    if own is not None and cfg.rtol < cfg.rtol_low_precision:  # an fp16 model, dtype=None
+    widened = own if own is not None and cfg.rtol < cfg.rtol_low_precision else None
+    if widened is not None:  # an fp16 model with dtype=None: computed in fp32, returned in fp16
         cfg = cfg.with_(rtol_fp32=cfg.rtol_low_precision)
-    else:
-        own = None
     call = as_call(sample_input) if sample_input is not None else None
     reference = run_sample(model, call) if call is not None else None
     source = model
@@ -107,9 +106,9 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     slow = emulated_bf16(cfg.compute_dtype, hw)
     if slow:
         report.warnings.append(slow)
-    if own is not None:
+    if widened is not None:
         report.warnings.append(
-            f"the model's parameters are {str(own).replace('torch.', '')}: its own outputs "
+            f"the model's parameters are {str(widened).replace('torch.', '')}: its own outputs "
             f"carry that rounding, so the optimized model is checked against them at the "
             f"low-precision tolerance ({cfg.rtol_low_precision:g}) instead of float32's")
     steps = [s for s in PLAN if s.wanted(cfg)]
