@@ -22,6 +22,10 @@ class ModularTransformerEncoderLayer(nn.TransformerEncoderLayer):
         src_mask = nn.functional._canonical_mask(
             mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
             target_type=src.dtype, check_other=False)
+        if torch._C._get_tracing_state() is not None and torch.is_autocast_enabled("cpu"):
+            # MultiheadAttention's fast path, which the stock layer's fused path avoided, would
+            # hand torch.jit.trace bf16 weights autocast cached before it began: not traceable
+            torch.clear_autocast_cache()
         x = src
         if self.norm_first:
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal)

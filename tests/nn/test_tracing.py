@@ -15,7 +15,7 @@ import cpuboost
 from cpuboost.errors import UnsupportedRequestError
 from cpuboost.nn import tracing
 from cpuboost.testing.toy_models import TOY_MODELS, build_eval
-from tests.conftest import rel_err
+from tests.conftest import BF16_RTOL, rel_err
 
 CASES = [name for name, case in TOY_MODELS.items() if case.method == "forward"]
 
@@ -133,3 +133,18 @@ def test_saved_trace_loads_in_a_fresh_process_after_load_ops(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "registered at import: []" in out.stdout  # importing cpuboost loads no kernel
     assert "max diff 0.0" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["conv_bn", "mlp_bn", "transformer_encoder"])
+def test_trace_under_cpu_autocast(name):
+    """IPEX's bf16 flow: optimize(dtype=bf16), then trace under torch.cpu.amp.autocast. A
+    TransformerEncoderLayer (which cpuboost runs through its submodules) reached
+    MultiheadAttention's fast path with weights autocast had cached before the trace began."""
+    case = TOY_MODELS[name]
+    model, x = build_eval(case), case.inputs(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        opt = cpuboost.optimize(model, dtype=torch.bfloat16, sample_input=x)
+        expected = _first(opt(*x))  # (fills autocast's weight cache before the trace)
+        out = _first(_traced(opt, x)(*x))
+    assert out.dtype == expected.dtype
+    assert rel_err(expected.float(), out.float()) < BF16_RTOL
