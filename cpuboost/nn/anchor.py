@@ -39,13 +39,26 @@ def float_parameter_kind(model: nn.Module) -> Optional[tuple[torch.dtype, torch.
 def keep_a_parameter(model: nn.Module, kind: Optional[tuple[torch.dtype, torch.device]],
                      rec) -> None:
     """Give ``model`` an anchor if it had a floating-point parameter (of ``kind``) and has none
-    now, and say so in ``rec`` (the report's record of the pass that ran last)."""
-    if kind is None or float_parameter_kind(model) is not None:
+    now, and say so in ``rec`` (the report's record of the pass that ran last). So too each
+    module inside it that answers ``.device`` from its parameters (a Hugging Face model within
+    another: OLMo's OlmoModel inside OlmoForCausalLM; torch.jit.trace reads every attribute of
+    every module, and its ``.device`` raised StopIteration)."""
+    if kind is None:
         return
+    anchored = False
+    for m in model.modules():
+        if (m is model or isinstance(getattr(type(m), "device", None), property)) \
+                and float_parameter_kind(m) is None:
+            _anchor(m, kind)
+            anchored = True
+    if anchored:
+        rec.notes.append(NOTE)
+
+
+def _anchor(module: nn.Module, kind: tuple[torch.dtype, torch.device]) -> None:
     dtype, device = kind
-    # on the root itself, not a child module: a Sequential root would call a child
-    model.register_parameter(NAME, nn.Parameter(torch.empty(0, dtype=dtype, device=device),
-                                                requires_grad=False))
-    model.register_state_dict_post_hook(_drop_from_state_dict)
-    model.register_load_state_dict_post_hook(_not_missing)
-    rec.notes.append(NOTE)
+    # on the module itself, not a child module: a Sequential would call a child
+    module.register_parameter(NAME, nn.Parameter(torch.empty(0, dtype=dtype, device=device),
+                                                 requires_grad=False))
+    module.register_state_dict_post_hook(_drop_from_state_dict)
+    module.register_load_state_dict_post_hook(_not_missing)

@@ -64,3 +64,19 @@ def test_generate_runs_on_a_model_whose_weights_were_all_packed():
         out = opt.generate(**x, max_new_tokens=6, do_sample=False)
     assert torch.equal(out, ref)
 
+
+
+def test_a_hugging_face_model_inside_another_gets_one_too():
+    """OlmoModel inside OlmoForCausalLM answers .device from its parameters as well: it raised
+    StopIteration, and torch.jit.trace (which reads every attribute of every module) with it."""
+    model = _olmo()
+    model.config.use_cache = False
+    ids = torch.randint(5, 500, (1, 10))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    opt = cpuboost.optimize(model, sample_input=x)
+    assert hasattr(opt.model, NAME) and opt.model.device.type == "cpu"
+    assert not any(k.endswith(NAME) for k in opt.state_dict())
+    opt.load_state_dict(model.state_dict())  # strict: the anchors are not missing keys
+    with torch.no_grad():
+        traced = torch.jit.trace(opt, example_kwarg_inputs=x, strict=False, check_trace=False)
+        assert torch.allclose(traced(**x)["logits"], model(**x).logits, rtol=1e-4, atol=1e-5)
