@@ -6,6 +6,7 @@ from tiny configs (random weights, no downloads): does each optimize, run and ma
     python benchmarks/arch_sweep.py --mode int8 [bert gpt2 ...]
     python benchmarks/arch_sweep.py --mode int8-saved [bert gpt2 ...]
     python benchmarks/arch_sweep.py --mode generate [gpt2 t5 ...]
+    python benchmarks/arch_sweep.py --mode trace [bert gpt2 ...]
 
 ``eager``: ``cpuboost.optimize(model)`` in fp32 with and without ``sample_input``, and in bf16:
 two calls each against the model's own output, then one on another batch and length (fp32: max
@@ -24,7 +25,12 @@ encoder-decoders): greedy ``generate`` of 8 new tokens after a 12-token prompt, 
 ``cpuboost.optimize(model, graph_mode=True)`` (which compiles ``generate``'s forward),
 ``cpuboost.llm.optimize`` in float32 and ``llm.optimize`` with ``woq_int8``: the same tokens
 (float32) and each step's scores within 1e-3 of stock's largest (woq_int8: the scores' cosine
->= 0.99 up to the first differing token). Vision models whose output vanishes with the config's
+>= 0.99 up to the first differing token). ``trace``: ``torch.jit.freeze(torch.jit.trace(...))``
+(keyword inputs, ``strict=False``, no key/value cache) of the stock model and of ``optimize``
+fp32, each against the same model run eagerly (max |diff| / max |reference| <= 1e-4), and of
+static int8 ``quantize``, whose trace must be as accurate as its eager run (SQNR vs fp32 within
+0.5 dB: a traced oneDNN convolution rounds apart from the kernel); an architecture stock
+PyTorch cannot trace is reported as such. Vision models whose output vanishes with the config's
 initialization get BatchNorm statistics first (``keep_signal``). One line per architecture
 (graph and generate: per variant); a summary at the end. Speed is not measured here (tiny
 models).
@@ -38,7 +44,7 @@ import warnings
 
 import torch
 
-from cpuboost.verify import compare, cosine  # (cosine: nan where a side is all zeros)
+from cpuboost.verify import compare, cosine, sqnr_db  # (cosine: nan where a side is all zeros)
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
              n_embd=64, n_layer=2, n_head=4, d_model=64, encoder_layers=2, decoder_layers=2,
@@ -245,6 +251,43 @@ def int8_row(model, kw, ref, model_type) -> list:
             f"noise per layer {noise_floor(model, kw, ref):.5f}"]
 
 
+def trace_rows(model, kw, ref, model_type) -> list:
+    """torch.jit.trace + freeze (IPEX's deployment flow) of stock, fp32-optimized and int8;
+    without a key/value cache (an object the tracer cannot return)."""
+    import cpuboost
+    if getattr(getattr(model, "config", None), "use_cache", False):
+        model.config.use_cache = False  # (an input must be a tensor: set, not passed)
+
+    def traced(m):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t = torch.jit.freeze(torch.jit.trace(m, example_kwarg_inputs=kw, strict=False,
+                                                 check_trace=False))
+        out = t(**kw)
+        out = out if isinstance(out, torch.Tensor) else next(iter(out.values())) \
+            if isinstance(out, dict) else out[0]
+        return first_tensor(m(**kw)).float(), out.float()
+    rows = []
+    for name, make in (("stock", lambda: model),
+                       ("fp32", lambda: cpuboost.optimize(model, sample_input=kw))):
+        try:
+            err = rel_diff(*reversed(traced(make())))
+            rows.append(f"{name}: {'OK' if err <= 1e-4 else 'WRONG'} rel diff {err:.1e}")
+        except Exception as e:
+            rows.append(f"{name}: {'stock cannot trace it' if name == 'stock' else 'ERROR'} "
+                        f"{type(e).__name__}: {str(e)[:200]}")
+        gc.collect()
+    try:  # int8: the traced form rounds apart from the eager kernels; as accurate?
+        eager, out = traced(cpuboost.quantize(model, [kw] + [inputs_for(model_type, seed)
+                                                          for seed in (2, 3)]))
+        s_eager, s_traced = sqnr_db(ref, eager), sqnr_db(ref, out)
+        rows.append(f"int8: {'OK' if s_traced >= s_eager - 0.5 else 'WORSE'} SQNR vs fp32 "
+                    f"traced {s_traced:.1f} dB, eager {s_eager:.1f} dB")
+    except Exception as e:
+        rows.append(f"int8: ERROR {type(e).__name__}: {str(e)[:200]}")
+    return ["; ".join(rows)]
+
+
 def saved_rows(model, kw, ref, model_type, cls) -> list:
     """Eager int8 without compiling: static, through ``save_quantized`` / ``load_quantized``
     into a freshly built model (outputs must be equal to the quantized model's), and dynamic."""
@@ -338,7 +381,8 @@ def generate_rows(model, model_type) -> list:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("eager", "graph", "int8", "int8-saved", "generate"),
+    parser.add_argument("--mode", choices=("eager", "graph", "int8", "int8-saved", "generate",
+                                           "trace"),
                         required=True)
     parser.add_argument("only", nargs="*", help="model types (default: all)")
     args = parser.parse_args()
@@ -373,6 +417,7 @@ def main() -> None:
                         else saved_rows(model, kw, ref, model_type, cls)
                         if args.mode == "int8-saved"
                         else generate_rows(model, model_type) if args.mode == "generate"
+                        else trace_rows(model, kw, ref, model_type) if args.mode == "trace"
                         else int8_row(model, kw, ref, model_type))
         except Exception as e:
             traceback.print_exc(limit=4)
