@@ -341,6 +341,10 @@ class CompiledForward(ForwardStandIn):
         forward from now on, eager form restored (int8 layers packed again), and say so in the
         report and as a warning."""
         self.failed = True
+        # its graphs go now, with the weights frozen into them (a copy each), not with the model
+        drop_regions(self._regions, self._backend_ref)
+        self._regions.clear()
+        self.compiled = None
         if self.release is not None:
             self.release.stop(f"{what}: {self.name} runs eager")
         for m in self.model.modules():

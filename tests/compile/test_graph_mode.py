@@ -1,8 +1,12 @@
 """optimize(..., graph_mode=True): forward compiled by the cpuboost backend."""
+import gc
+import weakref
+
 import pytest
 import torch
 
 import cpuboost
+from cpuboost.compile.shared_constants import folded_constants
 from tests.conftest import BF16_RTOL, rel_err, run, toy
 
 
@@ -272,8 +276,12 @@ def test_first_compiled_call_is_checked_without_sample_input(monkeypatch):
     from cpuboost.compile import graph_mode as gm_module
     real = gm_module.cpuboost_backend
 
+    frozen = []
+
     def skewed(gm, example_inputs):
         compiled = real(gm, example_inputs)
+        frozen.extend(weakref.ref(c) for w, c, _ in folded_constants()
+                      if any(w is p for p in model.parameters()))
 
         def run_skewed(*args):
             outs = compiled(*args)
@@ -290,6 +298,7 @@ def test_first_compiled_call_is_checked_without_sample_input(monkeypatch):
     notes = cpuboost.report_of(good).pass_named("graph_mode").notes
     assert any("first call checked against the uncompiled model: ok" in n for n in notes)
     monkeypatch.setattr(gm_module, "cpuboost_backend", skewed)
+    del good
     torch._dynamo.reset()
     bad = cpuboost.optimize(model, graph_mode=True)
     with pytest.warns(RuntimeWarning, match="compiled outputs failed the check"):
@@ -299,3 +308,5 @@ def test_first_compiled_call_is_checked_without_sample_input(monkeypatch):
     assert record.dropped and "FAILED" in record.dropped
     assert any("compiled with backend 'cpuboost'" in a for a in record.applied)  # what it tried
     assert bad.__dict__["forward"].failed
+    gc.collect()  # the dropped graphs went with their frozen weights, the model still here
+    assert frozen and all(c() is None for c in frozen)
