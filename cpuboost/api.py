@@ -12,7 +12,8 @@ from torch import nn
 from cpuboost import _env
 from cpuboost._memory import available_bytes, release_freed_memory
 from cpuboost.checks import (as_call, bf16_weights_only, check_dtype, check_model,
-                             check_requests, emulated_bf16, replay_copy, run_sample)
+                             check_requests, emulated_bf16, replay_copy, run_sample,
+                             state_versions)
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
@@ -259,14 +260,6 @@ def _redo_checked(work, source, steps, cfg, hw, report, call, reference, into_wo
     return final
 
 
-def _state_versions(model: nn.Module) -> list[int]:
-    """Version counters of the model's parameters and buffers (a forward that updates a buffer
-    in place moves its counter; inference tensors have none and cannot be changed in place
-    outside inference mode)."""
-    return [-1 if t.is_inference() else t._version
-            for t in (*model.parameters(), *model.buffers())]
-
-
 class _FirstCall(ForwardStandIn):
     """Without sample_input, the passes that must see the model run do so on its first call
     of ``forward`` — through ``model(...)`` or a custom method calling ``self.forward(...)``.
@@ -307,7 +300,7 @@ class _FirstCall(ForwardStandIn):
         ran = False
         try:
             replay, why = replay_copy(model, args, kwargs) if self.cfg.verify else (None, "")
-            versions = _state_versions(model)
+            versions = state_versions(model)
             rec = Recording(model)
             rec.start()
             output = None
@@ -316,7 +309,7 @@ class _FirstCall(ForwardStandIn):
                 ran = True
             finally:
                 flow = rec.stop(output)
-            if replay is not None and _state_versions(model) != versions:
+            if replay is not None and state_versions(model) != versions:
                 replay, why = None, "its forward changed the model's parameters or buffers"
             why = _run_checked(model, self.steps, self.cfg, self.hw, self.report, flow, replay,
                                output) or why

@@ -116,6 +116,14 @@ def run_sample(model: nn.Module, call: tuple[tuple, dict], what: str = "sample_i
         ) from e
 
 
+def state_versions(model: nn.Module) -> list[int]:
+    """Version counters of the model's parameters and buffers (a forward that updates a buffer
+    in place moves its counter; inference tensors have none and cannot be changed in place
+    outside inference mode)."""
+    return [-1 if t.is_inference() else t._version
+            for t in (*model.parameters(), *model.buffers())]
+
+
 def replay_copy(model: nn.Module, args, kwargs, plain_only: bool = False
                 ) -> tuple[Optional[tuple], str]:
     """A copy of a call's arguments, taken before it runs, to run ``model`` on again (a forward

@@ -107,6 +107,9 @@ def _hook_compiles() -> None:
             callback_handler.register_end_callback(_compile_ended)
 
 
+_MAX_BUFFER_COPY = 256 << 20  # bytes of buffers the first-call check copies to restore them
+
+
 class CompiledForward(ForwardStandIn):
     """``model.forward`` compiled. ``name`` says which in the report ("forward", "encoder");
     ``outer`` is the model's own CompiledForward when this one compiles a submodule of it (the
@@ -244,9 +247,15 @@ class CompiledForward(ForwardStandIn):
 
     def _reference(self, args, kwargs):
         """The model's own forward (in float32, as optimize's check) on a copy of the first
-        call's input, or None where the input is not plain data (then it goes unchecked)."""
-        from cpuboost.checks import replay_copy
+        call's input, or None where the input is not plain data (then it goes unchecked). A
+        forward that changes the model's buffers (a step counter) gets them back as they were,
+        so the compiled call, the user's, starts from there: its state went forward twice."""
+        from cpuboost.checks import replay_copy, state_versions
         replay, why = replay_copy(self.model, args, kwargs, plain_only=True)
+        buffers = list(self.model.buffers())
+        if replay is not None and sum(b.numel() * b.element_size()
+                                      for b in buffers) > _MAX_BUFFER_COPY:
+            replay, why = None, "its buffers are too large to copy and restore"
         if replay is None:
             if self.record is not None:
                 self.record.notes.append(f"{self.name}: the first call was not checked against "
@@ -257,12 +266,27 @@ class CompiledForward(ForwardStandIn):
         # aside too: the reference is the model as it was, and compiles nothing
         aside = {m: m.__dict__.pop("forward") for m in self.model.modules()
                  if m is not self.model and isinstance(m.__dict__.get("forward"), ForwardStandIn)}
+        params = len(list(self.model.parameters()))
+        before = state_versions(self.model)
+        saved = [b.clone() for b in buffers]
         try:
             with torch.no_grad():
-                return type(self.model).forward(self.model, *replay[0], **replay[1])
+                reference = type(self.model).forward(self.model, *replay[0], **replay[1])
         finally:
             for m, forward in aside.items():
                 m.__dict__["forward"] = forward
+        after = state_versions(self.model)
+        if after[params:] != before[params:]:
+            with torch.no_grad():
+                for b, kept in zip(buffers, saved):
+                    b.copy_(kept)
+        if after[:params] != before[:params]:  # (parameters are not copied: too large)
+            if self.record is not None:
+                self.record.notes.append(f"{self.name}: the first call was not checked against "
+                                         "the uncompiled model (its forward changed the model's "
+                                         "parameters, which ran twice)")
+            return None
+        return reference
 
     def _first_check(self, reference, out) -> bool:
         """Compare the first compiled output with the uncompiled one; on a mismatch the forward

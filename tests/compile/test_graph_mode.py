@@ -310,3 +310,31 @@ def test_first_compiled_call_is_checked_without_sample_input(monkeypatch):
     assert bad.__dict__["forward"].failed
     gc.collect()  # the dropped graphs went with their frozen weights, the model still here
     assert frozen and all(c() is None for c in frozen)
+
+
+def test_first_call_check_leaves_a_forward_changing_its_buffers_one_step_on():
+    """The uncompiled reference run of the first-call check advanced a step counter the
+    forward keeps in a buffer: the user's first call saw it at 2 (and was dropped as a
+    mismatch), the second at 3."""
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1
+            return self.fc(x) * self.calls
+
+    torch._dynamo.reset()
+    model, x = Counting().eval(), torch.randn(2, 8)
+    with torch.no_grad():
+        expected = [model.fc(x) * step for step in (1, 2)]
+        fast = cpuboost.optimize(model, graph_mode=True)
+        fast.calls.zero_()
+        outs = [fast(x), fast(x)]
+    assert float(fast.calls) == 2
+    assert all(rel_err(e, o) <= 1e-5 for e, o in zip(expected, outs))
+    record = cpuboost.report_of(fast).pass_named("graph_mode")
+    assert not record.dropped
+    assert any("first call checked against the uncompiled model: ok" in n for n in record.notes)
