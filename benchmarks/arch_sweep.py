@@ -275,7 +275,7 @@ def trace_rows(model, kw, ref, model_type) -> list:
             rows.append(f"{name}: {'OK' if err <= 1e-4 else 'WRONG'} rel diff {err:.1e}")
         except Exception as e:
             rows.append(f"{name}: {'stock cannot trace it' if name == 'stock' else 'ERROR'} "
-                        f"{type(e).__name__}: {str(e)[:200]}")
+                        f"{type(e).__name__}: {_first_line(e)}")
         gc.collect()
     try:  # int8: the traced form rounds apart from the eager kernels; as accurate?
         eager, out = traced(cpuboost.quantize(model, [kw] + [inputs_for(model_type, seed)
@@ -284,8 +284,12 @@ def trace_rows(model, kw, ref, model_type) -> list:
         rows.append(f"int8: {'OK' if s_traced >= s_eager - 0.5 else 'WORSE'} SQNR vs fp32 "
                     f"traced {s_traced:.1f} dB, eager {s_eager:.1f} dB")
     except Exception as e:
-        rows.append(f"int8: ERROR {type(e).__name__}: {str(e)[:200]}")
+        rows.append(f"int8: ERROR {type(e).__name__}: {_first_line(e)}")
     return ["; ".join(rows)]
+
+
+def _first_line(e: Exception) -> str:  # (an output's repr in a message spans many lines)
+    return (str(e).splitlines() or [""])[0][:200]
 
 
 def saved_rows(model, kw, ref, model_type, cls) -> list:

@@ -249,7 +249,7 @@ class CompiledForward(ForwardStandIn):
         """The model's own forward (in float32, as optimize's check) on a copy of the first
         call's input, or None where the input is not plain data (then it goes unchecked). A
         forward that changes the model's buffers (a step counter) gets them back as they were,
-        so the compiled call, the user's, starts from there: its state went forward twice."""
+        so the compiled call, the user's, starts from there (the state went forward twice)."""
         from cpuboost.checks import replay_copy, state_versions
         replay, why = replay_copy(self.model, args, kwargs, plain_only=True)
         buffers = list(self.model.buffers())
