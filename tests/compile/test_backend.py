@@ -193,3 +193,24 @@ def test_a_dropped_compiled_model_frees_its_constants_with_dynamo_reset():
     torch._dynamo.reset()
     gc.collect()
     assert all(c() is None for c in constants)
+
+
+@pytest.mark.parametrize("changed", ["gemm_u8s8_avx2.cpp", "act_avx2.h"])
+def test_inductor_cache_key_covers_every_kernel_source(tmp_path, monkeypatch, changed):
+    """A graph Inductor cached against an older cpuboost op (one argument fewer) crashed the
+    process when loaded; the custom pass's cache key hashed the attention sources only."""
+    import shutil
+    from cpuboost.compile import attention_pass
+    from cpuboost.kernels import _SOURCE
+    for f in list(_SOURCE.parent.glob("*.cpp")) + list(_SOURCE.parent.glob("*.h")):
+        shutil.copy(f, tmp_path / f.name)
+    monkeypatch.setattr(attention_pass, "_SOURCE", tmp_path / _SOURCE.name)
+    attention_pass._source_key.cache_clear()
+    before = attention_pass._source_key()
+    with open(tmp_path / changed, "a") as f:
+        f.write("\n// changed\n")
+    attention_pass._source_key.cache_clear()
+    try:
+        assert attention_pass._source_key() != before
+    finally:
+        attention_pass._source_key.cache_clear()  # the real sources' key again
