@@ -1,11 +1,11 @@
 """IPEX's deployment flow on cpuboost models: ``torch.jit.freeze(torch.jit.trace(model, x))``
 after ``optimize`` / ``quantize``, against the same models run eagerly and stock eager fp32, all
-in one process (alternating rounds, medians). Also stock PyTorch's own traced + frozen model.
-What a trace records per kind of layer: docs/optimize.md, "TorchScript".
+in one process (``cpuboost bench``'s harness: alternating rounds, medians, outputs compared
+with eager fp32's). Also stock PyTorch's own traced + frozen model. What a trace records per
+kind of layer: docs/optimize.md, "TorchScript".
 
-Usage: python benchmarks/trace_speed.py [--rounds N] [--out FILE]   (~3 min on 2 cores)"""
+Usage: python benchmarks/trace_speed.py [--rounds N] [--out FILE]   (~5 min on 2 cores)"""
 import argparse
-import statistics
 import time
 import warnings
 from pathlib import Path
@@ -13,51 +13,45 @@ from pathlib import Path
 import torch
 
 import cpuboost
+from cpuboost.bench.harness import run_case
 from cpuboost.bench.zoo import CASES
 
 MODELS = {"BERT-base bs1 s128": "bert_base_bs1_s128", "ResNet-50 bs1": "resnet50_bs1"}
+OURS = ("eager_fp32", "cpuboost_fp32", "cpuboost_int8")
 
 
 def _traced(model, inputs: dict):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TracerWarnings from transformers; ours is in the docs
-        return torch.jit.freeze(torch.jit.trace(model, example_kwarg_inputs=inputs, strict=False,
-                                                check_trace=False))
+        traced = torch.jit.freeze(torch.jit.trace(model, example_kwarg_inputs=inputs,
+                                                  strict=False, check_trace=False))
+    return lambda x: tuple(traced(**x).values())  # (the eager model's outputs, in order)
 
 
-def measure(case_name: str, rounds: int) -> dict[str, float]:
-    case = CASES[case_name]
-    model, inputs = case.build()
-    with torch.no_grad():
-        fp32 = cpuboost.optimize(model, sample_input=inputs)
-        int8 = cpuboost.quantize(model, case.calib())
-        variants = {"stock eager": model, "cpuboost eager": fp32, "traced + frozen": _traced(fp32, inputs),
-                    "cpuboost int8 eager": int8, "int8 traced + frozen": _traced(int8, inputs),
-                    "stock traced + frozen": _traced(model, inputs)}
-        for run in variants.values():
-            for _ in range(3):
-                run(**inputs)
-        times = {name: [] for name in variants}
-        for _ in range(rounds):
-            for name, run in variants.items():
-                t0 = time.perf_counter()
-                run(**inputs)
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+def _peers(case) -> dict:
+    """run_case's ``make(model, sample, varying) -> run(inputs)`` for the traced variants."""
+    return {"traced_stock": lambda m, sample, _: _traced(m, sample),
+            "traced_cpuboost_fp32": lambda m, sample, _: _traced(
+                cpuboost.optimize(m, sample_input=sample), sample),
+            "traced_cpuboost_int8": lambda m, sample, _: _traced(
+                cpuboost.quantize(m, case.calib(), example_inputs=sample), sample)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     lines = [f"torch.jit.trace + freeze of cpuboost models, {time.strftime('%Y-%m-%d %H:%M')}, "
-             f"{args.rounds} alternating rounds, medians; ratio vs stock eager fp32"]
+             f"cpuboost bench's harness ({args.rounds} rounds of ~1 s, medians); ratio vs stock "
+             "eager fp32; max rel diff of the output vs eager fp32's"]
     for title, name in MODELS.items():
-        t = measure(name, args.rounds)
-        base = t["stock eager"]
-        lines.append(f"{title}: " + ", ".join(f"{k} {v * 1e3:.1f} ms ({base / v:.2f}x)"
-                                              for k, v in t.items()))
+        case = CASES[name]
+        peers = _peers(case)
+        result = run_case(case, OURS + tuple(peers), rounds=args.rounds, peers=peers)
+        lines.append(f"{title}: " + ", ".join(
+            f"{r['variant']} {r['median_ms']:.1f} ms ({r['speedup']:.2f}x, diff "
+            f"{r['max_rel_diff']:.1e})" for r in result["rows"]))
         print(lines[-1], flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

@@ -116,12 +116,15 @@ def run_sample(model: nn.Module, call: tuple[tuple, dict], what: str = "sample_i
         ) from e
 
 
+def tensor_versions(tensors) -> list[int]:
+    """Version counters (a forward that updates a buffer in place moves its counter; inference
+    tensors have none and cannot be changed in place outside inference mode)."""
+    return [-1 if t.is_inference() else t._version for t in tensors]
+
+
 def state_versions(model: nn.Module) -> list[int]:
-    """Version counters of the model's parameters and buffers (a forward that updates a buffer
-    in place moves its counter; inference tensors have none and cannot be changed in place
-    outside inference mode)."""
-    return [-1 if t.is_inference() else t._version
-            for t in (*model.parameters(), *model.buffers())]
+    """Version counters of the model's parameters and buffers."""
+    return tensor_versions((*model.parameters(), *model.buffers()))
 
 
 def replay_copy(model: nn.Module, args, kwargs, plain_only: bool = False

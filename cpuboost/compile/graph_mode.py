@@ -250,7 +250,7 @@ class CompiledForward(ForwardStandIn):
         call's input, or None where the input is not plain data (then it goes unchecked). A
         forward that changes the model's buffers (a step counter) gets them back as they were,
         so the compiled call, the user's, starts from there (the state went forward twice)."""
-        from cpuboost.checks import replay_copy, state_versions
+        from cpuboost.checks import replay_copy, tensor_versions
         replay, why = replay_copy(self.model, args, kwargs, plain_only=True)
         buffers = list(self.model.buffers())
         if replay is not None and sum(b.numel() * b.element_size()
@@ -266,8 +266,8 @@ class CompiledForward(ForwardStandIn):
         # aside too: the reference is the model as it was, and compiles nothing
         aside = {m: m.__dict__.pop("forward") for m in self.model.modules()
                  if m is not self.model and isinstance(m.__dict__.get("forward"), ForwardStandIn)}
-        params = len(list(self.model.parameters()))
-        before = state_versions(self.model)
+        params = list(self.model.parameters())
+        before = tensor_versions(params), tensor_versions(buffers)
         saved = [b.clone() for b in buffers]
         try:
             with torch.no_grad():
@@ -275,12 +275,11 @@ class CompiledForward(ForwardStandIn):
         finally:
             for m, forward in aside.items():
                 m.__dict__["forward"] = forward
-        after = state_versions(self.model)
-        if after[params:] != before[params:]:
+        if tensor_versions(buffers) != before[1]:
             with torch.no_grad():
                 for b, kept in zip(buffers, saved):
                     b.copy_(kept)
-        if after[:params] != before[:params]:  # (parameters are not copied: too large)
+        if tensor_versions(params) != before[0]:  # (parameters are not copied: too large)
             if self.record is not None:
                 self.record.notes.append(f"{self.name}: the first call was not checked against "
                                          "the uncompiled model (its forward changed the model's "

@@ -97,8 +97,15 @@ def load_ops() -> list[str]:
     """Load every cpuboost kernel that runs on this CPU; returns the ``cpuboost::`` ops now
     registered with torch. cpuboost loads its kernels when a model first needs them, not at
     import, so a process that only loads a saved TorchScript trace calling them (an optimized
-    model traced on an AVX2 CPU without AVX-512) must call this before ``torch.jit.load``."""
-    gemm_ops()
+    model traced on an AVX2 CPU without AVX-512) must call this before ``torch.jit.load``.
+    Warns where the AVX2 kernels cannot run: torch.jit.load of such a trace would then fail
+    with only "Unknown builtin op: cpuboost::...". """
+    if not gemm_ops():
+        import warnings
+        warnings.warn(f"cpuboost's AVX2 kernels are not loaded here ({gemm_unavailable()}): a "
+                      "TorchScript trace made on an AVX2 CPU without AVX-512 calls them and will "
+                      "not load on this machine; trace the model here instead.", RuntimeWarning,
+                      stacklevel=2)
     attention_op()
     return sorted(name for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("cpuboost::"))

@@ -56,6 +56,7 @@ def test_onednn_layers_say_they_were_traced_as_aten_ops():
         opt = cpuboost.optimize(model, sample_input=x)
         onednn = {type(m).__name__ for m in opt.modules()
                   if isinstance(getattr(m, "_w", None), torch.Tensor) and m._w.is_mkldnn}
+        assert onednn  # (its ConvTranspose is on oneDNN on every x86 CPU)
         tracing._warned.clear()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
@@ -148,3 +149,11 @@ def test_trace_under_cpu_autocast(name):
         out = _first(_traced(opt, x)(*x))
     assert out.dtype == expected.dtype
     assert rel_err(expected.float(), out.float()) < BF16_RTOL
+
+
+def test_load_ops_says_where_the_kernels_a_trace_may_call_cannot_run(monkeypatch):
+    from cpuboost import kernels
+    monkeypatch.setattr(kernels, "gemm_ops", lambda: False)
+    monkeypatch.setattr(kernels, "gemm_unavailable", lambda: "the CPU has AVX-512")
+    with pytest.warns(RuntimeWarning, match="the CPU has AVX-512.*trace the model here"):
+        cpuboost.load_ops()
