@@ -314,7 +314,9 @@ def _check_compatible(meta: dict, where: str) -> None:
 
 # cpuboost's ops a package may call (through the dispatcher), and why each cannot run here
 # (asking loads the op's library where it can run)
-_OWN_OPS = {**{f"cpuboost::{name}": kernels.gemm_unavailable for name in (
+# a package exported where the AVX2 kernels run (no AVX-512) runs them on any CPU that can,
+# AVX-512 servers included
+_OWN_OPS = {**{f"cpuboost::{name}": kernels.library_unavailable for name in (
     "linear", "linear_scaled", "pack_linear_weight", "linear_u8s8", "pack_u8s8_weight",
     "quantize_u8", "conv3x3_winograd", "attention_f32")},
     "cpuboost::attention": kernels.unavailable}

@@ -14,7 +14,7 @@ from torch import nn
 import cpuboost
 from cpuboost.config import BF16_WEIGHTS_NAME
 from cpuboost.errors import ExportError, InvalidModelError, PackageError
-from cpuboost.testing.toy_models import TOY_MODELS, build_eval
+from cpuboost.testing import AS_AVX512, TOY_MODELS, build_eval
 from tests.conftest import BF16_RTOL, TiedLM, rel_err
 
 
@@ -209,9 +209,28 @@ def test_optimized_model_exports_and_runs_in_a_fresh_process(tmp_path, dtype):
         assert rel_err(model(x3), opt(x3)) <= tol
 
 
+def test_package_with_avx2_kernels_runs_on_a_cpu_with_avx512(tmp_path):
+    """Exported where the model's linears run cpuboost's AVX2 kernel (a developer's machine),
+    loaded on a server with AVX-512 (simulated in the fresh process), whose own models use
+    oneDNN: the kernel still runs there, so the package loads and gives the same outputs (it
+    was refused as 'cannot run here')."""
+    opt = cpuboost.optimize(nn.Sequential(nn.Linear(32, 16), nn.ReLU()).eval(),
+                            sample_input=torch.randn(2, 32))
+    if opt[0].backend != "avx2":
+        pytest.skip("cpuboost's AVX2 kernel does not run here: no package calls it")
+    path = cpuboost.export(opt, {"input": torch.randn(2, 32)}, tmp_path / "opt.cbpk")
+    x = torch.randn(3, 32)
+    torch.save({"input": x}, tmp_path / "in.pt")
+    subprocess.run([sys.executable, "-c", AS_AVX512 + _FRESH, str(path), str(tmp_path / "in.pt"),
+                    str(tmp_path / "out.pt")], check=True, timeout=300)
+    with torch.no_grad():
+        assert rel_err(opt(x), torch.load(tmp_path / "out.pt")) <= 1e-6
+
+
 def test_package_calling_a_kernel_that_cannot_run_here_is_refused(tmp_path, monkeypatch):
     """A package that calls cpuboost's AVX2 kernel, loaded where the kernel cannot run (e.g. a
-    CPU with AVX-512): a PackageError that says so and what to do, not a missing-schema crash."""
+    CPU without AVX2, or no compiler): a PackageError that says so and what to do, not a
+    missing-schema crash."""
     import importlib
     opt = cpuboost.optimize(nn.Sequential(nn.Linear(32, 16)).eval(),
                             sample_input=torch.randn(2, 32))
@@ -219,10 +238,10 @@ def test_package_calling_a_kernel_that_cannot_run_here_is_refused(tmp_path, monk
         pytest.skip("cpuboost's AVX2 kernel does not run here: no package calls it")
     path = cpuboost.export(opt, (torch.randn(2, 32),), tmp_path / "opt.cbpk")
     kernels = importlib.import_module("cpuboost.kernels")
-    monkeypatch.setattr(kernels, "gemm_ops", lambda: False)
-    monkeypatch.setattr(kernels, "_gemm_why", ["the CPU has AVX-512 (simulated)"])
-    with pytest.raises(PackageError, match=r"cpuboost::linear, which cannot run here \(the CPU "
-                                           r"has AVX-512 \(simulated\)\): export the model on"):
+    monkeypatch.setattr(kernels, "avx2_library", lambda: False)
+    monkeypatch.setattr(kernels, "_library_why", ["no AVX2+FMA (simulated)"])
+    with pytest.raises(PackageError, match=r"cpuboost::linear, which cannot run here \(no "
+                                           r"AVX2\+FMA \(simulated\)\): export the model on"):
         cpuboost.load(path)
 
 

@@ -44,6 +44,7 @@ _why: list[str] = []
 AVX2_ACTS = {"none": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "tanh": 4, "sigmoid": 5, "silu": 6,
              "hardswish": 7}
 _gemm_why: list[str] = []
+_library_why: list[str] = []  # why the AVX2 kernels did not load
 
 
 def unavailable() -> str | None:
@@ -67,22 +68,38 @@ def attention_op():
 
 def gemm_unavailable() -> str | None:
     """Why the AVX2 linear kernel is not used on this machine, or None when it is."""
-    return None if gemm_ops() else (_gemm_why[0] if _gemm_why else "not loaded")
+    return None if gemm_ops() else (_gemm_why + _library_why + ["not loaded"])[0]
+
+
+def library_unavailable() -> str | None:
+    """Why the AVX2 kernels cannot run on this machine (to run a saved trace or package that
+    calls them), or None when they can."""
+    return None if avx2_library() else (_library_why + ["not loaded"])[0]
 
 
 @functools.cache
 def gemm_ops() -> bool:
-    """Whether ``torch.ops.cpuboost.linear`` / ``pack_linear_weight`` are loaded. Only where the
-    CPU has AVX2 and FMA but no AVX-512: there oneDNN's AVX-512 kernels are the ones to use."""
+    """Whether ``torch.ops.cpuboost.linear`` / ``pack_linear_weight`` are loaded and used. Only
+    where the CPU has AVX2 and FMA but no AVX-512: there oneDNN's AVX-512 kernels are the ones to
+    use."""
     from cpuboost.hw import detect
-    flags = detect().flags
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        _gemm_why.append("not an x86-64 CPU")
-    elif not {"avx2", "fma"} <= flags:
-        _gemm_why.append("the CPU has no AVX2+FMA")
-    elif "avx512" in flags:
+    if "avx512" in detect().flags:
         _gemm_why.append("the CPU has AVX-512, where oneDNN's kernels are used")
-    if _gemm_why or not _load_all(_GEMM_SOURCES, _GEMM_FLAGS, _gemm_why):
+        return False
+    return avx2_library()
+
+
+@functools.cache
+def avx2_library() -> bool:
+    """Whether the AVX2 kernels are loaded: wherever the CPU can run them (AVX2 and FMA, AVX-512
+    CPUs included), so that a TorchScript trace made where `gemm_ops()` holds also loads and runs
+    on a machine whose own models would use oneDNN instead (``load_ops``)."""
+    from cpuboost.hw import detect
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _library_why.append("not an x86-64 CPU")
+    elif not {"avx2", "fma"} <= detect().flags:
+        _library_why.append("the CPU has no AVX2+FMA")
+    if _library_why or not _load_all(_GEMM_SOURCES, _GEMM_FLAGS, _library_why):
         return False
     _register_gemm_fakes()
     return True
@@ -100,9 +117,9 @@ def load_ops() -> list[str]:
     model traced on an AVX2 CPU without AVX-512) must call this before ``torch.jit.load``.
     Warns where the AVX2 kernels cannot run: torch.jit.load of such a trace would then fail
     with only "Unknown builtin op: cpuboost::...". """
-    if not gemm_ops():
+    if not avx2_library():
         import warnings
-        warnings.warn(f"cpuboost's AVX2 kernels are not loaded here ({gemm_unavailable()}): a "
+        warnings.warn(f"cpuboost's AVX2 kernels cannot run here ({library_unavailable()}): a "
                       "TorchScript trace made on an AVX2 CPU without AVX-512 calls them and will "
                       "not load on this machine; trace the model here instead.", RuntimeWarning,
                       stacklevel=2)

@@ -14,7 +14,7 @@ import torch
 import cpuboost
 from cpuboost.errors import UnsupportedRequestError
 from cpuboost.nn import tracing
-from cpuboost.testing.toy_models import TOY_MODELS, build_eval
+from cpuboost.testing import AS_AVX512, TOY_MODELS, build_eval
 from tests.conftest import BF16_RTOL, rel_err
 
 CASES = [name for name, case in TOY_MODELS.items() if case.method == "forward"]
@@ -112,7 +112,10 @@ def test_hf_bert_traces_with_keyword_inputs():
             assert rel_err(expected, traced(**inputs)["last_hidden_state"]) < 1e-5
 
 
-def test_saved_trace_loads_in_a_fresh_process_after_load_ops(tmp_path):
+@pytest.mark.parametrize("where", ["here", "avx512"])
+def test_saved_trace_loads_in_a_fresh_process_after_load_ops(tmp_path, where):
+    """Traced where the AVX2 kernels run, loaded in a fresh process here and on a CPU with
+    AVX-512 (simulated), whose models use oneDNN: the trace's cpuboost ops still load and run."""
     case = TOY_MODELS["mlp_bn"]
     model, x = build_eval(case), case.inputs(4)
     with torch.no_grad():
@@ -120,7 +123,7 @@ def test_saved_trace_loads_in_a_fresh_process_after_load_ops(tmp_path):
         expected = traced(*x)
     torch.jit.save(traced, tmp_path / "model.pt")
     torch.save({"x": x, "expected": expected}, tmp_path / "io.pt")
-    code = textwrap.dedent(f"""
+    code = (AS_AVX512 if where == "avx512" else "") + textwrap.dedent(f"""
         import torch, cpuboost
         print("registered at import:", [n for n in torch._C._dispatch_get_all_op_names()
                                         if n.startswith("cpuboost::")])
@@ -153,7 +156,7 @@ def test_trace_under_cpu_autocast(name):
 
 def test_load_ops_says_where_the_kernels_a_trace_may_call_cannot_run(monkeypatch):
     from cpuboost import kernels
-    monkeypatch.setattr(kernels, "gemm_ops", lambda: False)
-    monkeypatch.setattr(kernels, "gemm_unavailable", lambda: "the CPU has AVX-512")
-    with pytest.warns(RuntimeWarning, match="the CPU has AVX-512.*trace the model here"):
+    monkeypatch.setattr(kernels, "avx2_library", lambda: False)
+    monkeypatch.setattr(kernels, "_library_why", ["the CPU has no AVX2+FMA"])
+    with pytest.warns(RuntimeWarning, match="the CPU has no AVX2.FMA.*trace the model here"):
         cpuboost.load_ops()
