@@ -3,7 +3,8 @@ from cpuboost.api import optimize
 from cpuboost.config import OptimizeConfig
 from cpuboost.deploy import ExportedModel, export, load
 from cpuboost.errors import (CalibrationError, ConfigError, CpuBoostError, ExportError,
-                             InvalidModelError, PackageError, SampleInputError, TrainingModeError,
+                             InvalidModelError, NumericsError, PackageError, SampleInputError,
+                             TrainingModeError,
                              UnsupportedDeviceError, UnsupportedDtypeError,
                              UnsupportedRequestError)
 from cpuboost.kernels import load_ops
@@ -24,7 +25,8 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'cpuboost' has no attribute {name!r}")
 
 __all__ = ["CalibrationError", "ConfigError", "CpuBoostError", "DynamicInt8Config", "ExportError",
-           "ExportedModel", "InvalidModelError", "OptimizationReport", "OptimizeConfig",
+           "ExportedModel", "InvalidModelError", "NumericsError", "OptimizationReport",
+           "OptimizeConfig",
            "PackageError", "SampleInputError", "StaticInt8Config", "TrainingModeError",
            "UnsupportedDeviceError", "UnsupportedDtypeError", "UnsupportedRequestError", "cpu",
            "export", "llm", "load", "load_ops", "load_quantized", "optimize", "quantization", "quantize", "report_of",

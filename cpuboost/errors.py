@@ -43,3 +43,8 @@ class PackageError(CpuBoostError, ValueError):
 
 class CalibrationError(CpuBoostError, ValueError):
     """Calibration data could not be used (NaN/inf activations, no batches, wrong format)."""
+
+
+class NumericsError(CpuBoostError, RuntimeError):
+    """The optimized model computes something other than the original, beyond the tolerance of
+    what was asked for, and no fallback fixed it."""

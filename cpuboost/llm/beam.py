@@ -265,11 +265,9 @@ def beam_step(query, key, value, attention_mask, scaling) -> torch.Tensor:
 def probe(model) -> str | None:
     """None if a beam decode step through the split cache matches the plain cache on this
     model (two beams, one request, different next tokens), else why it does not."""
-    import inspect
-    from cpuboost.llm.cache import PreallocatedCache
+    from cpuboost.llm.cache import PreallocatedCache, cache_argument
     config = model.config.get_text_config(decoder=True)
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else \
-        "past_key_values"
+    name = cache_argument(model)
     ids = torch.arange(3, 9).remainder(config.vocab_size).repeat(2, 1)  # (2 beams, 6)
     step = torch.tensor([[1], [2]]).remainder(config.vocab_size)
 

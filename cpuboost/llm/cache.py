@@ -13,6 +13,14 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 
+def cache_argument(model) -> str:
+    """The keyword ``model``'s forward takes its KV cache by: ``cache`` (transformers 5.2x,
+    which warns that ``past_key_values`` is deprecated) or ``past_key_values``."""
+    import inspect
+    forward = type(model).forward  # (not a stand-in optimize put in front of it)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 class PreallocatedLayer(DynamicLayer):
     """A ``DynamicLayer`` whose ``keys``/``values`` are views into preallocated buffers."""
 

@@ -12,8 +12,9 @@ from torch import nn
 
 from cpuboost._memory import release_freed_memory
 from cpuboost.checks import BF16_WEIGHTS_NOTE, bf16_weights_only, check_model, emulated_bf16
-from cpuboost.errors import ConfigError, UnsupportedRequestError
+from cpuboost.errors import ConfigError, NumericsError, UnsupportedRequestError
 from cpuboost.hw import detect
+from cpuboost.llm import check as probing
 from cpuboost.llm import rewrites
 from cpuboost.llm.cache import use_preallocated_cache
 from cpuboost.llm.config import LlmConfig, WoqConfig, woq_activation_dtype, woq_config
@@ -28,7 +29,7 @@ API = "cpuboost.llm.optimize"
 def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
              quantization: Union[None, str, WoqConfig] = None, inplace: bool = False,
              max_seq_len: Optional[int] = None, *, beam_cache: bool = True,
-             graph_mode: bool = False, quantization_config=None,
+             graph_mode: bool = False, check: bool = True, quantization_config=None,
              optimizer=None, device: str = "cpu", deployment_mode: bool = True,
              low_precision_checkpoint=None, **ipex_only) -> nn.Module:
     """Return ``model`` made fast for generation on this CPU (a copy unless ``inplace``).
@@ -37,6 +38,10 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
     ``quantization_config=``, is accepted too). The copy shares the tensors no rewrite touches
     with ``model`` (no weight is duplicated); ``inplace=True`` releases each float weight as its
     layer is replaced, so peak memory stays near the model's own size.
+    ``check``: compare the result's logits with the original model's on a probe (``check.py``;
+    the report's accuracy line gives the figures). Where they differ beyond the tolerance of
+    ``dtype``/``quantization``, cpuboost's attention rewrites are undone; if that does not fix
+    it, `NumericsError` is raised.
     ``cpuboost.report_of(result)`` lists what was applied, skipped and why.
     """
     check_model(model, API)
@@ -67,16 +72,33 @@ def optimize(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
         report.warnings.append(warning)
     if not deployment_mode:
         report.warnings.append("deployment_mode=False has no effect: cpuboost does not trace")
+    probe, want, unchecked, t0 = None, None, "check=False", time.perf_counter()
+    if check:  # the original's logits, before any rewrite
+        probe, unchecked = probing.make_probe(model)
+        if probe is not None:
+            want, unchecked = probing.reference(model, probe)
+    reference_seconds = time.perf_counter() - t0
     if not cfg.inplace:
         model = _copy_modules(model)
-    _run(model, cfg, report)
+    attention_before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+    def verify(rec) -> None:
+        if want is None:
+            rec.skip("numerics", f"not checked: {unchecked}")
+            report.accuracy = f"not checked ({unchecked})"
+            return
+        _verify(model, cfg, report, rec, probing.Checked(probe, want, attention_before))
+        rec.notes.append(f"the original model ran the probe in {reference_seconds:.2f}s (before "
+                         "the rewrites; this step's time is the optimized model's)")
+
+    _run(model, cfg, report, verify)
     release_freed_memory()
     report.weight_bytes_after = weight_bytes(model)
     attach(model, report)
     return model
 
 
-def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
+def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport, verify) -> None:
     rec = report.record("structure")
     rec.notes += structure_of(model).lines()
     if cfg.bf16_weights:
@@ -88,6 +110,7 @@ def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
     if cfg.graph_mode:  # Inductor packs and fuses; transformers' own cache (traceable)
         steps = [("cast", lambda r: rewrites.cast_floats(model, cfg, r)),
                  ("attention", lambda r: rewrites.use_sdpa(model, r)),
+                 ("check", verify),  # the eager rewrites; graphs compile on the first call
                  ("graph_mode", lambda r: _compile(model, cfg, r))]
     else:
         steps = [("linears", lambda r: rewrites.linears(model, cfg, r)),
@@ -95,13 +118,77 @@ def _run(model: nn.Module, cfg: LlmConfig, report: OptimizationReport) -> None:
                  ("attention", lambda r: rewrites.use_sdpa(model, r)),
                  ("decode_attention", lambda r: _attention(model, r)),
                  ("beam_cache", lambda r: state.update(beams=_beam_cache(model, cfg, r))),
-                 ("kv_cache", lambda r: _kv_cache(model, cfg, r, state["beams"]))]
+                 ("kv_cache", lambda r: _kv_cache(model, cfg, r, state["beams"])),
+                 ("check", verify)]
     for name, step in steps:
         rec = report.record(name)
         t0 = time.perf_counter()
         with torch.no_grad():
             step(rec)
         rec.seconds = time.perf_counter() - t0
+
+
+def _verify(model: nn.Module, cfg: LlmConfig, report: OptimizationReport, rec,
+            checked: "probing.Checked") -> None:
+    """The optimized model against the original's logits (below the floor: against the same
+    model computed plainly, check.py); failing, cpuboost's attention rewrites are undone and it
+    is judged again; still failing: NumericsError."""
+    verdict, plain = _judge(model, cfg, checked)
+    if not verdict.passed and _undo_attention(model, checked.attention):
+        why = f"the check failed with it: {verdict}"
+        for name in ("attention", "decode_attention", "beam_cache"):
+            undone = report.pass_named(name)
+            if undone is not None and undone.applied:
+                undone.dropped = why
+        rec.notes.append(f"with cpuboost's attention rewrites: {verdict}; undone, "
+                         f"attention back to {checked.attention!r}")
+        verdict, _ = _judge(model, cfg, checked, plain)
+    report.accuracy = str(verdict)
+    if not verdict.passed:
+        kept = ("the model was changed in place (inplace=True): reload it" if cfg.inplace
+                else "your model is unchanged")
+        raise NumericsError(
+            f"{API}: {verdict}. {kept}. Narrow it down with quantization=None or "
+            "dtype=torch.float32, or accept the result with check=False; please report it "
+            "with the model's config.")
+    rec.apply(str(verdict))
+    if not verdict.met_floor:
+        asked = cfg.woq.name if cfg.woq else cfg.dtype_name
+        report.warnings.append(
+            f"{asked} changes this model's logits more than expected ({verdict.figures()}); "
+            "cpuboost computes what was asked (the plain computation agrees), so the loss is "
+            "the precision's: evaluate the model's quality, or ask for more bits (woq_int8, "
+            "a smaller int4 group_size, WoqConfig.skip for sensitive layers).")
+    if cfg.graph_mode:
+        rec.notes.append("the eager model before compilation; the compiled graphs are not "
+                         "compared")
+
+
+def _judge(model: nn.Module, cfg: LlmConfig, checked: "probing.Checked", plain=None):
+    """(verdict, the plain computation's logits if they were needed)."""
+    got = probing.outputs(model, checked.probe)
+    verdict = probing.compare(checked.want, got, checked.probe,
+                              probing.floor_db(cfg, checked.want.dtype))
+    if verdict.met_floor or verdict.error is not None:
+        return verdict, plain
+    if plain is None:
+        plain = probing.plain_outputs(model, checked.probe, checked.attention)
+    verdict.plain = probing.compare(plain, got, checked.probe, probing.plain_floor_db(cfg))
+    return verdict, plain
+
+
+def _undo_attention(model: nn.Module, attention: Optional[str]) -> bool:
+    """cpuboost's attention rewrites taken back (the beam prefill, the attention function);
+    whether there was any."""
+    from cpuboost.llm import beam
+    undone = isinstance(model.__dict__.get("forward"), beam.BeamPrefill)
+    if undone:
+        del model.__dict__["forward"]
+    config = getattr(model, "config", None)
+    if attention is not None and getattr(config, "_attn_implementation", None) != attention:
+        model.set_attn_implementation(attention)
+        undone = True
+    return undone
 
 
 def _compile(model: nn.Module, cfg: LlmConfig, rec) -> None:
