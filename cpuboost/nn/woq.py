@@ -20,7 +20,8 @@ here at 512 rows: int8 3.2x, int4 2.5x the time of a packed bf16 GEMM). An int8 
 ``_DEQUANT_ROWS`` rows or more therefore converts its weight to the activation dtype (exact:
 int8 values are exact in bf16) and runs a GEMM, scaling the output per channel; an int4 layer
 fed ``_DEQUANT_ROWS_INT4`` or more unpacks the kernel's layout ``_ROWS`` channels at a time
-(where that layout is the known AVX-512 one) and does the same.
+(where that layout has a closed form: blocks of 64 channels on AVX-512 builds, 32 on AVX2 ones,
+and the GEMM runs in hardware) and does the same.
 
 Each module holds its quantized weight once. ``state_dict()`` stores a portable form (int8
 weight, or int4 nibbles two per byte with the low nibble the even input channel, plus scales and
@@ -135,24 +136,29 @@ def _kernel_order(n: int, k: int) -> torch.Tensor:
     return order
 
 
-def _blocked64(packed: torch.Tensor, rows: slice, k: int) -> torch.Tensor:
-    """Rows ``rows`` (multiples of 64) of the int4 codes from a pack laid out in blocks of 64
-    output channels, each input channel a run of 32 bytes: low nibbles rows 0..31, high
-    nibbles rows 32..63 of the block."""
-    blocks = packed.view(-1, k, 32)[rows.start // 64:rows.stop // 64]  # (nb, K, 32)
-    codes = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (nb, K, 64)
-    return codes.transpose(1, 2).reshape(-1, k)  # (nb * 64, K)
+def _blocked(packed: torch.Tensor, rows: slice, k: int, width: int) -> torch.Tensor:
+    """Rows ``rows`` (multiples of ``width``) of the int4 codes from a pack laid out in blocks
+    of ``width`` output channels, each input channel a run of ``width // 2`` bytes: low nibbles
+    rows 0..width/2-1, high nibbles the rest of the block (AVX-512 builds: 64; AVX2: 32)."""
+    half = width // 2
+    blocks = packed.view(-1, k, half)[rows.start // width:rows.stop // width]  # (nb, K, half)
+    codes = torch.cat([blocks & 15, blocks >> 4], dim=-1)  # (nb, K, width)
+    return codes.transpose(1, 2).reshape(-1, k)  # (nb * width, K)
 
 
 @lru_cache(maxsize=1)
-def _layout_is_blocked64() -> bool:
-    """Whether this torch build packs int4 weights in the layout ``_blocked64`` reads
-    (checked once against the learned order; AVX-512 builds do)."""
+def _blocked_width() -> Optional[int]:
+    """The block width of this torch build's int4 pack if ``_blocked`` reads it (checked once
+    against the learned order: AVX-512 builds pack 64 channels a block, AVX2 ones 32), else
+    None (``_kernel_order`` then gathers)."""
     n, k = 128, 64
     codes = torch.arange(n * k).remainder(16).reshape(n, k).to(torch.int32)
     codes = codes ^ (torch.arange(n)[:, None] % 7).to(torch.int32)  # rows differ too
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-    return torch.equal(_blocked64(packed, slice(0, n), k).to(torch.int32), codes)
+    for width in (64, 32):
+        if torch.equal(_blocked(packed, slice(0, n), k, width).to(torch.int32), codes):
+            return width
+    return None
 
 
 class WoqLinear(nn.Module):
@@ -216,9 +222,9 @@ class WoqLinear(nn.Module):
         kernel's pack."""
         n, k = self.out_features, self.in_features
         rows = rows or slice(0, n)
-        if n % 64 == 0 and rows.start % 64 == 0 and rows.stop % 64 == 0 \
-                and _layout_is_blocked64():
-            return _blocked64(self._q, rows, k)
+        width = _blocked_width()
+        if width and n % width == 0 and rows.start % width == 0 and rows.stop % width == 0:
+            return _blocked(self._q, rows, k, width)
         return self._int4_codes_gathered()[rows]
 
     def _int4_codes_gathered(self) -> torch.Tensor:
@@ -279,7 +285,13 @@ class WoqLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _fast_unpack(self) -> bool:
-        return self.out_features % 64 == 0 and _layout_is_blocked64()
+        """Whether many rows go through unpack + GEMM: the layout reads in closed form and the
+        GEMM runs in hardware. With bf16 emulated (an AVX2 CPU) that was 3.2x slower than the
+        row kernel at 128 and 512 rows (2048 -> 5632, 2-core Zen 3)."""
+        from cpuboost.hw import detect
+        width = _blocked_width()
+        return bool(width) and self.out_features % width == 0 and (
+            self.compute_dtype == torch.float32 or detect().native_bf16)
 
     def _int4_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """Many rows: dequantize ``_ROWS`` output channels at a time to the activation dtype
