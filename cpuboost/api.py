@@ -11,9 +11,10 @@ from torch import nn
 
 from cpuboost import _env
 from cpuboost._memory import available_bytes, release_freed_memory
-from cpuboost.checks import (as_call, bf16_weights_only, check_dtype, check_model,
-                             check_requests, emulated_bf16, replay_copy, run_sample,
-                             state_versions)
+from cpuboost.checks import (as_call, bf16_weights_only, buffer_state, buffers_kept,
+                             changed_buffers, check_dtype, check_model, check_requests,
+                             emulated_bf16, put_buffers, replay_copy, run_sample,
+                             tensor_versions)
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
@@ -202,7 +203,8 @@ def _apply(model, steps, cfg, hw, report, call) -> nn.Module:
     traced = [s for s in steps if s.needs_flow]
     if traced:
         args, kwargs = call
-        flow, _ = record(model, lambda: model(*args, **kwargs))
+        with buffers_kept(model):  # (a check's runs all start from the same state)
+            flow, _ = record(model, lambda: model(*args, **kwargs))
         model = _run(model, traced, cfg, hw, report, flow)
     return model
 
@@ -300,7 +302,10 @@ class _FirstCall(ForwardStandIn):
         ran = False
         try:
             replay, why = replay_copy(model, args, kwargs) if self.cfg.verify else (None, "")
-            versions = state_versions(model)
+            versions = tensor_versions(model.parameters()), tensor_versions(model.buffers())
+            buffers = buffer_state(model) if replay is not None else None
+            before = None if buffers is None else \
+                {name: b.clone() for name, (b, _) in buffers.items()}
             rec = Recording(model)
             rec.start()
             output = None
@@ -309,10 +314,10 @@ class _FirstCall(ForwardStandIn):
                 ran = True
             finally:
                 flow = rec.stop(output)
-            if replay is not None and state_versions(model) != versions:
-                replay, why = None, "its forward changed the model's parameters or buffers"
+            after, replay, why = _rewound(model, replay, why, versions, buffers, before)
             why = _run_checked(model, self.steps, self.cfg, self.hw, self.report, flow, replay,
                                output) or why
+            put_buffers(model, after)  # where the user's call left them
         finally:
             self.busy = False
             if ran:  # (a first call that raised leaves the model to try again)
@@ -325,6 +330,26 @@ class _FirstCall(ForwardStandIn):
         self.report.weight_bytes_after = weight_bytes(model)
         attach(model, self.report)
         return output
+
+
+def _rewound(model, replay, why, versions, buffers, before):
+    """After the first call ran the original forward: where it changed buffers (a step
+    counter), they go back to their values before it, so that the passes' check replays the
+    call from the same state; returns (the values to put back once checked, replay, why)."""
+    if replay is None:
+        return {}, replay, why
+    if tensor_versions(model.parameters()) != versions[0]:  # (too large to copy)
+        return {}, None, "its forward changed the model's parameters"
+    if buffers is None:
+        if tensor_versions(model.buffers()) != versions[1]:
+            return {}, None, ("its forward changed the model's buffers, which are too large to "
+                              "copy and put back")
+        return {}, replay, why
+    changed = changed_buffers(model, buffers)
+    named = dict(model.named_buffers())
+    after = {name: named[name].clone() for name in changed}
+    put_buffers(model, {name: before[name] for name in changed})
+    return after, replay, why
 
 
 def _copy_without_stand_in(model: nn.Module) -> nn.Module:

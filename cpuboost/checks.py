@@ -1,6 +1,7 @@
 """Input validation for optimize(): every user mistake raises before anything is changed."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from typing import Any, Optional
@@ -103,9 +104,12 @@ def as_call(sample_input) -> tuple[tuple, dict]:
 
 
 def run_sample(model: nn.Module, call: tuple[tuple, dict], what: str = "sample_input"):
+    """``model(*args, **kwargs)`` for a check: the buffers a forward changes (a step counter)
+    are put back afterwards, so that every run of the check starts where the first did and the
+    user's model is left as it was (``buffers_kept``)."""
     args, kwargs = call
     try:
-        with torch.no_grad():
+        with torch.no_grad(), buffers_kept(model):
             return model(*args, **kwargs)
     except Exception as e:
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
@@ -122,9 +126,60 @@ def tensor_versions(tensors) -> list[int]:
     return [-1 if t.is_inference() else t._version for t in tensors]
 
 
-def state_versions(model: nn.Module) -> list[int]:
-    """Version counters of the model's parameters and buffers."""
-    return tensor_versions((*model.parameters(), *model.buffers()))
+MAX_BUFFER_COPY = 256 << 20  # bytes of buffers a check copies to put them back
+
+
+def buffer_state(model: nn.Module) -> Optional[dict[str, tuple[torch.Tensor, int]]]:
+    """Each buffer by name: (the tensor, its version), or None where the buffers total more than
+    ``MAX_BUFFER_COPY`` (too large to copy and put back)."""
+    named = list(model.named_buffers())
+    if sum(b.numel() * b.element_size() for _, b in named) > MAX_BUFFER_COPY:
+        return None
+    return {name: (b, tensor_versions([b])[0]) for name, b in named}
+
+
+def changed_buffers(model: nn.Module, state: dict) -> list[str]:
+    """Names of the buffers a run changed since ``state``: in place, or replaced."""
+    now = dict(model.named_buffers())
+    return [name for name, (b, version) in state.items() if name in now
+            and (now[name] is not b or tensor_versions([b])[0] != version)]
+
+
+def put_buffers(model: nn.Module, values: dict[str, torch.Tensor]) -> None:
+    """Set the named buffers to ``values``: in place where the tensor still fits (a compiled
+    graph may hold it), else as a new buffer. Names the model no longer has are skipped."""
+    for name, value in values.items():
+        owner, _, attr = name.rpartition(".")
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError:
+            continue
+        current = module._buffers.get(attr)
+        if current is None and attr not in module._buffers:
+            continue
+        if current is not None and current.shape == value.shape and \
+                current.dtype == value.dtype and not current.is_inference():
+            with torch.no_grad():
+                current.copy_(value)
+        else:
+            module._buffers[attr] = value.clone()
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module):
+    """Buffers the body's runs of ``model`` change are put back to their values before it.
+    Yields False (and keeps nothing) where they are too large to copy."""
+    state = buffer_state(model)
+    if state is None:
+        yield False
+        return
+    before = {name: b.clone() for name, (b, _) in state.items()}
+    try:
+        yield True
+    finally:
+        changed = changed_buffers(model, state)
+        if changed:
+            put_buffers(model, {name: before[name] for name in changed})
 
 
 def replay_copy(model: nn.Module, args, kwargs, plain_only: bool = False

@@ -107,7 +107,6 @@ def _hook_compiles() -> None:
             callback_handler.register_end_callback(_compile_ended)
 
 
-_MAX_BUFFER_COPY = 256 << 20  # bytes of buffers the first-call check copies to restore them
 
 
 class CompiledForward(ForwardStandIn):
@@ -250,11 +249,9 @@ class CompiledForward(ForwardStandIn):
         call's input, or None where the input is not plain data (then it goes unchecked). A
         forward that changes the model's buffers (a step counter) gets them back as they were,
         so the compiled call, the user's, starts from there (the state went forward twice)."""
-        from cpuboost.checks import replay_copy, tensor_versions
+        from cpuboost.checks import buffer_state, buffers_kept, replay_copy, tensor_versions
         replay, why = replay_copy(self.model, args, kwargs, plain_only=True)
-        buffers = list(self.model.buffers())
-        if replay is not None and sum(b.numel() * b.element_size()
-                                      for b in buffers) > _MAX_BUFFER_COPY:
+        if replay is not None and buffer_state(self.model) is None:
             replay, why = None, "its buffers are too large to copy and restore"
         if replay is None:
             if self.record is not None:
@@ -267,19 +264,14 @@ class CompiledForward(ForwardStandIn):
         aside = {m: m.__dict__.pop("forward") for m in self.model.modules()
                  if m is not self.model and isinstance(m.__dict__.get("forward"), ForwardStandIn)}
         params = list(self.model.parameters())
-        before = tensor_versions(params), tensor_versions(buffers)
-        saved = [b.clone() for b in buffers]
+        before = tensor_versions(params)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), buffers_kept(self.model):
                 reference = type(self.model).forward(self.model, *replay[0], **replay[1])
         finally:
             for m, forward in aside.items():
                 m.__dict__["forward"] = forward
-        if tensor_versions(buffers) != before[1]:
-            with torch.no_grad():
-                for b, kept in zip(buffers, saved):
-                    b.copy_(kept)
-        if tensor_versions(params) != before[0]:  # (parameters are not copied: too large)
+        if tensor_versions(params) != before:  # (parameters are not copied: too large)
             if self.record is not None:
                 self.record.notes.append(f"{self.name}: the first call was not checked against "
                                          "the uncompiled model (its forward changed the model's "

@@ -298,3 +298,47 @@ def test_calls_from_other_threads_wait_for_the_first_call(monkeypatch):
     import copy
     with torch.no_grad():
         assert rel_err(expected, copy.deepcopy(copy_made_before)(other)) < FP32_RTOL
+
+
+class _Counting(torch.nn.Module):
+    """A forward that advances a step counter held in a buffer (in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.act, self.down = torch.nn.Linear(8, 16), torch.nn.ReLU(), \
+            torch.nn.Linear(16, 8)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.down(self.act(self.up(x))) * self.calls
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["ok", "redo"])
+def test_first_call_check_of_a_forward_changing_its_buffers(monkeypatch, broken):
+    """The first call ran the original forward (counter 0 -> 1); the check then replayed the
+    call on the optimized model from counter 1, which differs: it went unchecked. Now the
+    buffers go back for the check (also through the pass-by-pass redo when a pass is broken)
+    and are left where the user's call left them: every call sees the step the user expects."""
+    if broken:
+        _sabotage_relu(monkeypatch)
+    torch.manual_seed(0)
+    model, x = _Counting().eval(), torch.randn(4, 8)
+    with torch.no_grad():
+        plain = model.down(model.act(model.up(x)))
+        opt = cpuboost.optimize(model)
+        outs = [opt(x), opt(x)]
+    assert float(opt.calls) == 2 and float(model.calls) == 0  # (the user's model: a copy)
+    assert all(rel_err(plain * step, out) <= FP32_RTOL for step, out in zip((1, 2), outs))
+    report = cpuboost.report_of(opt)
+    assert report.numerics.passed and not any("not checked" in w for w in report.warnings)
+    assert bool(report.pass_named("fuse_pointwise").dropped) == broken
+
+
+def test_sample_input_check_leaves_the_user_s_buffers_alone():
+    """optimize(sample_input=...) runs the original model for its reference: a counter the
+    forward keeps moved in the user's model. The check's runs now put buffers back."""
+    model, x = _Counting().eval(), torch.randn(4, 8)
+    opt = cpuboost.optimize(model, sample_input=x)
+    assert float(model.calls) == 0 and float(opt.calls) == 0
+    assert cpuboost.report_of(opt).numerics.passed
