@@ -13,8 +13,8 @@ from cpuboost import _env
 from cpuboost._memory import available_bytes, release_freed_memory
 from cpuboost.checks import (as_call, bf16_weights_only, buffer_state, buffers_kept,
                              changed_buffers, check_dtype, check_model, check_requests,
-                             emulated_bf16, put_buffers, replay_copy, run_sample,
-                             tensor_versions)
+                             emulated_bf16, ipex_only_arguments, put_buffers, replay_copy,
+                             run_sample, tensor_versions)
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
@@ -68,27 +68,39 @@ PLAN = (
 )
 
 
-def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str = "O1",
-             inplace: bool = False, conv_bn_folding: Optional[bool] = None,
+def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=None,
+             level: str = "O1", inplace: bool = False, conv_bn_folding: Optional[bool] = None,
              linear_bn_folding: Optional[bool] = None, weights_prepack: Optional[bool] = None,
-             replace_dropout_with_identity: Optional[bool] = None, sample_input=None,
-             config: Optional[OptimizeConfig] = None,
-             graph_mode: Optional[bool] = None) -> nn.Module:
+             replace_dropout_with_identity: Optional[bool] = None,
+             optimize_lstm: Optional[bool] = None,
+             split_master_weight_for_bf16: Optional[bool] = None,
+             fuse_update_step: Optional[bool] = None,
+             auto_kernel_selection: Optional[bool] = None, sample_input=None,
+             graph_mode: Optional[bool] = None, concat_linear: Optional[bool] = None, *,
+             config: Optional[OptimizeConfig] = None) -> nn.Module:
     """Return a faster inference version of ``model`` (a copy unless ``inplace=True``).
 
-    Arguments mean what they mean in ``ipex.optimize``; see docs/ipex_mapping.md. With
-    ``sample_input`` the model is optimized now and its outputs are checked against the
-    original's; without it, passes that must see the model run wait for its first call.
-    ``cpuboost.report_of(result)`` says what was done, skipped and why.
+    Arguments are ``ipex.optimize``'s, in its order (docs/optimize.md, "IPEX's arguments"):
+    switching is a changed import. With ``sample_input`` the model is optimized now and its
+    outputs are checked against the original's; without it, passes that must see the model
+    run wait for its first call. ``cpuboost.report_of(result)`` says what was done, skipped
+    and why.
     """
     flags = dict(conv_bn_folding=conv_bn_folding, linear_bn_folding=linear_bn_folding,
                  weights_prepack=weights_prepack,
                  replace_dropout_with_identity=replace_dropout_with_identity)
+    ipex_notes = ipex_only_arguments(optimizer, optimize_lstm, split_master_weight_for_bf16,
+                                     fuse_update_step, concat_linear)
     check_model(model)
     own = _own_low_precision(model)
     if own == torch.bfloat16 and dtype is None and config is None:
         dtype = own  # a model loaded in bf16 stays bf16 (its weights are not widened to fp32)
     cfg = _resolve_config(config, dtype, level, inplace, flags, graph_mode)
+    if auto_kernel_selection is not None:  # IPEX: time oneDNN against the alternative
+        if config is not None:
+            raise ConfigError("pass either config= or auto_kernel_selection=, not both: "
+                              "OptimizeConfig(..., measure_kernels=True) is the same option.")
+        cfg = cfg.with_(measure_kernels=bool(auto_kernel_selection))
     hw = detect()
     check_dtype(cfg, hw)
     check_requests(cfg, hw)
@@ -108,6 +120,10 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, level: str =
     slow = emulated_bf16(cfg.compute_dtype, hw)
     if slow:
         report.warnings.append(slow)
+    if ipex_notes:
+        rec = report.record("ipex_arguments")
+        for name, why in ipex_notes:
+            rec.skip(name, why)
     if widened is not None:
         report.warnings.append(
             f"the model's parameters are {str(widened).replace('torch.', '')}: its own outputs "

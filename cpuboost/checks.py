@@ -42,6 +42,31 @@ def check_model(model: Any, api: str = "cpuboost.optimize") -> None:
             "optimization with an optimizer is not supported yet.)")
 
 
+def ipex_only_arguments(optimizer, optimize_lstm, split_master_weight_for_bf16,
+                        fuse_update_step, concat_linear) -> list[tuple[str, str]]:
+    """``ipex.optimize``'s arguments cpuboost has no pass for: (name, what happens instead) for
+    each one set, for the report; training (an optimizer) raises before anything changes."""
+    if optimizer is not None:
+        raise UnsupportedRequestError(
+            f"cpuboost.optimize prepares a model for inference; training with an optimizer "
+            f"(got optimizer={type(optimizer).__name__}) is not supported yet. Train with stock "
+            "PyTorch (torch.autocast('cpu', dtype=torch.bfloat16) for bf16), then call "
+            "cpuboost.optimize(model.eval()) for inference. Nothing was changed.")
+    notes = []
+    if optimize_lstm:
+        notes.append(("optimize_lstm", "nothing to replace: stock PyTorch already runs "
+                                       "nn.LSTM inference on oneDNN's LSTM (aten::mkldnn_rnn_layer)"))
+    for name, value in (("split_master_weight_for_bf16", split_master_weight_for_bf16),
+                        ("fuse_update_step", fuse_update_step)):
+        if value:
+            notes.append((name, "a training option: no effect without an optimizer (as in IPEX)"))
+    if concat_linear:
+        notes.append(("concat_linear", "not done: linears sharing an input stay separate (on "
+                                       "the LLM decode path it measured ~2% of a step; "
+                                       "docs/llm.md)"))
+    return notes
+
+
 def check_dtype(cfg: OptimizeConfig, hw: CpuFeatures) -> None:
     if cfg.dtype == torch.float16 and not (hw.native_fp16
                                           and torch.ops.mkldnn._is_mkldnn_fp16_supported()):

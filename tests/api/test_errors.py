@@ -6,7 +6,8 @@ from torch import nn
 
 import cpuboost
 from cpuboost.errors import (ConfigError, CpuBoostError, InvalidModelError, SampleInputError,
-                             TrainingModeError, UnsupportedDeviceError, UnsupportedDtypeError)
+                             TrainingModeError, UnsupportedDeviceError, UnsupportedDtypeError,
+                             UnsupportedRequestError)
 from cpuboost.hw import detect
 from tests.conftest import toy
 
@@ -43,6 +44,22 @@ def test_training_mode_without_optimizer():
     assert _unchanged(model, snap) and model.training
 
 
+def test_ipex_training_call_says_training_is_not_supported():
+    """IPEX's training flow, ``ipex.optimize(model, optimizer=opt)`` on a model in train mode
+    (positionally too: IPEX's third argument is the optimizer): the error names the optimizer
+    and what to do, before the training-mode one, and changes nothing."""
+    case, model = toy("conv_bn")
+    model.train()
+    snap = _snapshot(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for call in (lambda: cpuboost.optimize(model, optimizer=opt, dtype=torch.bfloat16),
+                 lambda: cpuboost.optimize(model, torch.bfloat16, opt)):
+        with pytest.raises(UnsupportedRequestError, match=r"optimizer=SGD.*not supported yet.*"
+                                                          r"cpuboost.optimize\(model.eval\(\)\)"):
+            call()
+    assert _unchanged(model, snap) and model.training
+
+
 def test_sample_input_rejected_keeps_model():
     case, model = toy("conv_bn")
     snap = _snapshot(model)
@@ -69,6 +86,7 @@ def test_fp16_without_native_support_is_a_clear_error():
     (dict(level="O3"), "level='O3' is not supported"),
     (dict(config="O1"), "config must be a cpuboost.OptimizeConfig"),
     (dict(config=cpuboost.OptimizeConfig(), weights_prepack=False), "either config= or keyword"),
+    (dict(config=cpuboost.OptimizeConfig(), auto_kernel_selection=True), "measure_kernels=True"),
 ])
 def test_bad_options(kwargs, match):
     _, model = toy("hooked")

@@ -217,3 +217,44 @@ def test_explicit_pass_off_is_respected():
     assert report.applied("fold_bn") and report.pass_named("prepack") is None
     assert isinstance(opt.drop, nn.Dropout)
     assert all(m.backend == "aten" for m in opt.modules() if isinstance(m, FusedConv))
+
+
+# ipex.optimize's parameters, in its order (IPEX 2.x API documentation)
+IPEX_OPTIMIZE = ["model", "dtype", "optimizer", "level", "inplace", "conv_bn_folding",
+                 "linear_bn_folding", "weights_prepack", "replace_dropout_with_identity",
+                 "optimize_lstm", "split_master_weight_for_bf16", "fuse_update_step",
+                 "auto_kernel_selection", "sample_input", "graph_mode", "concat_linear"]
+
+
+def test_every_ipex_argument_is_accepted_in_ipex_s_order():
+    """Switching is a changed import: IPEX's keywords all exist, positional calls line up with
+    IPEX's order, and the options cpuboost has no pass for are reported with what happens
+    instead (they raised TypeError: unexpected keyword)."""
+    import inspect
+    assert list(inspect.signature(cpuboost.optimize).parameters)[:len(IPEX_OPTIMIZE)] == \
+        IPEX_OPTIMIZE
+    case, model = toy("mlp_bn")
+    x = case.inputs(2)
+    opt = cpuboost.optimize(model, None, None, "O1", False, None, None, None, None, True,
+                            True, True, True, x, None, True)
+    report = cpuboost.report_of(opt)
+    skipped = dict(report.pass_named("ipex_arguments").skipped)
+    assert set(skipped) == {"optimize_lstm", "split_master_weight_for_bf16",
+                            "fuse_update_step", "concat_linear"}
+    assert "mkldnn_rnn_layer" in skipped["optimize_lstm"]
+    assert report.numerics.passed
+    with torch.no_grad():
+        assert rel_err(run(model, case, x), run(opt, case, x)) <= FP32_RTOL
+
+
+def test_auto_kernel_selection_is_measure_kernels(monkeypatch):
+    """IPEX's auto_kernel_selection=True is cpuboost's measure_kernels (oneDNN timed against
+    aten per Linear shape where oneDNN would run); it raised TypeError."""
+    import cpuboost.api as api
+    seen = []
+    with_ = api.OptimizeConfig.with_
+    monkeypatch.setattr(api.OptimizeConfig, "with_",
+                        lambda self, **changes: seen.append(changes) or with_(self, **changes))
+    case, model = toy("mlp_bn")
+    opt = cpuboost.optimize(model, auto_kernel_selection=True, sample_input=case.inputs(4))
+    assert {"measure_kernels": True} in seen and cpuboost.report_of(opt).numerics.passed
