@@ -96,6 +96,28 @@ def get_weight_only_quant_qconfig_mapping(weight_dtype: str = WoqWeightDtype.INT
                      symmetric=weight_qscheme == WoqWeightQScheme.SYMMETRIC)
 
 
+def get_smooth_quant_qconfig_mapping(alpha: Optional[float] = 0.5, act_observer: Any = None,
+                                     act_ic_observer: Any = None, wei_observer: Any = None,
+                                     wei_ic_observer: Any = None,
+                                     share_weight_observers: bool = True) -> StaticInt8Config:
+    """IPEX's SmoothQuant qconfig, as a ``StaticInt8Config(smooth_quant=True)``: Linear layers'
+    input channels are rescaled by ``max|x|^alpha / max|w|^(1-alpha)`` before int8 (``alpha``
+    None: searched per layer, docs/quantize.md). cpuboost's SmoothQuant measures the per-channel
+    ranges itself, so IPEX's observer arguments are refused rather than silently ignored. Each
+    Linear divides its own input (cpuboost.quant.smooth), so layers sharing an input (q/k/v)
+    get factors of their own whatever ``share_weight_observers`` says (IPEX's ``False``)."""
+    given = [name for name, v in (("act_observer", act_observer),
+                                  ("act_ic_observer", act_ic_observer),
+                                  ("wei_observer", wei_observer),
+                                  ("wei_ic_observer", wei_ic_observer)) if v is not None]
+    if given:
+        raise ConfigError(f"{given}: cpuboost's SmoothQuant measures the per-channel ranges "
+                          "itself and takes no observers; choose the activation observer with "
+                          "StaticInt8Config(smooth_quant=True, observer='histogram'|'minmax'|"
+                          "'percentile').")
+    return StaticInt8Config(smooth_quant=True, smooth_alpha=alpha)
+
+
 def qconfig_to_config(configure: Any) -> QuantConfig:
     """Our config for IPEX's ``configure`` argument (one of ours, or a torch.ao mapping)."""
     if isinstance(configure, (StaticInt8Config, DynamicInt8Config)) or configure is None:

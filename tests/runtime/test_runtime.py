@@ -226,6 +226,10 @@ def test_auto_measures_and_keeps_one_choice_per_signature():
 def test_ipex_spelling():
     assert cpuboost.cpu.runtime.MultiStreamModule is MultiStreamModule
     assert cpuboost.runtime.CPUPool is CPUPool
+    # also as an import path (it raised ModuleNotFoundError: cpu.runtime was only an attribute)
+    from cpuboost.cpu.runtime import CPUPool as imported
+    import cpuboost.cpu.runtime as module
+    assert imported is CPUPool and module is cpuboost.runtime
 
 
 # -- EmbeddingBag inputs -------------------------------------------------------------------------
