@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import sys
+import sysconfig
 import threading
 import time
 from typing import Callable, NamedTuple, Optional
@@ -12,7 +15,8 @@ from torch import nn
 from cpuboost import _env
 from cpuboost._memory import available_bytes, release_freed_memory
 from cpuboost.checks import (as_call, bf16_weights_only, buffer_state, buffers_kept,
-                             changed_buffers, check_dtype, check_model, check_requests,
+                             call_target, changed_buffers, check_dtype, check_model,
+                             check_requests,
                              emulated_bf16, ipex_only_arguments, put_buffers, replay_copy,
                              run_sample, tensor_versions)
 from cpuboost.config import OptimizeConfig
@@ -219,8 +223,9 @@ def _apply(model, steps, cfg, hw, report, call) -> nn.Module:
     traced = [s for s in steps if s.needs_flow]
     if traced:
         args, kwargs = call
+        target = call_target(model, call)
         with buffers_kept(model):  # (a check's runs all start from the same state)
-            flow, _ = record(model, lambda: model(*args, **kwargs))
+            flow, _ = record(model, lambda: target(*args, **kwargs))
         model = _run(model, traced, cfg, hw, report, flow)
     return model
 
@@ -280,42 +285,52 @@ def _redo_checked(work, source, steps, cfg, hw, report, call, reference, into_wo
 
 class _FirstCall(ForwardStandIn):
     """Without sample_input, the passes that must see the model run do so on its first call
-    of ``forward`` — through ``model(...)`` or a custom method calling ``self.forward(...)``.
-    It stands in as the instance's ``forward`` and removes itself once the passes ran; the
-    recorded call itself runs the unmodified modules, so its result is the original's. The
-    optimized model then runs the same input once more and is checked against that result, as
-    with sample_input (passes that break it are dropped), where the input can be replayed.
-    Calls from other threads meanwhile (a server's pool, MultiStreamModule's streams) wait for
-    it and then run the optimized model: run alongside, they saw modules change under them."""
+    of ``forward`` — through ``model(...)`` or a custom method calling ``self.forward(...)`` —
+    or of a custom method that never calls ``forward`` (an ``_EntryStandIn`` each; IPEX
+    skipped conv+bn folding for those). It stands in as the instance's ``forward`` and removes
+    itself (and the method stand-ins) once the passes ran; the recorded call itself runs the
+    unmodified modules, so its result is the original's. The optimized model then runs the
+    same call once more and is checked against that result, as with sample_input (passes that
+    break it are dropped), where the input can be replayed. Calls from other threads meanwhile
+    (a server's pool, MultiStreamModule's streams) wait for it and then run the optimized
+    model: run alongside, they saw modules change under them."""
 
-    def __init__(self, model, steps, cfg, hw, report):
+    def __init__(self, model, steps, cfg, hw, report, entries: tuple = ()):
         self.model, self.steps, self.cfg, self.hw, self.report = model, steps, cfg, hw, report
+        self.entries = entries  # custom methods standing in too
         self.busy = False
         self.lock = threading.RLock()  # re-entrant: the passes call the model on this thread
 
-    def __getstate__(self):  # a copy of the model made before its first call (no lock to copy)
-        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+    def __getstate__(self):  # a copy or pickle of the model made before its first call:
+        state = {k: v for k, v in self.__dict__.items() if k != "lock"}  # no lock to copy,
+        state["steps"] = [step.name for step in self.steps]  # and PLAN's steps by name
+        return state  # (their conditions are lambdas: pickling failed)
 
     def __setstate__(self, state):
+        steps = {step.name: step for step in PLAN}
+        state = dict(state, steps=[steps[name] for name in state["steps"]])
         self.__dict__.update(state, lock=threading.RLock())
 
     def __call__(self, *args, **kwargs):
+        return self.enter("forward", args, kwargs)
+
+    def enter(self, entry: str, args, kwargs):
         with self.lock:
             if self.model.__dict__.get("forward") is not self:  # another thread's first call
-                return self.model.forward(*args, **kwargs)  # ran the passes meanwhile
-            return self._first(*args, **kwargs)
+                return getattr(self.model, entry)(*args, **kwargs)  # ran the passes meanwhile
+            return self._first(entry, args, kwargs)
 
-    def _first(self, *args, **kwargs):
+    def _first(self, entry: str, args, kwargs):
         model = self.model
-        original = type(model).forward.__get__(model)
+        original = getattr(type(model), entry).__get__(model)
         if self.busy:  # forward calling itself, or the passes running the model: just run it
             return original(*args, **kwargs)
         if torch._C._get_tracing_state() is not None:  # torch.jit.trace before any call:
             with untraced():  # the passes run (and are checked) outside the trace,
-                self(*args, **kwargs)
-            return model.forward(*args, **kwargs)  # and the trace records the optimized forward
+                self.enter(entry, args, kwargs)
+            return getattr(model, entry)(*args, **kwargs)  # and the trace records the result
         self.busy = True  # until the passes are done: their runs of the model come back here
-        ran = False
+        ran = done = False
         try:
             replay, why = replay_copy(model, args, kwargs) if self.cfg.verify else (None, "")
             versions = tensor_versions(model.parameters()), tensor_versions(model.buffers())
@@ -330,14 +345,20 @@ class _FirstCall(ForwardStandIn):
                 ran = True
             finally:
                 flow = rec.stop(output)
+            if entry != "forward" and not flow.calls:  # a method that runs no part of the
+                return output  # model (a getter, a reset): the passes wait for another call
             after, replay, why = _rewound(model, replay, why, versions, buffers, before)
+            if replay is not None:
+                replay = _FreshCall(replay)
+                replay.entry = entry
             why = _run_checked(model, self.steps, self.cfg, self.hw, self.report, flow, replay,
                                output) or why
             put_buffers(model, after)  # where the user's call left them
+            done = True
         finally:
             self.busy = False
-            if ran:  # (a first call that raised leaves the model to try again)
-                model.__dict__.pop("forward", None)
+            if done or (ran and entry == "forward"):  # (a first call that raised: try again)
+                _remove_stand_ins(model)
         if self.cfg.verify and why:
             self.report.warnings.append(f"the passes run at the first call were not checked "
                                         f"against the original ({why}); pass sample_input= "
@@ -368,20 +389,72 @@ def _rewound(model, replay, why, versions, buffers, before):
     return after, replay, why
 
 
+class _EntryStandIn:
+    """Stands in for a custom method of the model (an inference entry point that may never
+    call ``forward``) until the first call's passes ran; its first call is that first call."""
+
+    def __init__(self, first: _FirstCall, name: str):
+        self.first, self.name = first, name
+
+    def __call__(self, *args, **kwargs):
+        return self.first.enter(self.name, args, kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        model = self.first.model
+        return inspect.signature(getattr(type(model), self.name).__get__(model))
+
+
+def _entry_points(model: nn.Module) -> tuple[str, ...]:
+    """Public methods the model's own classes define, other than forward: custom entry points
+    that may never call it. Not those of library classes (torch's, transformers', Lightning's:
+    anything installed), whose many methods are not the user's inference path."""
+    names: list[str] = []
+    for cls in type(model).__mro__:
+        if _from_a_library(cls):
+            continue
+        for name, value in vars(cls).items():
+            if inspect.isfunction(value) and not name.startswith("_") and name != "forward" \
+                    and name not in names and name not in model.__dict__:
+                names.append(name)
+    return tuple(names)
+
+
+def _from_a_library(cls: type) -> bool:
+    if cls.__module__ == "__main__":  # a script's or a notebook's own class (no __file__)
+        return False
+    where = str(getattr(sys.modules.get(cls.__module__), "__file__", None) or "")
+    return cls.__module__.split(".")[0] in ("cpuboost", "builtins") or not where or \
+        any(part in where for part in ("site-packages", "dist-packages", sysconfig.get_paths()
+                                       ["stdlib"]))
+
+
+def _stand_ins(model: nn.Module) -> list[str]:
+    return [name for name, v in model.__dict__.items() if isinstance(v, (_FirstCall,
+                                                                        _EntryStandIn))]
+
+
+def _remove_stand_ins(model: nn.Module) -> None:
+    for name in _stand_ins(model):
+        del model.__dict__[name]
+
+
 def _copy_without_stand_in(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` during its first call, without the _FirstCall still standing in."""
-    stand_in = model.__dict__.pop("forward", None)
+    """A copy of ``model`` during its first call, without the stand-ins still in place."""
+    held = {name: model.__dict__.pop(name) for name in _stand_ins(model)}
     try:
         return copy.deepcopy(model)
     finally:
-        if stand_in is not None:
-            model.__dict__["forward"] = stand_in
+        model.__dict__.update(held)
 
 
 class _FreshCall(tuple):
     """A replayed call's (args, kwargs) that unpacks to a new copy each time: every run of the
     check, and of its redo pass by pass, starts from the arguments as the first call got them
-    (a key/value cache the previous run filled would change the outputs)."""
+    (a key/value cache the previous run filled would change the outputs). ``entry``: the
+    method the first call came through (checks.call_target)."""
+
+    entry = "forward"
 
     def __iter__(self):
         return iter(copy.deepcopy((self[0], self[1])))
@@ -405,7 +478,6 @@ def _run_checked(model, steps, cfg, hw, report, flow, replay, reference) -> Opti
     _run(model, steps, cfg, hw, report, flow)
     if source is None:
         return why
-    replay = _FreshCall(replay)
     try:
         report.numerics = compare(reference, run_sample(model, replay), cfg.rtol)
     except Exception as e:
@@ -419,8 +491,13 @@ def _run_checked(model, steps, cfg, hw, report, flow, replay, reference) -> Opti
 def _defer(work, steps, cfg, hw: CpuFeatures, report) -> None:
     if not steps:
         return
-    report.pending = (f"{', '.join(s.name for s in steps)} run at the first call of forward, "
+    entries = _entry_points(work)
+    via = "forward" + "".join(f" or {name}()" for name in entries)
+    report.pending = (f"{', '.join(s.name for s in steps)} run at the first call of {via}, "
                       "then checked against the original's output on that call (pass "
                       "sample_input= to optimize and check now)")
     # An instance attribute shadows the class's forward, for __call__ and self.forward alike.
-    work.__dict__["forward"] = _FirstCall(work, steps, cfg, hw, report)
+    first = _FirstCall(work, steps, cfg, hw, report, entries)
+    work.__dict__["forward"] = first
+    for name in entries:
+        work.__dict__[name] = _EntryStandIn(first, name)

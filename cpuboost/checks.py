@@ -133,9 +133,10 @@ def run_sample(model: nn.Module, call: tuple[tuple, dict], what: str = "sample_i
     are put back afterwards, so that every run of the check starts where the first did and the
     user's model is left as it was (``buffers_kept``)."""
     args, kwargs = call
+    target = call_target(model, call)
     try:
         with torch.no_grad(), buffers_kept(model):
-            return model(*args, **kwargs)
+            return target(*args, **kwargs)
     except Exception as e:
         shapes = [tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args]
         raise SampleInputError(
@@ -149,6 +150,13 @@ def tensor_versions(tensors) -> list[int]:
     """Version counters (a forward that updates a buffer in place moves its counter; inference
     tensors have none and cannot be changed in place outside inference mode)."""
     return [-1 if t.is_inference() else t._version for t in tensors]
+
+
+def call_target(model: nn.Module, call) -> Any:
+    """What a (replayed) call goes through: the model, or the custom method the first call
+    came through (``call.entry``, api._FreshCall)."""
+    entry = getattr(call, "entry", "forward")
+    return model if entry == "forward" else getattr(model, entry)
 
 
 MAX_BUFFER_COPY = 256 << 20  # bytes of buffers a check copies to put them back

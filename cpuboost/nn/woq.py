@@ -285,13 +285,14 @@ class WoqLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _fast_unpack(self) -> bool:
-        """Whether many rows go through unpack + GEMM: the layout reads in closed form and the
-        GEMM runs in hardware. With bf16 emulated (an AVX2 CPU) that was 3.2x slower than the
-        row kernel at 128 and 512 rows (2048 -> 5632, 2-core Zen 3)."""
+        """Whether many rows go through unpack + GEMM: the layout reads in closed form, and on
+        AVX2 builds only where the GEMM runs in hardware: with bf16 emulated there, it was 3.2x
+        slower than the row kernel at 128 and 512 rows (2048 -> 5632, 2-core Zen 3). (AVX-512
+        builds keep it, as measured on a Zen 4 with native bf16.)"""
         from cpuboost.hw import detect
         width = _blocked_width()
         return bool(width) and self.out_features % width == 0 and (
-            self.compute_dtype == torch.float32 or detect().native_bf16)
+            width == 64 or self.compute_dtype == torch.float32 or detect().native_bf16)
 
     def _int4_gemm(self, x2: torch.Tensor) -> torch.Tensor:
         """Many rows: dequantize ``_ROWS`` output channels at a time to the activation dtype

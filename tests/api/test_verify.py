@@ -342,3 +342,75 @@ def test_sample_input_check_leaves_the_user_s_buffers_alone():
     opt = cpuboost.optimize(model, sample_input=x)
     assert float(model.calls) == 0 and float(opt.calls) == 0
     assert cpuboost.report_of(opt).numerics.passed
+
+
+class _CustomEntry(torch.nn.Module):
+    """Inference through a method of its own that never calls forward (IPEX's known issue:
+    conv+bn folding skipped there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        raise RuntimeError("this model is called through infer()")
+
+    def describe(self):
+        return "conv-bn-fc"
+
+    def infer(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_first_call_through_a_custom_method_that_never_calls_forward():
+    """The deferred passes waited for forward, which never came: nothing was folded or packed
+    (all of optimize's passes stayed pending). Now the model's own public methods stand in too:
+    the first call of infer() runs the passes and checks them; a method that runs no part of
+    the model (describe) does not count."""
+    torch.manual_seed(0)
+    model, x = _CustomEntry().eval(), torch.randn(2, 3, 16, 16)
+    opt = cpuboost.optimize(model)
+    report = cpuboost.report_of(opt)
+    assert "forward or describe() or infer()" in report.pending
+    assert opt.describe() == "conv-bn-fc" and report.pending is not None
+    with torch.no_grad():
+        out = opt.infer(x)
+        assert rel_err(model.infer(x), out) <= FP32_RTOL
+        assert rel_err(model.infer(x), opt.infer(x)) <= FP32_RTOL
+    report = cpuboost.report_of(opt)
+    assert report.pending is None and report.numerics.passed
+    assert report.applied("fold_bn") == ["conv <- bn"] and len(report.applied("prepack")) == 2
+    assert not [k for k in vars(opt) if k in ("forward", "infer", "describe")]  # stand-ins gone
+
+
+def test_a_copy_made_before_the_first_custom_call_runs_its_own_passes():
+    """deepcopy and pickle (torch.save) of an optimized model before its first call: each copy
+    runs its own passes at its first call. Pickling failed for any model then (the pending
+    passes held lambdas)."""
+    import copy
+    import pickle
+    torch.manual_seed(0)
+    model, x = _CustomEntry().eval(), torch.randn(2, 3, 16, 16)
+    opt = cpuboost.optimize(model)
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        with torch.no_grad():
+            assert rel_err(model.infer(x), twin.infer(x)) <= FP32_RTOL
+        assert cpuboost.report_of(twin).applied("fold_bn") == ["conv <- bn"]
+    assert cpuboost.report_of(opt).pending is not None  # the original still waits
+
+
+def test_only_the_model_s_own_methods_stand_in():
+    """Installed libraries' classes (torch's, transformers') have many public methods that are
+    not the user's inference path: only methods of the user's own classes stand in."""
+    from cpuboost.api import _entry_points
+    transformers = pytest.importorskip("transformers")
+
+    class Tagged(torch.nn.Sequential):
+        def tag(self):
+            return "mine"
+
+    assert _entry_points(Tagged(torch.nn.Linear(2, 2))) == ("tag",)
+    bert = transformers.BertModel(transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    assert _entry_points(bert) == ()
