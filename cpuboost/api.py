@@ -16,9 +16,8 @@ from cpuboost import _env
 from cpuboost._memory import available_bytes, release_freed_memory
 from cpuboost.checks import (as_call, bf16_weights_only, buffer_state, buffers_kept,
                              call_target, changed_buffers, check_dtype, check_model,
-                             check_requests,
-                             emulated_bf16, ipex_only_arguments, put_buffers, replay_copy,
-                             run_sample, tensor_versions)
+                             check_requests, emulated_bf16, ipex_only_arguments, put_buffers,
+                             replay_copy, run_sample, tensor_versions)
 from cpuboost.config import OptimizeConfig
 from cpuboost.errors import ConfigError
 from cpuboost.hw import CpuFeatures, detect
@@ -84,7 +83,7 @@ def optimize(model: nn.Module, dtype: Optional[torch.dtype] = None, optimizer=No
              config: Optional[OptimizeConfig] = None) -> nn.Module:
     """Return a faster inference version of ``model`` (a copy unless ``inplace=True``).
 
-    Arguments are ``ipex.optimize``'s, in its order (docs/optimize.md, "IPEX's arguments"):
+    Arguments are ``ipex.optimize``'s, in its order (docs/optimize.md, "Switching from IPEX"):
     switching is a changed import. With ``sample_input`` the model is optimized now and its
     outputs are checked against the original's; without it, passes that must see the model
     run wait for its first call. ``cpuboost.report_of(result)`` says what was done, skipped
@@ -295,9 +294,8 @@ class _FirstCall(ForwardStandIn):
     (a server's pool, MultiStreamModule's streams) wait for it and then run the optimized
     model: run alongside, they saw modules change under them."""
 
-    def __init__(self, model, steps, cfg, hw, report, entries: tuple = ()):
+    def __init__(self, model, steps, cfg, hw, report):
         self.model, self.steps, self.cfg, self.hw, self.report = model, steps, cfg, hw, report
-        self.entries = entries  # custom methods standing in too
         self.busy = False
         self.lock = threading.RLock()  # re-entrant: the passes call the model on this thread
 
@@ -370,9 +368,10 @@ class _FirstCall(ForwardStandIn):
 
 
 def _rewound(model, replay, why, versions, buffers, before):
-    """After the first call ran the original forward: where it changed buffers (a step
-    counter), they go back to their values before it, so that the passes' check replays the
-    call from the same state; returns (the values to put back once checked, replay, why)."""
+    """After the first call ran the original forward (or custom method): where it changed
+    buffers (a step counter), they go back to their values before it, so that the passes'
+    check replays the call from the same state; returns (the values to put back once checked,
+    replay, why)."""
     if replay is None:
         return {}, replay, why
     if tensor_versions(model.parameters()) != versions[0]:  # (too large to copy)
@@ -497,7 +496,7 @@ def _defer(work, steps, cfg, hw: CpuFeatures, report) -> None:
                       "then checked against the original's output on that call (pass "
                       "sample_input= to optimize and check now)")
     # An instance attribute shadows the class's forward, for __call__ and self.forward alike.
-    first = _FirstCall(work, steps, cfg, hw, report, entries)
+    first = _FirstCall(work, steps, cfg, hw, report)
     work.__dict__["forward"] = first
     for name in entries:
         work.__dict__[name] = _EntryStandIn(first, name)

@@ -54,8 +54,8 @@ def ipex_only_arguments(optimizer, optimize_lstm, split_master_weight_for_bf16,
             "cpuboost.optimize(model.eval()) for inference. Nothing was changed.")
     notes = []
     if optimize_lstm:
-        notes.append(("optimize_lstm", "nothing to replace: stock PyTorch already runs "
-                                       "nn.LSTM inference on oneDNN's LSTM (aten::mkldnn_rnn_layer)"))
+        notes.append(("optimize_lstm", "nothing to replace: stock PyTorch already runs nn.LSTM "
+                                       "inference on oneDNN's LSTM (aten::mkldnn_rnn_layer)"))
     for name, value in (("split_master_weight_for_bf16", split_master_weight_for_bf16),
                         ("fuse_update_step", fuse_update_step)):
         if value:
