@@ -20,8 +20,8 @@ here at 512 rows: int8 3.2x, int4 2.5x the time of a packed bf16 GEMM). An int8 
 ``_DEQUANT_ROWS`` rows or more therefore converts its weight to the activation dtype (exact:
 int8 values are exact in bf16) and runs a GEMM, scaling the output per channel; an int4 layer
 fed ``_DEQUANT_ROWS_INT4`` or more unpacks the kernel's layout ``_ROWS`` channels at a time
-(where that layout has a closed form: blocks of 64 channels on AVX-512 builds, 32 on AVX2 ones,
-and the GEMM runs in hardware) and does the same.
+(where that layout has a closed form: blocks of 64 channels on AVX-512 builds; blocks of 32 on
+AVX2 builds, used there only where the GEMM runs in hardware) and does the same.
 
 Each module holds its quantized weight once. ``state_dict()`` stores a portable form (int8
 weight, or int4 nibbles two per byte with the low nibble the even input channel, plus scales and
