@@ -297,6 +297,9 @@ class _FirstCall(ForwardStandIn):
     def __init__(self, model, steps, cfg, hw, report):
         self.model, self.steps, self.cfg, self.hw, self.report = model, steps, cfg, hw, report
         self.busy = False
+        # during a custom method's first call: None until forward is reached, then (forward's
+        # replay copy, its output); () when not armed
+        self.nested: Optional[tuple] = ()
         self.lock = threading.RLock()  # re-entrant: the passes call the model on this thread
 
     def __getstate__(self):  # a copy or pickle of the model made before its first call:
@@ -322,6 +325,8 @@ class _FirstCall(ForwardStandIn):
         model = self.model
         original = getattr(type(model), entry).__get__(model)
         if self.busy:  # forward calling itself, or the passes running the model: just run it
+            if entry == "forward" and self.nested is None:  # a custom method's first call
+                return self._nested_forward(original, args, kwargs)  # reached forward
             return original(*args, **kwargs)
         if torch._C._get_tracing_state() is not None:  # torch.jit.trace before any call:
             with untraced():  # the passes run (and are checked) outside the trace,
@@ -338,6 +343,8 @@ class _FirstCall(ForwardStandIn):
             rec = Recording(model)
             rec.start()
             output = None
+            # armed for the forward a method may call (not where no replay is possible: hooks)
+            self.nested = None if entry != "forward" and replay is not None else ()
             try:
                 output = original(*args, **kwargs)
                 ran = True
@@ -345,16 +352,20 @@ class _FirstCall(ForwardStandIn):
                 flow = rec.stop(output)
             if entry != "forward" and not flow.calls:  # a method that runs no part of the
                 return output  # model (a getter, a reset): the passes wait for another call
+            reference = output
+            if self.nested:  # the method called forward: the check replays and compares that
+                (replay, why), reference = self.nested  # call (float outputs, where the
+                entry = "forward"  # method's, e.g. an argmax, would flip on a near-tie)
             after, replay, why = _rewound(model, replay, why, versions, buffers, before)
             if replay is not None:
                 replay = _FreshCall(replay)
                 replay.entry = entry
             why = _run_checked(model, self.steps, self.cfg, self.hw, self.report, flow, replay,
-                               output) or why
+                               reference) or why
             put_buffers(model, after)  # where the user's call left them
             done = True
         finally:
-            self.busy = False
+            self.busy, self.nested = False, ()
             if done or (ran and entry == "forward"):  # (a first call that raised: try again)
                 _remove_stand_ins(model)
         if self.cfg.verify and why:
@@ -364,6 +375,17 @@ class _FirstCall(ForwardStandIn):
         self.report.pending = None
         self.report.weight_bytes_after = weight_bytes(model)
         attach(model, self.report)
+        return output
+
+
+    def _nested_forward(self, original, args, kwargs):
+        """forward, first reached inside a custom method's first call: run it, keeping a copy
+        of its arguments and its output, which the check then replays and compares."""
+        replay = replay_copy(self.model, args, kwargs, hooks_checked=True) \
+            if self.cfg.verify else (None, "")  # (the hooks now are the recording's)
+        self.nested = ()  # (once: forward calling itself runs plainly)
+        output = original(*args, **kwargs)
+        self.nested = (replay, output)
         return output
 
 

@@ -215,15 +215,17 @@ def buffers_kept(model: nn.Module):
             put_buffers(model, {name: before[name] for name in changed})
 
 
-def replay_copy(model: nn.Module, args, kwargs, plain_only: bool = False
-                ) -> tuple[Optional[tuple], str]:
+def replay_copy(model: nn.Module, args, kwargs, plain_only: bool = False,
+                hooks_checked: bool = False) -> tuple[Optional[tuple], str]:
     """A copy of a call's arguments, taken before it runs, to run ``model`` on again (a forward
     may change what it is given: generate()'s first call hands in an empty key/value cache that
     the forward fills), or (None, why not): also where the model's modules have forward hooks,
-    which a second run would fire again. ``plain_only``: tensors, numbers, strings and None (in
-    lists, tuples and dicts) only."""
+    which a second run would fire again (``hooks_checked``: already found to have none, before
+    a recording added its own). ``plain_only``: tensors, numbers, strings and None (in lists,
+    tuples and dicts) only."""
     from cpuboost.passes._context import has_user_hooks  # (passes import this module)
-    hooked = next((n for n, m in model.named_modules() if has_user_hooks(m)), None)
+    hooked = None if hooks_checked else next(
+        (n for n, m in model.named_modules() if has_user_hooks(m)), None)
     if hooked is not None:
         return None, f"module {hooked or '<root>'!r} has forward hooks a second run would fire"
     from torch.nn.modules import module as _module

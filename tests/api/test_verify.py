@@ -414,3 +414,51 @@ def test_only_the_model_s_own_methods_stand_in():
     bert = transformers.BertModel(transformers.BertConfig(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
     assert _entry_points(bert) == ()
+
+
+class _Predicting(torch.nn.Module):
+    """forward gives scores; predict, the user's entry point, calls it and returns labels."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.act, self.down = torch.nn.Linear(8, 16), torch.nn.ReLU(), \
+            torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+    def predict(self, x):
+        return self(x).argmax(-1)
+
+
+def test_a_custom_method_that_calls_forward_is_checked_on_forward_s_output(monkeypatch):
+    """predict() (labels) comes first and calls forward: the check replays and compares
+    forward's scores at the float tolerance, not the labels, which a near-tie could flip
+    (dropping passes that were right)."""
+    import cpuboost.api as api
+    seen = []
+    compare = api.compare
+    monkeypatch.setattr(api, "compare", lambda ref, out, rtol: seen.append(ref.dtype) or
+                        compare(ref, out, rtol))
+    torch.manual_seed(0)
+    model, x = _Predicting().eval(), torch.randn(6, 8)
+    opt = cpuboost.optimize(model)
+    with torch.no_grad():
+        assert torch.equal(opt.predict(x), model.predict(x))
+    report = cpuboost.report_of(opt)
+    assert seen == [torch.float32] and report.numerics.passed and report.pending is None
+    assert report.applied("prepack")
+
+
+def test_a_hooked_model_s_custom_method_is_not_replayed():
+    """As for forward: a model with forward hooks is not replayed (the hooks would fire twice),
+    also when its first call is a custom method that calls forward."""
+    fired = []
+    model = _Predicting().eval()
+    model.register_forward_hook(lambda m, i, o: fired.append(1))
+    opt = cpuboost.optimize(model)
+    with torch.no_grad():
+        opt.predict(torch.randn(3, 8))
+    report = cpuboost.report_of(opt)
+    assert len(fired) == 1 and report.numerics is None
+    assert any("forward hooks" in w for w in report.warnings)
