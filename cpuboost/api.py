@@ -310,6 +310,7 @@ class _FirstCall(ForwardStandIn):
     def __setstate__(self, state):
         steps = {step.name: step for step in PLAN}
         state = dict(state, steps=[steps[name] for name in state["steps"]])
+        state.setdefault("nested", ())
         self.__dict__.update(state, lock=threading.RLock())
 
     def __call__(self, *args, **kwargs):
@@ -376,7 +377,6 @@ class _FirstCall(ForwardStandIn):
         self.report.weight_bytes_after = weight_bytes(model)
         attach(model, self.report)
         return output
-
 
     def _nested_forward(self, original, args, kwargs):
         """forward, first reached inside a custom method's first call: run it, keeping a copy
