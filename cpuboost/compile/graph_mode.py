@@ -392,7 +392,8 @@ class CompiledForward(ForwardStandIn):
                           "Winograd kernel, "
                           f"{self.linear_pass.attention.replaced} attention(s) on cpuboost's "
                           f"bf16 kernel, {self.linear_pass.attention.replaced_f32} on its fp32 "
-                          "kernel")
+                          f"kernel, {self.linear_pass.embedding_bags} EmbeddingBag(s) on the "
+                          "forward-only kernel")
         if self.linear_pass.attention.missed:
             from cpuboost.kernels import unavailable
             self.record.skip(self.name, f"{self.linear_pass.attention.missed} attention(s) kept on "
