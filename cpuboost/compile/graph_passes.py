@@ -23,8 +23,9 @@ tanh, sigmoid, erf-GELU) computed from a linear's output alone is moved into the
 package calls and ``cpuboost.load`` loads their library first.
 
 The same pass moves qualifying 3x3 convolutions onto cpuboost's Winograd kernel on those CPUs
-(``winograd_pass``) and packs convolution weights Inductor left plain because the input shape
-is dynamic (``conv_pack``).
+(``winograd_pass``), packs convolution weights Inductor left plain because the input shape
+is dynamic (``conv_pack``), and puts EmbeddingBags on the forward-only kernel on any CPU
+(``forward_only_embedding_bags``).
 """
 from __future__ import annotations
 
