@@ -173,6 +173,8 @@ def _judge(model: nn.Module, cfg: LlmConfig, checked: "probing.Checked", plain=N
         return verdict, plain
     if plain is None:
         plain = probing.plain_outputs(model, checked.probe, checked.attention)
+        if isinstance(plain, str):  # (else the message would blame the optimized model)
+            plain = f"the plain computation failed ({plain})"
     verdict.plain = probing.compare(plain, got, checked.probe, probing.plain_floor_db(cfg))
     return verdict, plain
 

@@ -124,3 +124,17 @@ def test_unchecked_results_say_why():
                                                      dtype=torch.float32))
     assert "no token embedding" in plain.accuracy
     assert "numerics: not checked (no sample_input)" not in str(plain)
+
+
+def test_a_failing_plain_computation_is_named_as_such(monkeypatch):
+    """Below the floor, the plain computation decides; where it cannot run, the error says it
+    was that computation, not the optimized model, that failed."""
+    from cpuboost.llm import check
+
+    def broken(self, x):
+        raise RuntimeError("no reference here")
+    monkeypatch.setattr(check, "floor_db", lambda cfg, dtype=None: 500.0)
+    monkeypatch.setattr(WoqLinear, "reference_forward", broken)
+    with pytest.raises(NumericsError, match=r"does not agree either: the plain computation "
+                                            r"failed \(RuntimeError: no reference here\)"):
+        cpuboost.llm.optimize(tiny_model("llama"), dtype=torch.float32, quantization="woq_int8")
